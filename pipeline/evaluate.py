@@ -1,0 +1,207 @@
+"""Stage `evaluate`: score the adapter and the base model the same way on validation data.
+
+Classification: each label's rendered response (with EOS) is scored as a continuation of the
+prompt in one forward pass per batch, and the most likely label is the prediction (no free
+generation, so no unparseable answers). Reports accuracy, macro-F1, per-class precision /
+recall / F1 and a confusion matrix, for the base model (adapter disabled, no second copy of the
+weights) and the adapter, and the gain between them.
+Instruction: eval loss and perplexity on the response tokens, and greedy sample generations
+from both models side by side.
+
+Inputs: base model folder, adapter folder, formatted and tokenized validation data.
+Outputs: `<out>/metrics.json`, `<out>/predictions.json` (actual/predicted, a DVC confusion
+plot), `<out>/confusion.png`, and for instruction data `<out>/samples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+from pipeline.stage import entry
+from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
+from pipeline.modeling import (batches, device, left_pad, load_base_model, load_tokenizer,
+                               response_width, token_logprobs)
+from pipeline.params import Params, load_params
+from pipeline.tokenize import encode, encode_prompt
+
+
+def load_adapter(base_dir: Path, adapter_dir: Path, dev: torch.device | None = None):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_model(base_dir, dev), str(adapter_dir))
+    return model.eval()
+
+
+def is_prompt_learning(model) -> bool:
+    return model.peft_config[model.active_adapter].is_prompt_learning
+
+
+@torch.no_grad()
+def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
+    """Summed log-probability of every choice (with EOS) after its prompt: (rows, choices)."""
+    dev = next(model.parameters()).device
+    items = []
+    for i, r in enumerate(rows):
+        for j, c in enumerate(r["choices"]):
+            e = encode(tok, r["prompt"], c, max_length=10**9, truncation="response")
+            items.append((i, j, e))
+    items.sort(key=lambda x: len(x[2]["input_ids"]))
+    scores = np.full((len(rows), len(rows[0]["choices"])), -np.inf)
+    pl = is_prompt_learning(model)
+    for chunk in batches(items, batch_size):
+        encoded = [e for _, _, e in chunk]
+        logp, _ = token_logprobs(model, left_pad(encoded, 0, dev), response_width(encoded), pl)
+        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist()):
+            scores[i, j] = s
+    return scores
+
+
+def classification_metrics(actual: list[str], predicted: list[str], labels: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    prec, rec, f1, support = precision_recall_fscore_support(actual, predicted, labels=labels, zero_division=0)
+    return {
+        "accuracy": round(float(accuracy_score(actual, predicted)), 4),
+        "macro_f1": round(float(f1_score(actual, predicted, labels=labels, average="macro", zero_division=0)), 4),
+        "per_class": {lab: {"precision": round(float(prec[k]), 4), "recall": round(float(rec[k]), 4),
+                            "f1": round(float(f1[k]), 4), "support": int(support[k])}
+                      for k, lab in enumerate(labels)},
+        "confusion": confusion_matrix(actual, predicted, labels=labels).tolist(),
+    }
+
+
+def plot_confusion(results: dict[str, dict], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8))
+    for ax, (name, m) in zip(np.atleast_1d(axes), results.items()):
+        cm = np.array(m["confusion"])
+        ax.imshow(cm, cmap="Blues")
+        for (a, b), v in np.ndenumerate(cm):
+            ax.text(b, a, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(f"{name}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_classification(p: Params, model, tok, rows: list[dict], tmp: Path) -> dict:
+    labels = list(p.labels)
+    actual = [r["label"] for r in rows]
+    results, preds = {}, {}
+    with model.disable_adapter():
+        preds["base"] = [labels[k] for k in choice_scores(model, tok, rows, p.evaluate.batch_size).argmax(1)]
+    preds["adapter"] = [labels[k] for k in choice_scores(model, tok, rows, p.evaluate.batch_size).argmax(1)]
+    for name in ("base", "adapter"):
+        results[name] = classification_metrics(actual, preds[name], labels)
+    atomic_write_json(tmp / "predictions.json", [
+        {"row": r["row"], "actual": a, "predicted": b, "base_predicted": c}
+        for r, a, b, c in zip(rows, actual, preds["adapter"], preds["base"])
+    ])
+    plot_confusion(results, labels, tmp / "confusion.png")
+    results["gain"] = {k: round(results["adapter"][k] - results["base"][k], 4) for k in ("accuracy", "macro_f1")}
+    results["adapter"]["stopped_ratio"] = write_samples(p, model, tok, rows, tmp)
+    results["rows"] = len(rows)
+    return results
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], batch_size: int) -> float:
+    dev = next(model.parameters()).device
+    pl = is_prompt_learning(model)
+    total, count = 0.0, 0
+    for chunk in batches(sorted(rows, key=lambda r: len(r["input_ids"])), batch_size):
+        logp, mask = token_logprobs(model, left_pad(chunk, 0, dev), response_width(chunk), pl)
+        total -= float(logp.sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+    """Greedy completion of one prompt; returns (text, stopped at EOS)."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([encode_prompt(tok, prompt)], device=dev)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    stopped = tok.eos_token_id in new
+    if stopped:
+        new = new[: new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True), stopped
+
+
+def write_samples(p: Params, model, tok, rows: list[dict], tmp: Path) -> float:
+    """Greedy generations of base and adapter for the first rows; returns the adapter's EOS-stop ratio."""
+    samples = []
+    for r in rows[: p.evaluate.samples]:
+        with model.disable_adapter():
+            base_text, base_stop = generate(model, tok, r["prompt"], p.evaluate.max_new_tokens)
+        text, stop = generate(model, tok, r["prompt"], p.evaluate.max_new_tokens)
+        samples.append({"row": r["row"], "prompt": r["prompt"], "reference": r["response"],
+                        "base": base_text, "adapter": text, "base_stopped": base_stop, "adapter_stopped": stop})
+    write_jsonl(tmp / "samples.jsonl", samples)
+    return round(sum(s["adapter_stopped"] for s in samples) / max(len(samples), 1), 3)
+
+
+def evaluate_instruction(p: Params, model, tok, rows: list[dict], tokenized: list[dict], tmp: Path) -> dict:
+    results = {}
+    with model.disable_adapter():
+        results["base"] = {"eval_loss": eval_loss(model, tokenized, p.evaluate.batch_size)}
+    results["adapter"] = {"eval_loss": eval_loss(model, tokenized, p.evaluate.batch_size)}
+    for m in results.values():
+        m["perplexity"] = round(math.exp(min(m["eval_loss"], 50)), 3)
+        m["eval_loss"] = round(m["eval_loss"], 4)
+    results["adapter"]["stopped_ratio"] = write_samples(p, model, tok, rows, tmp)
+    results["gain"] = {"eval_loss": round(results["base"]["eval_loss"] - results["adapter"]["eval_loss"], 4)}
+    results["rows"] = len(tokenized)
+    return results
+
+
+def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized: Path, out: Path) -> dict:
+    from datasets import load_from_disk
+
+    torch.manual_seed(p.seed)
+    tok = load_tokenizer(base_dir)
+    model = load_adapter(base_dir, adapter_dir, device())
+    rows = read_jsonl(formatted / "validation.jsonl")
+    with atomic_dir(out) as tmp:
+        if p.task == "classification":
+            results = evaluate_classification(p, model, tok, rows, tmp)
+        else:
+            data = [{"input_ids": r["input_ids"], "labels": r["labels"]}
+                    for r in load_from_disk(str(tokenized / "validation"))]
+            results = evaluate_instruction(p, model, tok, rows, data, tmp)
+        atomic_write_json(tmp / "metrics.json", results)
+    return results
+
+
+def main(
+    base: Path = typer.Option(...),
+    adapter: Path = typer.Option(...),
+    formatted: Path = typer.Option(...),
+    tokenized: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    r = run(load_params(params), base, adapter, formatted, tokenized, out)
+    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity") if k in r["adapter"]]
+    for k in keys:
+        typer.echo(f"evaluate: {k}: base {r['base'][k]} -> adapter {r['adapter'][k]}")
+    typer.echo(f"evaluate: metrics in {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    entry(main)

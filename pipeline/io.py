@@ -1,0 +1,136 @@
+"""Reading records with row numbers, atomic writes and content hashes.
+
+Job: every stage reads and writes through here, so that bad input names its file and row and
+no output is ever half written (temp file or temp folder + rename).
+
+Inputs: jsonl / csv / parquet files. Outputs: files and folders written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.stage import PipelineError
+
+
+@dataclass
+class Record:
+    """One input row: its 1-based row number (line number for jsonl), the fields, or why not."""
+
+    row: int
+    data: dict[str, Any] | None
+    error: str | None = None
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read every row of a jsonl, csv or parquet file. Unreadable rows carry an `error`."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return list(_read_jsonl(path))
+    if suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        df = pd.read_csv(path, dtype=str, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
+        first = 2 if suffix == ".csv" else 1  # csv row 1 is the header
+        return [Record(first + i, dict(r)) for i, r in enumerate(df.to_dict(orient="records"))]
+    raise PipelineError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .csv or .parquet)")
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Record(i, None, f"invalid UTF-8 at byte {e.start}")
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Record(i, None, f"malformed JSON: {e.msg} at column {e.colno}")
+                continue
+            if not isinstance(obj, dict):
+                yield Record(i, None, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield Record(i, obj)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a jsonl file written by this pipeline (any bad line is an error naming it)."""
+    out = []
+    for rec in read_records(path):
+        if rec.error:
+            raise PipelineError(f"{path}: row {rec.row}: {rec.error}")
+        out.append(rec.data)
+    return out
+
+
+def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=False)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is removed."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=True)
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,108 @@
+"""Shared model helpers for train, evaluate and export: device, seeding, loading the local base
+checkpoint written by the `base` stage, left-padded batches and log-probabilities.
+
+Left padding makes every row end at the last position, so a batch's response tokens all sit in
+its last `k` positions and the vocabulary projection is computed only there (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORE = -100
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def autocast(precision: str, dev: torch.device):
+    """bf16/fp16 autocast on the device, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(model_dir: str | Path, dev: torch.device | None = None):
+    """The local safetensors checkpoint written by the base stage (never pickle, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(dev or device())
+
+
+def left_pad(rows: list[dict], pad_id: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    """Batch rows with `input_ids` (and optional `labels`) padded on the left.
+
+    Position ids count from each row's first real token, as if it were unpadded.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, width - n :] = torch.tensor(r["input_ids"])
+        mask[i, width - n :] = 1
+        if "labels" in r:
+            labels[i, width - n :] = torch.tensor(r["labels"])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def response_width(rows: list[dict]) -> int:
+    """Positions at the end of a left-padded batch that hold every labelled token (+1 for the shift)."""
+    widest = 0
+    for r in rows:
+        labelled = [i for i, t in enumerate(r["labels"]) if t != IGNORE]
+        if labelled:
+            widest = max(widest, len(r["labels"]) - labelled[0])
+    return widest + 1
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor], keep: int, prompt_learning: bool = False):
+    """Per-token log-probabilities of the labels in the last `keep - 1` positions.
+
+    Returns (logp, mask) of shape (batch, keep - 1): logp is 0 where the label is ignored.
+    """
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if not prompt_learning:
+        kwargs["position_ids"] = batch["position_ids"]
+    out = model(**kwargs, logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, -keep:-1, :].float()
+    labels = batch["labels"][:, -(keep - 1) :]
+    mask = labels != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

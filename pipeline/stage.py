@@ -1,0 +1,32 @@
+"""How a stage module runs as `python -m pipeline.<stage>`: typer parses the paths, and a
+pipeline error (bad params, bad data, bad template, ...) is one line on stderr and exit code 2
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import typer
+
+
+class PipelineError(Exception):
+    """An error the user can fix; its message names the file, row, field or params key."""
+
+
+def entry(fn: Callable) -> None:
+    """Run `fn` as a command-line program."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(wrapper)
+    app()

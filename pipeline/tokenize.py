@@ -1,0 +1,108 @@
+"""Stage `tokenize`: prompt + response -> input ids and labels, with the prompt masked.
+
+The prompt and the response are tokenized separately (the prompt exactly as `predict` will
+tokenize it at serving time) and joined; the labels are -100 over the prompt, so the loss is on
+the response only, and an EOS token closes every response so the model learns to stop.
+Rows longer than `tokenize.max_length` follow `tokenize.truncation`: `response` cuts the end of
+the response, `prompt` cuts the start of the prompt, `drop` drops the row; the counts are
+reported.
+
+Inputs: formatted `train.jsonl` / `validation.jsonl`, the base tokenizer folder.
+Outputs: `<out>/{train,validation}/` as `datasets` Arrow folders (input_ids, labels, length)
+and `<out>/tokenize.json` (counts); a metrics file with the same counts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from pipeline.stage import PipelineError, entry
+from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, sha256_file
+from pipeline.modeling import IGNORE, load_tokenizer
+from pipeline.params import Tokenize, load_params
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, as in training and at serving time."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: str) -> dict | None:
+    """One training row, or None if it is dropped. `truncated` says whether it was cut."""
+    p_ids = encode_prompt(tokenizer, prompt)
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    excess = len(p_ids) + len(r_ids) - max_length
+    truncated = excess > 0
+    if truncated:
+        if truncation == "drop":
+            return None
+        if truncation == "prompt" and excess < len(p_ids):
+            p_ids = p_ids[excess:]
+        elif truncation == "response" and excess < len(r_ids):
+            r_ids = r_ids[: len(r_ids) - excess]
+        else:
+            return None  # nothing left of the part we may cut: dropped
+    return {
+        "input_ids": p_ids + r_ids,
+        "labels": [IGNORE] * len(p_ids) + r_ids,
+        "length": len(p_ids) + len(r_ids),
+        "truncated": truncated,
+    }
+
+
+def run(p: Tokenize, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
+    from datasets import Dataset
+
+    tok = load_tokenizer(tokenizer_dir)
+    report: dict = {}
+    with atomic_dir(out) as tmp:
+        for split in ("train", "validation"):
+            rows = read_jsonl(formatted / f"{split}.jsonl")
+            encoded, dropped = [], 0
+            for row in rows:
+                e = encode(tok, row["prompt"], row["response"], p.max_length, p.truncation)
+                if e is None:
+                    dropped += 1
+                    continue
+                encoded.append({**e, "row": row["row"]})
+            if not encoded:
+                raise PipelineError(f"tokenize: every {split} row was dropped (tokenize.max_length={p.max_length})")
+            Dataset.from_list(encoded).save_to_disk(str(tmp / split))
+            lengths = [e["length"] for e in encoded]
+            report[split] = {
+                "rows": len(rows),
+                "kept": len(encoded),
+                "dropped": dropped,
+                "truncated": sum(e["truncated"] for e in encoded),
+                "tokens": sum(lengths),
+                "max_length": max(lengths),
+                "mean_length": round(sum(lengths) / len(lengths), 1),
+                "response_tokens": sum(sum(t != IGNORE for t in e["labels"]) for e in encoded),
+            }
+        shutil.copy(formatted / "format.json", tmp / "format.json")  # travels with the data to the adapter
+        atomic_write_json(tmp / "tokenize.json", {
+            **report, "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json")
+            if (Path(tokenizer_dir) / "tokenizer.json").exists() else None,
+        })
+    return report
+
+
+def main(
+    formatted: Path = typer.Option(...),
+    tokenizer: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+    metrics: Path = typer.Option(...),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    report = run(load_params(params).tokenize, formatted, tokenizer, out)
+    atomic_write_json(metrics, report)
+    for split, r in report.items():
+        typer.echo(f"tokenize: {split}: {r['kept']} rows, {r['truncated']} truncated, {r['dropped']} dropped, "
+                   f"mean {r['mean_length']} tokens")
+
+
+if __name__ == "__main__":
+    entry(main)

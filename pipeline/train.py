@@ -1,0 +1,226 @@
+"""Stage `train`: train a PEFT adapter on the tokenized data.
+
+`train.method` names the PEFT method and `train.<method>` holds its config class's own
+arguments, passed through unchanged (`LoraConfig(**params.train.lora)`).
+The loop: length-grouped, dynamically (left-)padded batches; loss on response tokens only,
+with the vocabulary projection computed only where the loss is (`logits_to_keep`); AdamW with
+warmup and a schedule; bf16 autocast; gradient clipping; fixed seeds. Checkpoints every
+`train.checkpoint_every` steps let an interrupted run resume where it stopped; a checkpoint
+made with other params or data is refused.
+
+Inputs: the tokenized data folder, the base model folder.
+Outputs: `<out>/` the adapter (safetensors + adapter_config.json + peftflow.json record of
+params, data and base hashes, and the prompt template used), `<live>/` dvclive metrics and the
+loss curve, and `<checkpoints>/` (kept between runs for resuming).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.stage import PipelineError, entry
+from pipeline.io import atomic_dir, atomic_write_json, sha256_text
+from pipeline.modeling import (autocast, device, left_pad, load_base_model, response_width,
+                               seed_everything, token_logprobs)
+from pipeline.params import Params, Train, load_params, peft_methods, section_dict
+
+
+class ResumeError(PipelineError, RuntimeError):
+    """A checkpoint exists but was made with other params or data."""
+
+
+def peft_config(p: Train):
+    """The PEFT config object for `train.method`, built from `train.<method>` as given."""
+    kwargs = p.peft_kwargs
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    return peft_methods()[p.method](**kwargs)
+
+
+def build_model(p: Train, base_dir: Path, dev: torch.device):
+    from peft import get_peft_model
+
+    model = load_base_model(base_dir, dev)
+    model.config.use_cache = False
+    return get_peft_model(model, peft_config(p))
+
+
+def plan_epoch(lengths: list[int], batch_size: int, group_by_length: bool, seed: int) -> list[list[int]]:
+    """Row indices of each batch of one epoch: shuffled, and if grouping, similar lengths together."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)).tolist()
+    if group_by_length:
+        chunk = batch_size * 32
+        grouped = []
+        for i in range(0, len(order), chunk):
+            grouped += sorted(order[i : i + chunk], key=lambda j: -lengths[j])
+        order = grouped
+    plan = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        plan = [plan[j] for j in rng.permutation(len(plan))]
+    return plan
+
+
+def fingerprint(p: Params, data_dir: Path, base_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: train params, seed, data and base model."""
+    base = json.loads((base_dir / "base.json").read_text())
+    tok = json.loads((data_dir / "tokenize.json").read_text())
+    return sha256_text(json.dumps({"train": section_dict(p.train), "seed": p.seed,
+                                   "data": tok, "base": base["weights_sha256"]}, sort_keys=True, default=str))
+
+
+def save_checkpoint(ckpt: Path, model, optimizer, scheduler, step: int, fp: str) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(ckpt) as tmp:
+        trainable = {n: t.detach().cpu().contiguous() for n, t in model.named_parameters() if t.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        atomic_write_json(tmp / "checkpoint.json", {"step": step, "fingerprint": fp})
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fp: str) -> int:
+    """Restore a matching checkpoint; return its step (0 when there is none)."""
+    meta_path = ckpt / "checkpoint.json"
+    if not meta_path.exists():
+        return 0
+    meta = json.loads(meta_path.read_text())
+    if meta["fingerprint"] != fp:
+        raise ResumeError(
+            f"train: {ckpt} holds a checkpoint (step {meta['step']}) made with other params or data; "
+            f"delete {ckpt} to start over"
+        )
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ResumeError(f"train: checkpoint {ckpt} does not fit the model: {sorted(missing)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(meta["step"])
+
+
+def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
+    # load
+    from datasets import load_from_disk
+    from dvclive import Live
+    from transformers import get_scheduler
+
+    t = p.train
+    seed_everything(p.seed)
+    dev = device()
+    train_ds = load_from_disk(str(data / "train"))
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_ds]
+    lengths = [len(r["input_ids"]) for r in rows]
+
+    # build
+    model = build_model(t, base_dir, dev)
+    trainable, total = model.get_nb_trainable_parameters()
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    per_epoch = math.ceil(len(rows) / t.batch_size)
+    steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * steps),
+                              num_training_steps=steps)
+    fp = fingerprint(p, data, base_dir)
+    start = load_checkpoint(ckpt, model, optimizer, scheduler, fp)
+    prompt_learning = model.peft_config["default"].is_prompt_learning
+
+    # run
+    def micro_batches(from_micro: int):
+        k, epoch = 0, 0
+        while True:
+            for b in plan_epoch(lengths, t.batch_size, t.group_by_length, p.seed + epoch):
+                if k >= from_micro:
+                    yield [rows[i] for i in b]
+                k += 1
+            epoch += 1
+
+    stream = micro_batches(start * t.grad_accum)
+    live = Live(dir=str(live_dir), resume=start > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    model.train()
+    t0, tokens, loss_ema, last_loss = time.time(), 0, None, float("nan")
+    with Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task("train", total=steps, completed=start, loss="-")
+        for step in range(start + 1, steps + 1):
+            micro = [next(stream) for _ in range(t.grad_accum)]
+            n_labels = sum(sum(x != -100 for x in r["labels"]) for mb in micro for r in mb)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for mb in micro:
+                batch = left_pad(mb, 0, dev)
+                with autocast(t.precision, dev):
+                    logp, _ = token_logprobs(model, batch, response_width(mb), prompt_learning)
+                loss = -logp.sum() / n_labels
+                loss.backward()
+                step_loss += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            last_loss = step_loss
+            loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+            live.log_metric("train/loss", step_loss)
+            live.log_metric("train/lr", scheduler.get_last_lr()[0])
+            live.next_step()
+            bar.update(task, advance=1, loss=f"{loss_ema:.4f}")
+            if step % t.log_every == 0 or step == steps:
+                bar.console.log(f"step {step}/{steps} loss {step_loss:.4f} (avg {loss_ema:.4f})")
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
+                save_checkpoint(ckpt, model, optimizer, scheduler, step, fp)
+    seconds = time.time() - t0
+
+    # save
+    metrics = {
+        "method": t.method, "steps": steps, "resumed_from_step": start, "final_loss": round(last_loss, 4),
+        "final_loss_avg": round(loss_ema, 4) if loss_ema is not None else None,
+        "trainable_params": trainable, "total_params": total, "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
+    }
+    live.summary.update(metrics)
+    live.make_summary()
+    live.end()
+    base = json.loads((base_dir / "base.json").read_text())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for name in ("format.json", "tokenize.json"):
+            shutil.copy(data / name, tmp / name)
+        atomic_write_json(tmp / "peftflow.json", {
+            "seed": p.seed, "task": p.task, "labels": list(p.labels), "train": section_dict(t),
+            "fingerprint": fp, "base": {k: base[k] for k in ("source", "revision", "gguf_file", "weights_sha256")},
+            "metrics": metrics,
+        })
+    shutil.rmtree(ckpt, ignore_errors=True)  # finished: nothing to resume
+    return metrics
+
+
+def main(
+    data: Path = typer.Option(..., help="tokenized data folder"),
+    base: Path = typer.Option(..., help="base model folder"),
+    out: Path = typer.Option(..., help="adapter output folder"),
+    live: Path = typer.Option(..., help="dvclive folder (metrics, loss curve)"),
+    checkpoints: Path = typer.Option(...),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    m = run(load_params(params), data, base, out, live, checkpoints)
+    typer.echo(f"train: {m['method']} {m['trainable_params']:,} trainable params, {m['steps']} steps, "
+               f"loss {m['final_loss']}, {m['seconds']} s -> {out}")
+
+
+if __name__ == "__main__":
+    entry(main)
