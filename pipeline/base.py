@@ -58,8 +58,11 @@ def load(p: Base):
     tok = AutoTokenizer.from_pretrained(src, **kw)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[p.dtype], **kw)
     if p.gguf_file:
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized: a plain checkpoint
         rebuilt = AutoModelForCausalLM.from_config(
-            model.config, dtype=DTYPES[p.dtype], trust_remote_code=p.trust_remote_code
+            config, dtype=DTYPES[p.dtype], trust_remote_code=p.trust_remote_code
         )
         result = rebuilt.load_state_dict(model.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
