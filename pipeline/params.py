@@ -243,6 +243,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: params file not found.") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw)
+
+
+def parse_params(raw: dict) -> Params:
+    """Check a params mapping (as read from params.yaml)."""
     params = _build(Params, raw, "")
     if params.task == "classification" and len(params.labels) < 2:
         raise ParamsError("params.yaml: 'labels' must list at least two labels for task classification.")
@@ -250,5 +255,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def section_dict(obj: Any) -> dict:
-    """A params section as a plain dict (for records and metrics)."""
-    return dataclasses.asdict(obj)
+    """A params section as a plain dict, in params.yaml's own shape (for records and metrics)."""
+    d = dataclasses.asdict(obj)
+    d.update(d.pop("methods", {}))
+    return d

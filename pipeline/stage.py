@@ -6,6 +6,7 @@ instead of a traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Callable
 
@@ -18,6 +19,9 @@ class PipelineError(Exception):
 
 def entry(fn: Callable) -> None:
     """Run `fn` as a command-line program."""
+
+    # bitsandbytes warns on import that an optional CPU kernel package is missing: harmless
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.stage import PipelineError, entry
@@ -154,7 +155,8 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
     model.train()
     t0, tokens, loss_ema, last_loss = time.time(), 0, None, float("nan")
     with Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:  # stderr: unbuffered under `dvc repro`
         task = bar.add_task("train", total=steps, completed=start, loss="-")
         for step in range(start + 1, steps + 1):
             micro = [next(stream) for _ in range(t.grad_accum)]

@@ -41,8 +41,7 @@ def fields(p: Params) -> tuple[str, ...]:
 def schema(p: Params) -> pa.DataFrameSchema:
     v = p.validate
 
-    def text(name: str, allow_empty: bool = False) -> pa.Column:
-        lo = 0 if allow_empty else v.min_chars
+    def text(name: str, lo: int = v.min_chars) -> pa.Column:
         return pa.Column(
             object,
             checks=[
@@ -71,8 +70,7 @@ def schema(p: Params) -> pa.DataFrameSchema:
             ),
         }
     else:
-        cols = {"instruction": text("instruction"), "input": text("input", allow_empty=True),
-                "output": text("output")}
+        cols = {"instruction": text("instruction"), "input": text("input", lo=0), "output": text("output", lo=1)}
     return pa.DataFrameSchema(cols, strict=False)
 
 

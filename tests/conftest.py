@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny random Llama with a tiny BPE tokenizer (built offline in seconds),
+params read from the repository's params.yaml with overrides, and prepared data folders."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "data" / "example"
+SHARED = ROOT.parent / "shared" / "datasets"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_base(out: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama and a BPE tokenizer trained on the example data, saved like the base stage."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.base import weights_digest
+    from pipeline.io import atomic_write_json, sha256_file
+
+    corpus = []
+    for f in EXAMPLE.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            corpus += [str(v) for v in json.loads(line).values()]
+    corpus += ["Classify the sentiment Answer with one word negative neutral positive Sentence Input"] * 5
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                     eos_token="<|im_end|>", bos_token="<|im_start|>")
+    hf_tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
+                         bos_token_id=hf_tok.bos_token_id, tie_word_embeddings=True,
+                         initializer_range=0.2)  # large enough for confident logits
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    hf_tok.save_pretrained(out)
+    weights = {f.name: sha256_file(f) for f in out.glob("*.safetensors")}
+    atomic_write_json(out / "base.json", {"source": str(out), "revision": None, "gguf_file": None,
+                                          "weights_sha256": weights_digest(weights)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+def raw_params(**overrides) -> dict:
+    """The repository's params.yaml as a dict, with dotted-key overrides ("train.lr": 1e-3)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return raw
+
+
+TINY_TRAIN = {
+    "train.epochs": 2, "train.batch_size": 8, "train.lr": 2e-2, "train.precision": "fp32",
+    "train.checkpoint_every": 0, "train.log_every": 100, "train.warmup_ratio": 0.0,
+    "train.lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "evaluate.samples": 2, "evaluate.max_new_tokens": 8,
+}
+
+
+def make_params(**overrides):
+    from pipeline.params import parse_params
+
+    return parse_params(raw_params(**{**TINY_TRAIN, **overrides}))
+
+
+def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | None = 64) -> dict[str, Path]:
+    """validate -> format -> tokenize on the example data into `tmp`; returns the folders."""
+    from pipeline import format as fmt, tokenize, validate
+
+    name = "sentiment" if task == "classification" else "instruction"
+    template = ROOT / "prompts" / ("sentiment.jinja" if task == "classification" else "alpaca.jinja")
+    over = {"task": task, "format.template": str(template)}
+    p = make_params(**over)
+    src = {}
+    for split in ("train", "validation"):
+        lines = (EXAMPLE / f"{name}_{split}.jsonl").read_text().splitlines()
+        f = tmp / f"raw_{split}.jsonl"
+        n = None if rows is None else (rows if split == "train" else rows // 2)
+        f.write_text("\n".join(lines[:n]) + "\n")
+        src[split] = f
+    validate.run(p, src["train"], src["validation"], tmp / "validated", tmp / "validate.json")
+    fmt.run(p, tmp / "validated", Path(over["format.template"]), base, tmp / "formatted")
+    tokenize.run(p.tokenize, tmp / "formatted", base, tmp / "tokenized")
+    return {"params": p, "formatted": tmp / "formatted", "tokenized": tmp / "tokenized"}
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_base, tmp_path_factory) -> dict:
+    return prepare(tmp_path_factory.mktemp("prepared"), tiny_base)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_base, prepared, tmp_path_factory) -> dict:
+    """A LoRA adapter trained on the tiny model (shared by evaluate and export tests)."""
+    from pipeline import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    metrics = train.run(prepared["params"], prepared["tokenized"], tiny_base, tmp / "adapter", tmp / "live",
+                        tmp / "ckpt")
+    return {**prepared, "adapter": tmp / "adapter", "live": tmp / "live", "metrics": metrics}

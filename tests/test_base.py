@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from conftest import build_tiny_base
+from pipeline import base
+from pipeline.io import sha256_file
+from pipeline.params import Base
+from pipeline.stage import PipelineError
+
+
+def test_local_checkpoint_becomes_recorded_safetensors(tiny_base, tmp_path):
+    record = base.run(Base(model=str(tiny_base)), tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert record["weights_sha256"] == sha256_file(out / "model.safetensors")
+    assert json.loads((out / "base.json").read_text())["architecture"] == "LlamaForCausalLM"
+    assert not list(out.glob("*.bin"))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    src = build_tiny_base(tmp_path / "src")
+    torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")  # a pickle checkpoint
+    (src / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        base.run(Base(model=str(src)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_sources_name_the_param(tmp_path):
+    with pytest.raises(PipelineError, match="base.model 'pkg://no_such_pkg_x'"):
+        base.resolve_source("pkg://no_such_pkg_x")
+    with pytest.raises(PipelineError, match="no such directory"):
+        base.resolve_source(str(tmp_path / "missing"))
+
+
+def test_weights_digest_covers_shards():
+    assert base.weights_digest({"model.safetensors": "ab"}) == "ab"
+    two = base.weights_digest({"a.safetensors": "1", "b.safetensors": "2"})
+    assert two != base.weights_digest({"a.safetensors": "1", "b.safetensors": "3"})

@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+
+from conftest import prepare
+from pipeline import evaluate, train
+from pipeline.modeling import load_tokenizer
+
+
+def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
+    r = evaluate.run(trained["params"], tiny_base, trained["adapter"], trained["formatted"], trained["tokenized"],
+                     tmp_path / "ev")
+    for name in ("base", "adapter"):
+        assert 0 <= r[name]["accuracy"] <= 1 and set(r[name]["per_class"]) == {"negative", "neutral", "positive"}
+        assert np.sum(r[name]["confusion"]) == r["rows"] == 32
+    assert r["gain"]["accuracy"] == round(r["adapter"]["accuracy"] - r["base"]["accuracy"], 4)
+    # the trained adapter gives the true labels more probability than the random base does
+    tok, model = load_tokenizer(tiny_base), evaluate.load_adapter(tiny_base, trained["adapter"])
+    rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()]
+    truth = [trained["params"].labels.index(x["label"]) for x in rows]
+    adapter = evaluate.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
+    with model.disable_adapter():
+        base = evaluate.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
+    assert adapter > base + 1.0
+    preds = json.loads((tmp_path / "ev" / "predictions.json").read_text())
+    assert len(preds) == 32 and {"actual", "predicted"} <= set(preds[0])
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == json.loads(json.dumps(r))
+
+
+def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):
+    tok = load_tokenizer(tiny_base)
+    model = evaluate.load_adapter(tiny_base, trained["adapter"])
+    rows = [{"prompt": "Sentence: x", "choices": ["negative", "neutral", "positive"]}]
+    scores = evaluate.choice_scores(model, tok, rows, batch_size=2)
+    # scoring one choice at a time gives the same numbers as the batched pass
+    for j, c in enumerate(rows[0]["choices"]):
+        single = evaluate.choice_scores(model, tok, [{"prompt": "Sentence: x", "choices": [c]}], batch_size=1)
+        assert abs(single[0, 0] - scores[0, j]) < 1e-4
+
+
+def test_classification_metrics_known_values():
+    m = evaluate.classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"], ["a", "b", "c"])
+    assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
+
+
+def test_instruction_eval_loss_and_samples(tiny_base, tmp_path):
+    prep = prepare(tmp_path, tiny_base, task="instruction", rows=32)
+    train.run(prep["params"], prep["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    r = evaluate.run(prep["params"], tiny_base, tmp_path / "a", prep["formatted"], prep["tokenized"], tmp_path / "ev")
+    assert r["adapter"]["eval_loss"] < r["base"]["eval_loss"]
+    assert r["adapter"]["perplexity"] == round(np.exp(r["adapter"]["eval_loss"]), 3) or abs(
+        r["adapter"]["perplexity"] - np.exp(r["adapter"]["eval_loss"])) / r["adapter"]["perplexity"] < 1e-3
+    samples = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and {"base", "adapter", "reference"} <= set(samples[0])

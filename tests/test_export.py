@@ -1,0 +1,34 @@
+import json
+
+import pytest
+import torch
+
+from pipeline import export
+from pipeline.modeling import left_pad, load_base_model
+from pipeline.params import Export
+
+
+def test_merged_model_matches_adapter(trained, tiny_base, tmp_path):
+    m = export.run(Export(atol=1e-4, check_rows=4), tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "x")
+    assert m["merged"] and m["max_abs_diff_vs_adapter"] <= 1e-4 < m["max_abs_diff_vs_base"]
+    out = tmp_path / "x"
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "adapter_config.json").exists()
+    assert json.loads((out / "peftflow.json").read_text())["train"]["method"] == "lora"
+    # the saved merged model is a plain transformers checkpoint that differs from the base
+    merged, base = load_base_model(out), load_base_model(tiny_base)
+    batch = left_pad([{"input_ids": [5, 6, 7, 8]}], 0, torch.device("cpu"))
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits)
+
+
+def test_untrained_adapter_fails_loudly(trained, tiny_base, tmp_path):
+    from peft import PeftModel, get_peft_model, LoraConfig
+
+    model = get_peft_model(load_base_model(tiny_base), LoraConfig(r=4, target_modules=["q_proj"]))  # B = 0: no-op
+    model.save_pretrained(tmp_path / "noop")
+    for name in ("peftflow.json", "format.json"):
+        (tmp_path / "noop" / name).write_text((trained["adapter"] / name).read_text())
+    with pytest.raises(export.ExportError, match="does not change the base model"):
+        export.run(Export(), tiny_base, tmp_path / "noop", trained["tokenized"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()

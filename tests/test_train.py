@@ -1,0 +1,94 @@
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import make_params
+from pipeline import train
+from pipeline.evaluate import load_adapter
+from pipeline.modeling import left_pad
+
+
+def test_loss_goes_down_and_adapter_is_saved(trained):
+    losses = [float(l.split("\t")[1]) for l in
+              (trained["live"] / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
+    assert len(losses) == trained["metrics"]["steps"] == 16  # 64 rows / 8 per batch * 2 epochs
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
+    files = {p.name for p in trained["adapter"].iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "peftflow.json", "format.json"} <= files
+    record = json.loads((trained["adapter"] / "peftflow.json").read_text())
+    assert record["train"]["lora"]["r"] == 8 and record["base"]["weights_sha256"]
+    # r=8 on q_proj (64 -> 64) and v_proj (64 -> 32), 2 layers: A (r x in) + B (out x r)
+    assert trained["metrics"]["trainable_params"] == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8))
+
+
+def test_reloaded_adapter_gives_identical_logits(trained, tiny_base):
+    import torch
+    from datasets import load_from_disk
+
+    from pipeline.modeling import device
+
+    rows = [{"input_ids": r["input_ids"]} for r in load_from_disk(str(trained["tokenized"] / "validation"))][:4]
+    a = load_adapter(tiny_base, trained["adapter"])
+    b = load_adapter(tiny_base, trained["adapter"])
+    batch = left_pad(rows, 0, device())
+    with torch.no_grad():
+        la = a(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lb = b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with a.disable_adapter():
+            base = a(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(la, lb)
+    assert not torch.allclose(la, base)
+
+
+def test_same_seed_same_adapter(trained, prepared, tiny_base, tmp_path):
+    train.run(prepared["params"], prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    w1 = load_file(str(trained["adapter"] / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys() and all((w1[k] == w2[k]).all() for k in w1)
+
+
+def test_interrupted_run_resumes_from_checkpoint(prepared, tiny_base, tmp_path, monkeypatch):
+    p = make_params(**{"train.checkpoint_every": 4})
+    ckpt = tmp_path / "ckpt"
+    real_step = train.torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train.torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 4
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(train.torch.optim.AdamW, "step", real_step)
+    m = train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
+    assert m["resumed_from_step"] == 4 and m["steps"] == 16
+    assert not ckpt.exists()
+    # the resumed run ends where an uninterrupted run ends
+    train.run(p, prepared["tokenized"], tiny_base, tmp_path / "b", tmp_path / "live2", tmp_path / "ckpt2")
+    w1 = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert all(((w1[k] - w2[k]).abs().max() < 1e-5) for k in w1)
+
+
+def test_checkpoint_from_other_params_is_refused(prepared, tiny_base, tmp_path):
+    p = make_params(**{"train.checkpoint_every": 4})
+    ckpt = tmp_path / "ckpt"
+    model = train.build_model(p.train, tiny_base, train.device())
+    opt = train.torch.optim.AdamW([q for q in model.parameters() if q.requires_grad])
+    sched = train.torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train.save_checkpoint(ckpt, model, opt, sched, 4, "another-fingerprint")
+    with pytest.raises(train.ResumeError, match="made with other params or data; delete"):
+        train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
+
+
+def test_unknown_peft_argument_is_caught_before_training():
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match="train.lora.alpha"):
+        make_params(**{"train.lora": {"r": 4, "alpha": 8}})
