@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -53,10 +52,16 @@ def load(p: Base):
     kw = dict(revision=p.revision, trust_remote_code=p.trust_remote_code)
     if p.gguf_file:
         kw["gguf_file"] = p.gguf_file
-    else:
-        kw["use_safetensors"] = True  # pickle checkpoints are refused
+    elif not p.allow_pickle:
+        kw["use_safetensors"] = True  # pickle checkpoints are refused unless base.allow_pickle
     tok = AutoTokenizer.from_pretrained(src, **kw)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[p.dtype], **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[p.dtype], **kw)
+    except OSError as e:
+        if kw.get("use_safetensors") and Path(src).is_dir() and not list(Path(src).glob("*.safetensors")):
+            raise PipelineError(f"params.yaml: base.model '{p.model}' has no safetensors weights; pickle "
+                                "checkpoints are refused (set base.allow_pickle: true if you trust the file)") from None
+        raise
     if p.gguf_file:
         config = model.config
         if hasattr(config, "quantization_config"):
@@ -82,16 +87,14 @@ def weights_digest(weights: dict[str, str]) -> str:
 
 
 def run(p: Base, out: Path) -> dict:
-    t0 = time.time()
     tok, model = load(p)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         weights = {k: v for k, v in files.items() if k.endswith(".safetensors")}
-        record = {
+        record = {  # only what the weights depend on, so the same source gives the same output hash
             "source": p.model,
-            "resolved": resolve_source(p.model),
             "gguf_file": p.gguf_file,
             "gguf_sha256": sha256_file(Path(resolve_source(p.model)) / p.gguf_file) if p.gguf_file else None,
             "revision": p.revision,
@@ -100,7 +103,6 @@ def run(p: Base, out: Path) -> dict:
             "parameters": sum(t.numel() for t in model.parameters()),
             "weights_sha256": weights_digest(weights),
             "files_sha256": files,
-            "seconds": round(time.time() - t0, 1),
         }
         atomic_write_json(tmp / "base.json", record)
     return record

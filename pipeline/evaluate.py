@@ -24,17 +24,10 @@ import typer
 
 from pipeline.stage import entry
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
-from pipeline.modeling import (batches, device, left_pad, load_base_model, load_tokenizer,
-                               response_width, token_logprobs)
+from pipeline.modeling import (batches, device, left_pad, load_adapter, load_tokenizer, response_width,
+                               token_logprobs)
 from pipeline.params import Params, load_params
 from pipeline.tokenize import encode, encode_prompt
-
-
-def load_adapter(base_dir: Path, adapter_dir: Path, dev: torch.device | None = None):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_base_model(base_dir, dev), str(adapter_dir))
-    return model.eval()
 
 
 def is_prompt_learning(model) -> bool:

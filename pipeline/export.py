@@ -20,9 +20,9 @@ import torch
 import typer
 
 from pipeline.stage import PipelineError, entry
-from pipeline.evaluate import is_prompt_learning, load_adapter
+from pipeline.evaluate import is_prompt_learning
 from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.modeling import device, left_pad, load_tokenizer
+from pipeline.modeling import device, left_pad, load_adapter, load_tokenizer
 from pipeline.params import Export, load_params
 
 

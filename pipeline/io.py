@@ -53,7 +53,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 yield Record(i, None, f"invalid UTF-8 at byte {e.start}")
                 continue

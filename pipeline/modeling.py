@@ -8,11 +8,14 @@ its last `k` positions and the vocabulary projection is computed only there (`lo
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.stage import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORE = -100
@@ -46,14 +49,60 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
+def check_files(folder: str | Path) -> None:
+    """Compare a base folder's weight files with the sha256 recorded by the base stage."""
+    from pipeline.io import sha256_file
+
+    folder = Path(folder)
+    record = folder / "base.json"
+    if not record.exists():
+        return
+    expected = json.loads(record.read_text()).get("files_sha256", {})
+    for name, digest in expected.items():
+        if name.endswith(".safetensors"):
+            f = folder / name
+            if not f.exists():
+                raise PipelineError(f"{f}: missing (recorded in {record})")
+            if sha256_file(f) != digest:
+                raise PipelineError(f"{f}: sha256 differs from {record}: the file is corrupted or was "
+                                    "changed after the base stage; rerun `dvc repro base`")
+
+
 def load_base_model(model_dir: str | Path, dev: torch.device | None = None):
     """The local safetensors checkpoint written by the base stage (never pickle, no remote code)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), use_safetensors=True, trust_remote_code=False
-    )
+    check_files(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PipelineError(f"{model_dir}: cannot load the model: {str(e).splitlines()[0]}") from None
     return model.to(dev or device())
+
+
+def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.device | None = None,
+                 allow_other_base: bool = False):
+    """Base model + PEFT adapter, refusing an adapter trained on other base weights."""
+    from peft import PeftModel
+
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    record, base = adapter_dir / "peftflow.json", Path(base_dir) / "base.json"
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise PipelineError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise PipelineError(f"{adapter_dir}: no adapter_model.safetensors; pickle adapters are refused")
+    if record.exists() and base.exists() and not allow_other_base:
+        want = json.loads(record.read_text())["base"]["weights_sha256"]
+        have = json.loads(base.read_text())["weights_sha256"]
+        if want != have:
+            raise PipelineError(f"{adapter_dir} was trained on base weights {want[:12]}, but {base_dir} holds "
+                                f"{have[:12]}: an adapter only fits the base model version it was trained on")
+    model = load_base_model(base_dir, dev)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as e:  # safetensors, shape and config errors all mean the same to the user
+        raise PipelineError(f"{adapter_dir}: cannot load the adapter: {str(e).splitlines()[0]}") from None
+    return model.eval()
 
 
 def left_pad(rows: list[dict], pad_id: int, dev: torch.device) -> dict[str, torch.Tensor]:

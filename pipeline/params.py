@@ -34,6 +34,7 @@ class Base:
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # let the base stage read a pickle (.bin) checkpoint; it always writes safetensors
 
 
 @dataclass(frozen=True)

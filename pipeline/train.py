@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.stage import PipelineError, entry
-from pipeline.io import atomic_dir, atomic_write_json, sha256_text
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.modeling import (autocast, device, left_pad, load_base_model, response_width,
                                seed_everything, token_logprobs)
 from pipeline.params import Params, Train, load_params, peft_methods, section_dict
@@ -46,12 +46,29 @@ def peft_config(p: Train):
     return peft_methods()[p.method](**kwargs)
 
 
+def linear_layer_names(model) -> list[str]:
+    """The distinct names of the model's linear layers (what `target_modules` can name)."""
+    return sorted({n.split(".")[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"})
+
+
 def build_model(p: Train, base_dir: Path, dev: torch.device):
     from peft import get_peft_model
 
     model = load_base_model(base_dir, dev)
     model.config.use_cache = False
-    return get_peft_model(model, peft_config(p))
+    config = peft_config(p)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        targets = getattr(config, "target_modules", None)
+        if targets is None or not any(w in str(e) for w in ("not found", "not supported", "no module")):
+            raise
+        raise PipelineError(
+            f"params.yaml: train.{p.method}.target_modules {sorted(targets) if isinstance(targets, set) else targets!r} "
+            f"matches no supported module of {type(model).__name__}; its linear layers are: "
+            f"{', '.join(linear_layer_names(model))} (or use 'all-linear')"
+        ) from None
 
 
 def plan_epoch(lengths: list[int], batch_size: int, group_by_length: bool, seed: int) -> list[list[int]]:
@@ -78,10 +95,13 @@ def fingerprint(p: Params, data_dir: Path, base_dir: Path) -> str:
                                    "data": tok, "base": base["weights_sha256"]}, sort_keys=True, default=str))
 
 
-def save_checkpoint(ckpt: Path, model, optimizer, scheduler, step: int, fp: str) -> None:
+def save_checkpoint(ckpt: Path, model, optimizer, scheduler, step: int, fp: str, live_dir: Path | None = None) -> None:
+    """Trainable weights, optimizer, scheduler, RNG and the loss curve so far, written atomically."""
     from safetensors.torch import save_file
 
     with atomic_dir(ckpt) as tmp:
+        if live_dir is not None and live_dir.exists():
+            shutil.copytree(live_dir, tmp / "live")
         trainable = {n: t.detach().cpu().contiguous() for n, t in model.named_parameters() if t.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -112,6 +132,15 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fp: str) -> int:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return int(meta["step"])
+
+
+def trim_curves(live_dir: Path, last_step: int) -> None:
+    """Drop logged points after `last_step` (steps an interrupted run made after its checkpoint)."""
+    for f in live_dir.glob("plots/metrics/**/*.tsv"):
+        lines = f.read_text().splitlines()
+        col = lines[0].split("\t").index("step")
+        keep = [lines[0]] + [x for x in lines[1:] if int(x.split("\t")[col]) <= last_step]
+        atomic_write_text(f, "\n".join(keep) + "\n")
 
 
 def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
@@ -151,6 +180,11 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
             epoch += 1
 
     stream = micro_batches(start * t.grad_accum)
+    if start:  # the curve so far comes back from the checkpoint (DVC clears outputs before a rerun)
+        if (ckpt / "live").exists():
+            shutil.rmtree(live_dir, ignore_errors=True)
+            shutil.copytree(ckpt / "live", live_dir)
+        trim_curves(live_dir, start)
     live = Live(dir=str(live_dir), resume=start > 0, dvcyaml=None, save_dvc_exp=False, report=None)
     model.train()
     t0, tokens, loss_ema, last_loss = time.time(), 0, None, float("nan")
@@ -177,14 +211,15 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
             scheduler.step()
             last_loss = step_loss
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+            live.step = step
             live.log_metric("train/loss", step_loss)
             live.log_metric("train/lr", scheduler.get_last_lr()[0])
-            live.next_step()
+            live.make_summary()
             bar.update(task, advance=1, loss=f"{loss_ema:.4f}")
             if step % t.log_every == 0 or step == steps:
                 bar.console.log(f"step {step}/{steps} loss {step_loss:.4f} (avg {loss_ema:.4f})")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
-                save_checkpoint(ckpt, model, optimizer, scheduler, step, fp)
+                save_checkpoint(ckpt, model, optimizer, scheduler, step, fp, live_dir)
     seconds = time.time() - t0
 
     # save

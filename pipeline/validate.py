@@ -174,7 +174,8 @@ def run(p: Params, train: Path, validation: Path, out: Path, metrics: Path) -> d
         ratio = report[split]["reject_ratio"]
         if not rows or ratio > p.validate.max_reject_ratio:
             first = "; ".join(
-                f"{r['file']} row {r['row']} field '{r['field']}': {r['reason']}" for r in rejected[:3]
+                f"{r['file']} row {r['row']}" + (f" field '{r['field']}'" if r["field"] else "") + f": {r['reason']}"
+                for r in rejected[:3]
             )
             raise DataError(
                 f"validate: {split} rejected {len(rejected)} of {report[split]['rows']} rows "

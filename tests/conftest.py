@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +59,7 @@ def build_tiny_base(out: Path, seed: int = 0) -> Path:
     hf_tok.save_pretrained(out)
     weights = {f.name: sha256_file(f) for f in out.glob("*.safetensors")}
     atomic_write_json(out / "base.json", {"source": str(out), "revision": None, "gguf_file": None,
-                                          "weights_sha256": weights_digest(weights)})
+                                          "weights_sha256": weights_digest(weights), "files_sha256": weights})
     return out
 
 
@@ -126,3 +130,35 @@ def trained(tiny_base, prepared, tmp_path_factory) -> dict:
     metrics = train.run(prepared["params"], prepared["tokenized"], tiny_base, tmp / "adapter", tmp / "live",
                         tmp / "ckpt")
     return {**prepared, "adapter": tmp / "adapter", "live": tmp / "live", "metrics": metrics}
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    """Run a command with the test environment's Python first on PATH; it must succeed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_base) -> Path:
+    """A temporary git + DVC repository holding this project's pipeline, on the tiny model."""
+    r = tmp_path / "repo"
+    r.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, r / name)
+    shutil.copytree(ROOT / "pipeline", r / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "prompts", r / "prompts")
+    (r / "data" / "example").mkdir(parents=True)
+    for f in (ROOT / "data" / "example").glob("sentiment_*.jsonl"):
+        shutil.copy(f, r / "data" / "example" / f.name)
+    params = raw_params(**{**TINY_TRAIN, "base.model": str(tiny_base), "base.gguf_file": None,
+                           "train.epochs": 1, "data.train": "data/example/sentiment_train.jsonl",
+                           "data.validation": "data/example/sentiment_validation.jsonl"})
+    (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(r, "git", "init", "-q")
+    sh(r, sys.executable, "-m", "dvc", "init", "-q")
+    sh(r, "git", "add", "-A")
+    sh(r, "git", "commit", "-qm", "init")
+    return r

@@ -25,9 +25,11 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     src = build_tiny_base(tmp_path / "src")
     torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")  # a pickle checkpoint
     (src / "model.safetensors").unlink()
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(PipelineError, match="pickle checkpoints are refused .set base.allow_pickle"):
         base.run(Base(model=str(src)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    record = base.run(Base(model=str(src), allow_pickle=True), tmp_path / "out")  # explicit opt-in
+    assert (tmp_path / "out" / "model.safetensors").exists() and record["weights_sha256"]
 
 
 def test_missing_sources_name_the_param(tmp_path):

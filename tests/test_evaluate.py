@@ -4,7 +4,7 @@ import numpy as np
 
 from conftest import prepare
 from pipeline import evaluate, train
-from pipeline.modeling import load_tokenizer
+from pipeline.modeling import load_adapter, load_tokenizer
 
 
 def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
@@ -15,7 +15,7 @@ def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
         assert np.sum(r[name]["confusion"]) == r["rows"] == 32
     assert r["gain"]["accuracy"] == round(r["adapter"]["accuracy"] - r["base"]["accuracy"], 4)
     # the trained adapter gives the true labels more probability than the random base does
-    tok, model = load_tokenizer(tiny_base), evaluate.load_adapter(tiny_base, trained["adapter"])
+    tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
     rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()]
     truth = [trained["params"].labels.index(x["label"]) for x in rows]
     adapter = evaluate.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
@@ -30,7 +30,7 @@ def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
 
 def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):
     tok = load_tokenizer(tiny_base)
-    model = evaluate.load_adapter(tiny_base, trained["adapter"])
+    model = load_adapter(tiny_base, trained["adapter"])
     rows = [{"prompt": "Sentence: x", "choices": ["negative", "neutral", "positive"]}]
     scores = evaluate.choice_scores(model, tok, rows, batch_size=2)
     # scoring one choice at a time gives the same numbers as the batched pass

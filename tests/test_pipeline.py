@@ -1,52 +1,18 @@
 """Integration: `dvc repro` of the real dvc.yaml in a temporary git + DVC repository, on the tiny model."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import ROOT, TINY_TRAIN, raw_params
+from conftest import TINY_TRAIN, sh
 
 STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export"]
 
 
-def sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout + r.stderr
-
-
 def ran(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
-
-
-@pytest.fixture
-def repo(tmp_path, tiny_base) -> Path:
-    r = tmp_path / "repo"
-    r.mkdir()
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, r / name)
-    shutil.copytree(ROOT / "pipeline", r / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "prompts", r / "prompts")
-    (r / "data" / "example").mkdir(parents=True)
-    for f in (ROOT / "data" / "example").glob("sentiment_*.jsonl"):
-        shutil.copy(f, r / "data" / "example" / f.name)
-    params = raw_params(**{**TINY_TRAIN, "base.model": str(tiny_base), "base.gguf_file": None,
-                           "train.epochs": 1, "data.train": "data/example/sentiment_train.jsonl",
-                           "data.validation": "data/example/sentiment_validation.jsonl"})
-    (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(r, "git", "init", "-q")
-    sh(r, sys.executable, "-m", "dvc", "init", "-q")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
-    return r
 
 
 def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(repo):
@@ -81,3 +47,41 @@ def test_bad_params_fail_with_one_line(repo):
     assert r.stderr.strip().splitlines()[-1] == ("error: params.yaml: unknown key 'validate.max_reject'. "
                                                  "Did you mean 'max_reject_ratio'? Valid keys: label_field, "
                                                  "max_chars, max_reject_ratio, min_chars, text_field.")
+
+
+def test_kill_9_during_training_then_repro_resumes(repo):
+    """SIGKILL the train stage after its first checkpoint; `dvc repro` resumes there and ends on
+    the same step count, with every other stage's outputs intact."""
+    import time
+
+    import psutil
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(epochs=12, checkpoint_every=10)  # 240 rows / 8 = 30 batches per epoch: 360 steps
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, sys.executable, "-m", "dvc", "repro", "tokenize")
+    env_path = f"{sys.executable.rsplit('/', 1)[0]}:{__import__('os').environ['PATH']}"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "PATH": env_path})
+    ckpt = repo / "checkpoints" / "train" / "checkpoint.json"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint was written"
+    killed = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pipeline.train" in " ".join(c.cmdline())]
+    assert killed, "train process not found"
+    for c in killed:
+        c.kill()  # SIGKILL
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    step_at_kill = json.loads(ckpt.read_text())["step"]
+    assert 10 <= step_at_kill < 360
+    assert not (repo / "models" / "adapter").exists()
+
+    out = sh(repo, sys.executable, "-m", "dvc", "repro")
+    assert ran(out) == ["train", "evaluate", "export"]
+    metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= step_at_kill and metrics["steps"] == 360
+    losses = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
+    assert [int(x.split("\t")[0]) for x in losses] == list(range(1, 361))  # one point per step, none twice
+    assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")

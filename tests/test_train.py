@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from conftest import make_params
 from pipeline import train
-from pipeline.evaluate import load_adapter
+from pipeline.modeling import load_adapter
 from pipeline.modeling import left_pad
 
 

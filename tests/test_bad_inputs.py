@@ -1,0 +1,177 @@
+"""Every kind of bad input gives one line on stderr naming the file, row and field (or the params
+key), a non-zero exit code, and no output written. Each case runs the stage as DVC runs it:
+`python -m pipeline.<stage> ...` in a workspace prepared on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, raw_params
+
+GOOD = [json.loads(x) for x in (EXAMPLE / "sentiment_train.jsonl").read_text().splitlines()[:40]]
+VAL = [json.loads(x) for x in (EXAMPLE / "sentiment_validation.jsonl").read_text().splitlines()[:10]]
+
+
+@pytest.fixture(scope="module")
+def ready(tmp_path_factory, tiny_base):
+    """A workspace with params, data and every stage's output, made once for all cases."""
+    from pipeline import format as fmt, tokenize, train, validate
+    from pipeline.params import parse_params
+
+    w = tmp_path_factory.mktemp("ws")
+    shutil.copytree(tiny_base, w / "base")
+    shutil.copytree(ROOT / "prompts", w / "prompts")
+    params = raw_params(**{**TINY_TRAIN, "base.model": str(tiny_base), "base.gguf_file": None,
+                           "validate.max_reject_ratio": 0.0, "train.epochs": 1})
+    (w / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write(w / "train.jsonl", GOOD)
+    write(w / "val.jsonl", VAL)
+    p = parse_params(params)
+    validate.run(p, w / "train.jsonl", w / "val.jsonl", w / "validated", w / "v.json")
+    fmt.run(p, w / "validated", w / "prompts" / "sentiment.jinja", w / "base", w / "formatted")
+    tokenize.run(p.tokenize, w / "formatted", w / "base", w / "tokenized")
+    train.run(p, w / "tokenized", w / "base", w / "adapter", w / "live", w / "ckpt")
+    return w
+
+
+def write(path: Path, rows: list) -> Path:
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode())
+    return path
+
+
+def stage(w: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"pipeline.{name}", *args], cwd=w, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def validate_cmd(w: Path):
+    return stage(w, "validate", "--train", "train.jsonl", "--validation", "val.jsonl", "--out", "out",
+                 "--metrics", "out.json")
+
+
+def set_params(w: Path, **overrides) -> None:
+    raw = yaml.safe_load((w / "params.yaml").read_text())
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def bad_data(train_rows=None, val_rows=None):
+    def setup(w):
+        write(w / "train.jsonl", train_rows if train_rows is not None else GOOD)
+        write(w / "val.jsonl", val_rows if val_rows is not None else VAL)
+        return validate_cmd(w), w / "out" / "train.jsonl"
+    return setup
+
+
+def bad_template(text):
+    def setup(w):
+        (w / "prompts" / "bad.jinja").write_text(text)
+        return stage(w, "format", "--validated", "validated", "--template", "prompts/bad.jinja",
+                     "--tokenizer", "base", "--out", "out"), w / "out"
+    return setup
+
+
+def bad_params(**overrides):
+    def setup(w):
+        set_params(w, **overrides)
+        return train_cmd(w), w / "out"
+    return setup
+
+
+def train_cmd(w: Path):
+    return stage(w, "train", "--data", "tokenized", "--base", "base", "--out", "out", "--live", "live2",
+                 "--checkpoints", "ckpt2")
+
+
+def evaluate_cmd(w: Path, base: str = "base"):
+    return stage(w, "evaluate", "--base", base, "--adapter", "adapter", "--formatted", "formatted",
+                 "--tokenized", "tokenized", "--out", "out")
+
+
+def missing_base(w):
+    set_params(w, **{"base.model": str(w / "no_such_model")})
+    return stage(w, "base", "--out", "out"), w / "out"
+
+
+def truncated_base_weights(w):
+    f = w / "base" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return train_cmd(w), w / "out"
+
+
+def corrupted_adapter(w):
+    f = w / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(b"\x00" * 64)
+    return evaluate_cmd(w), w / "out"
+
+
+def pickle_adapter(w):
+    import torch
+    from safetensors.torch import load_file
+
+    f = w / "adapter" / "adapter_model.safetensors"
+    torch.save(load_file(str(f)), w / "adapter" / "adapter_model.bin")
+    f.unlink()
+    return evaluate_cmd(w), w / "out"
+
+
+def other_base(w):
+    build_tiny_base(w / "base_other", seed=1)
+    return evaluate_cmd(w, "base_other"), w / "out"
+
+
+G = GOOD
+CASES = {
+    "malformed jsonl line": (bad_data(G[:2] + [b'{"sentence": "Sales rose", \n'] + G[2:]), ["train.jsonl row 3: malformed JSON"]),
+    "missing field": (bad_data(G[:4] + [{"sentence": "Sales rose sharply ."}]), ["row 5 field 'label': missing field"]),
+    "wrong type": (bad_data(G[:1] + [{"sentence": 12345, "label": "neutral"}]), ["row 2 field 'sentence': must be a string"]),
+    "unknown label": (bad_data(G[:3] + [{"sentence": "Sales rose .", "label": "bullish"}]), ["row 4 field 'label': unknown label"]),
+    "empty text": (bad_data([{"sentence": "  ", "label": "neutral"}] + G), ["row 1 field 'sentence': empty text"]),
+    "invalid utf-8": (bad_data(G[:6] + [b'{"sentence": "Caf\xe9 sales", "label": "neutral"}\n']), ["row 7: invalid UTF-8"]),
+    "enormous row": (bad_data(G[:2] + [{"sentence": "profit " * 200_000, "label": "positive"}]), ["row 3 field 'sentence': over-long text"]),
+    "duplicate rows": (bad_data(G + [G[5]]), ["row 41 field 'sentence': duplicate of row 6"]),
+    "train/validation leakage": (bad_data(G, VAL[:3] + [G[7]]), ["val.jsonl row 4 field 'sentence': leakage: also in train.jsonl row 8"]),
+    "template undefined variable": (bad_template("{% block prompt %}{{ sentense }}{% endblock %}{% block response %}{{ label }}{% endblock %}"),
+                                    ["prompts/bad.jinja", "row 1", "'sentense' is undefined"]),
+    "template reaching python internals": (bad_template("{% block prompt %}{{ sentence.__class__.__mro__[1].__subclasses__() }}{% endblock %}{% block response %}x{% endblock %}"),
+                                           ["prompts/bad.jinja", "row 1", "sandbox"]),
+    "params typo": (bad_params(**{"train.bacth_size": 4}), ["unknown key 'train.bacth_size'", "Did you mean 'batch_size'"]),
+    "unknown method": (bad_params(**{"train.method": "lora2"}), ["'train.method' is 'lora2'; valid choices:", "lora"]),
+    "target modules match nothing": (bad_params(**{"train.lora": {"r": 4, "target_modules": ["attn"]}}),
+                                     ["train.lora.target_modules ['attn'] matches no supported module", "q_proj"]),
+    "missing base model path": (missing_base, ["base.model", "no_such_model", "no such directory"]),
+    "truncated safetensors": (truncated_base_weights, ["base/model.safetensors: sha256 differs", "corrupted"]),
+    "corrupted adapter safetensors": (corrupted_adapter, ["adapter: cannot load the adapter"]),
+    "pickle adapter": (pickle_adapter, ["adapter: no adapter_model.safetensors; pickle adapters are refused"]),
+    "adapter for a different base model": (other_base, ["adapter was trained on base weights", "base_other holds"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line_and_writes_nothing(case, ready, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(ready, w)
+    setup, expected = CASES[case]
+    r, output = setup(w)
+    assert r.returncode == 2, f"exit {r.returncode}\n{r.stderr[-2000:]}"
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not output.exists(), f"{output} was written"
+    assert not [p for p in w.rglob("*.tmp")], "temporary files left behind"
