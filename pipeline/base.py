@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline.stage import PipelineError, entry
 from pipeline.io import atomic_dir, atomic_write_json, sha256_file, sha256_text
 from pipeline.modeling import DTYPES
 from pipeline.params import Base, load_params
+from pipeline.stage import PipelineError, entry
 
 
 def resolve_source(model: str) -> str:
@@ -57,7 +57,7 @@ def load(p: Base):
     tok = AutoTokenizer.from_pretrained(src, **kw)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[p.dtype], **kw)
-    except OSError as e:
+    except OSError:
         if kw.get("use_safetensors") and Path(src).is_dir() and not list(Path(src).glob("*.safetensors")):
             raise PipelineError(f"params.yaml: base.model '{p.model}' has no safetensors weights; pickle "
                                 "checkpoints are refused (set base.allow_pickle: true if you trust the file)") from None

@@ -46,7 +46,8 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
                 table.add_row("evaluate", k, str(e["base"][k]), str(e["adapter"][k]), str(gain))
     x = _load(reports / "export.json")
     if x:
-        detail = f"max |merged - adapter| {x['max_abs_diff_vs_adapter']:.1e}" if x.get("merged") else x.get("reason", "")
+        merged = x.get("merged")
+        detail = f"max |merged - adapter| {x['max_abs_diff_vs_adapter']:.1e}" if merged else x.get("reason", "")
         table.add_row("export", "merged" if x.get("merged") else "adapter only", "", detail, "")
     if not table.rows:
         console.print(f"no metrics under {reports}/ yet: run `dvc repro` first")

@@ -22,11 +22,18 @@ import numpy as np
 import torch
 import typer
 
-from pipeline.stage import entry
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
-from pipeline.modeling import (batches, device, left_pad, load_adapter, load_tokenizer, response_width,
-                               token_logprobs)
+from pipeline.modeling import (
+    batches,
+    device,
+    left_pad,
+    load_adapter,
+    load_tokenizer,
+    response_width,
+    token_logprobs,
+)
 from pipeline.params import Params, load_params
+from pipeline.stage import entry
 from pipeline.tokenize import encode, encode_prompt
 
 
@@ -49,13 +56,18 @@ def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
     for chunk in batches(items, batch_size):
         encoded = [e for _, _, e in chunk]
         logp, _ = token_logprobs(model, left_pad(encoded, 0, dev), response_width(encoded), pl)
-        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist()):
+        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist(), strict=False):
             scores[i, j] = s
     return scores
 
 
 def classification_metrics(actual: list[str], predicted: list[str], labels: list[str]) -> dict:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     prec, rec, f1, support = precision_recall_fscore_support(actual, predicted, labels=labels, zero_division=0)
     return {
@@ -75,7 +87,7 @@ def plot_confusion(results: dict[str, dict], labels: list[str], path: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8))
-    for ax, (name, m) in zip(np.atleast_1d(axes), results.items()):
+    for ax, (name, m) in zip(np.atleast_1d(axes), results.items(), strict=False):
         cm = np.array(m["confusion"])
         ax.imshow(cm, cmap="Blues")
         for (a, b), v in np.ndenumerate(cm):
@@ -101,7 +113,7 @@ def evaluate_classification(p: Params, model, tok, rows: list[dict], tmp: Path) 
         results[name] = classification_metrics(actual, preds[name], labels)
     atomic_write_json(tmp / "predictions.json", [
         {"row": r["row"], "actual": a, "predicted": b, "base_predicted": c}
-        for r, a, b, c in zip(rows, actual, preds["adapter"], preds["base"])
+        for r, a, b, c in zip(rows, actual, preds["adapter"], preds["base"], strict=False)
     ])
     plot_confusion(results, labels, tmp / "confusion.png")
     results["gain"] = {k: round(results["adapter"][k] - results["base"][k], 4) for k in ("accuracy", "macro_f1")}

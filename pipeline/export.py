@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline.stage import PipelineError, entry
 from pipeline.evaluate import is_prompt_learning
 from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.modeling import device, left_pad, load_adapter, load_tokenizer
 from pipeline.params import Export, load_params
+from pipeline.stage import PipelineError, entry
 
 
 class ExportError(PipelineError, RuntimeError):
@@ -62,7 +62,8 @@ def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path
             metrics = {"merged": True, "max_abs_diff_vs_adapter": diff, "max_abs_diff_vs_base": moved,
                        "atol": p.atol, "rows_checked": len(batch["input_ids"])}
             if diff > p.atol:
-                raise ExportError(f"export: merged logits differ from base+adapter by {diff:.2e} > export.atol={p.atol}")
+                raise ExportError(f"export: merged logits differ from base+adapter by {diff:.2e} "
+                                  f"> export.atol={p.atol}")
             if moved <= p.atol:
                 raise ExportError(f"export: the adapter does not change the base model's logits "
                                   f"(max diff {moved:.2e} <= export.atol={p.atol}); nothing was learned")

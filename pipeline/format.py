@@ -21,9 +21,9 @@ import jinja2
 import typer
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from pipeline.stage import PipelineError, entry
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, sha256_text, write_jsonl
 from pipeline.params import Params, load_params
+from pipeline.stage import PipelineError, entry
 
 
 class TemplateError(PipelineError, ValueError):
@@ -49,7 +49,7 @@ class Renderer:
         self.tokenizer, self.chat, self.system = tokenizer, chat_template, system_prompt
 
     @classmethod
-    def from_file(cls, path: str | Path, **kw) -> "Renderer":
+    def from_file(cls, path: str | Path, **kw) -> Renderer:
         path = Path(path)
         return cls(path.read_text(encoding="utf-8"), str(path), **kw)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import typer
 
-from pipeline.stage import PipelineError, entry
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, sha256_file
 from pipeline.modeling import IGNORE, load_tokenizer
 from pipeline.params import Tokenize, load_params
+from pipeline.stage import PipelineError, entry
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -28,11 +28,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.stage import PipelineError, entry
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
-from pipeline.modeling import (autocast, device, left_pad, load_base_model, response_width,
-                               seed_everything, token_logprobs)
+from pipeline.modeling import (
+    autocast,
+    device,
+    left_pad,
+    load_base_model,
+    response_width,
+    seed_everything,
+    token_logprobs,
+)
 from pipeline.params import Params, Train, load_params, peft_methods, section_dict
+from pipeline.stage import PipelineError, entry
 
 
 class ResumeError(PipelineError, RuntimeError):
@@ -64,8 +71,9 @@ def build_model(p: Train, base_dir: Path, dev: torch.device):
         targets = getattr(config, "target_modules", None)
         if targets is None or not any(w in str(e) for w in ("not found", "not supported", "no module")):
             raise
+        shown = sorted(targets) if isinstance(targets, set) else targets
         raise PipelineError(
-            f"params.yaml: train.{p.method}.target_modules {sorted(targets) if isinstance(targets, set) else targets!r} "
+            f"params.yaml: train.{p.method}.target_modules {shown!r} "
             f"matches no supported module of {type(model).__name__}; its linear layers are: "
             f"{', '.join(linear_layer_names(model))} (or use 'all-linear')"
         ) from None

@@ -21,9 +21,9 @@ import pandas as pd
 import pandera.pandas as pa
 import typer
 
-from pipeline.stage import PipelineError, entry
 from pipeline.io import Record, atomic_write_json, read_records, write_jsonl
 from pipeline.params import Params, load_params
+from pipeline.stage import PipelineError, entry
 
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
 

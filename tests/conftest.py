@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
 def build_tiny_base(out: Path, seed: int = 0) -> Path:
     """A 2-layer random Llama and a BPE tokenizer trained on the example data, saved like the base stage."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from pipeline.base import weights_digest
@@ -97,7 +97,8 @@ def make_params(**overrides):
 
 def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | None = 64) -> dict[str, Path]:
     """validate -> format -> tokenize on the example data into `tmp`; returns the folders."""
-    from pipeline import format as fmt, tokenize, validate
+    from pipeline import format as fmt
+    from pipeline import tokenize, validate
 
     name = "sentiment" if task == "classification" else "instruction"
     template = ROOT / "prompts" / ("sentiment.jinja" if task == "classification" else "alpaca.jinja")

@@ -1,6 +1,7 @@
 """Every kind of bad input gives one line on stderr naming the file, row and field (or the params
 key), a non-zero exit code, and no output written. Each case runs the stage as DVC runs it:
-`python -m pipeline.<stage> ...` in a workspace prepared on the tiny model."""
+`python -m pipeline.<stage> ...` in a workspace prepared on the tiny model. Last, a fault test:
+SIGKILL during training, then `dvc repro` resumes from the checkpoint."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, raw_params
+from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, raw_params, sh
+from test_pipeline import ran
 
 GOOD = [json.loads(x) for x in (EXAMPLE / "sentiment_train.jsonl").read_text().splitlines()[:40]]
 VAL = [json.loads(x) for x in (EXAMPLE / "sentiment_validation.jsonl").read_text().splitlines()[:10]]
@@ -23,7 +24,8 @@ VAL = [json.loads(x) for x in (EXAMPLE / "sentiment_validation.jsonl").read_text
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory, tiny_base):
     """A workspace with params, data and every stage's output, made once for all cases."""
-    from pipeline import format as fmt, tokenize, train, validate
+    from pipeline import format as fmt
+    from pipeline import tokenize, train, validate
     from pipeline.params import parse_params
 
     w = tmp_path_factory.mktemp("ws")
@@ -175,3 +177,41 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, ready, tmp_path):
         assert text in errors[0], errors[0]
     assert not output.exists(), f"{output} was written"
     assert not [p for p in w.rglob("*.tmp")], "temporary files left behind"
+
+
+def test_kill_9_during_training_then_repro_resumes(repo):
+    """SIGKILL the train stage after its first checkpoint; `dvc repro` resumes there and ends on
+    the same step count, with every other stage's outputs intact."""
+    import time
+
+    import psutil
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(epochs=12, checkpoint_every=10)  # 240 rows / 8 = 30 batches per epoch: 360 steps
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, sys.executable, "-m", "dvc", "repro", "tokenize")
+    env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PATH": env_path})
+    ckpt = repo / "checkpoints" / "train" / "checkpoint.json"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint was written"
+    killed = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pipeline.train" in " ".join(c.cmdline())]
+    assert killed, "train process not found"
+    for c in killed:
+        c.kill()  # SIGKILL
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    step_at_kill = json.loads(ckpt.read_text())["step"]
+    assert 10 <= step_at_kill < 360
+    assert not (repo / "models" / "adapter").exists()
+
+    out = sh(repo, sys.executable, "-m", "dvc", "repro")
+    assert ran(out) == ["train", "evaluate", "export"]
+    metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= step_at_kill and metrics["steps"] == 360
+    losses = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
+    assert [int(x.split("\t")[0]) for x in losses] == list(range(1, 361))  # one point per step, none twice
+    assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import build_tiny_base
+
 from pipeline import base
 from pipeline.io import sha256_file
 from pipeline.params import Base

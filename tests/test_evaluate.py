@@ -1,8 +1,8 @@
 import json
 
 import numpy as np
-
 from conftest import prepare
+
 from pipeline import evaluate, train
 from pipeline.modeling import load_adapter, load_tokenizer
 

@@ -23,7 +23,7 @@ def test_merged_model_matches_adapter(trained, tiny_base, tmp_path):
 
 
 def test_untrained_adapter_fails_loudly(trained, tiny_base, tmp_path):
-    from peft import PeftModel, get_peft_model, LoraConfig
+    from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(load_base_model(tiny_base), LoraConfig(r=4, target_modules=["q_proj"]))  # B = 0: no-op
     model.save_pretrained(tmp_path / "noop")

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import ROOT, make_params
+
 from pipeline.format import Renderer, TemplateError, format_rows
 from pipeline.modeling import load_tokenizer
 

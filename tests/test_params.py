@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import ROOT, raw_params
+
 from pipeline.params import ParamsError, load_params, parse_params
 
 

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, SHARED, make_params
-from pipeline import base, evaluate, export, format as fmt, tokenize, train, validate
+
+from pipeline import base, evaluate, export, tokenize, train, validate
+from pipeline import format as fmt
 from pipeline.modeling import load_base_model, load_tokenizer
 from pipeline.params import Base
 

@@ -1,16 +1,15 @@
 import json
 
 import pytest
+from conftest import make_params
 from safetensors.torch import load_file
 
-from conftest import make_params
 from pipeline import train
-from pipeline.modeling import load_adapter
-from pipeline.modeling import left_pad
+from pipeline.modeling import left_pad, load_adapter
 
 
 def test_loss_goes_down_and_adapter_is_saved(trained):
-    losses = [float(l.split("\t")[1]) for l in
+    losses = [float(x.split("\t")[1]) for x in
               (trained["live"] / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert len(losses) == trained["metrics"]["steps"] == 16  # 64 rows / 8 per batch * 2 epochs
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4

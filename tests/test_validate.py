@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import EXAMPLE, make_params
+
 from pipeline.validate import DataError, run
 
 
