@@ -42,7 +42,7 @@ def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path
 
     dev = device()
     tok = load_tokenizer(base_dir)
-    model = load_adapter(base_dir, adapter_dir, dev)
+    model = load_adapter(base_dir, adapter_dir, dev, quantized=False)  # merge into full-precision weights
     record = json.loads((adapter_dir / "peftflow.json").read_text())
     with atomic_dir(out) as tmp:
         if is_prompt_learning(model):

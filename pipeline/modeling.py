@@ -68,21 +68,30 @@ def check_files(folder: str | Path) -> None:
                                     "changed after the base stage; rerun `dvc repro base`")
 
 
-def load_base_model(model_dir: str | Path, dev: torch.device | None = None):
-    """The local safetensors checkpoint written by the base stage (never pickle, no remote code)."""
+def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quantization: dict | None = None):
+    """The local safetensors checkpoint written by the base stage (never pickle, no remote code),
+    optionally quantized with bitsandbytes (`quantization`: BitsAndBytesConfig arguments)."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.methods import quantization_config
+
     check_files(model_dir)
+    dev = dev or device()
+    kw = {}
+    if quantization:
+        kw = {"quantization_config": quantization_config(quantization), "device_map": {"": str(dev)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False,
+                                                     **kw)
     except (OSError, ValueError, RuntimeError) as e:
         raise PipelineError(f"{model_dir}: cannot load the model: {str(e).splitlines()[0]}") from None
-    return model.to(dev or device())
+    return model if quantization else model.to(dev)
 
 
 def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.device | None = None,
-                 allow_other_base: bool = False):
-    """Base model + PEFT adapter, refusing an adapter trained on other base weights."""
+                 allow_other_base: bool = False, quantized: bool = True):
+    """Base model + PEFT adapter, refusing an adapter trained on other base weights. The base is
+    quantized as it was in training (QLoRA) unless `quantized` is false (merging)."""
     from peft import PeftModel
 
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
@@ -97,7 +106,8 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.devic
         if want != have:
             raise PipelineError(f"{adapter_dir} was trained on base weights {want[:12]}, but {base_dir} holds "
                                 f"{have[:12]}: an adapter only fits the base model version it was trained on")
-    model = load_base_model(base_dir, dev)
+    quantization = json.loads(record.read_text())["train"].get("quantization") if record.exists() else None
+    model = load_base_model(base_dir, dev, quantization if quantized else None)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as e:  # safetensors, shape and config errors all mean the same to the user

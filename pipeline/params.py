@@ -81,6 +81,8 @@ class Train:
     group_by_length: bool = True
     checkpoint_every: int = 50
     log_every: int = 5
+    quantization: dict | None = None  # BitsAndBytesConfig arguments (QLoRA), e.g. load_in_4bit: true
+    loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn at lr * this ratio
     # PEFT config kwargs per method name, e.g. {"lora": {"r": 16, ...}}; filled from the
     # sections named after PEFT methods.
     methods: dict = field(default_factory=dict)
@@ -205,6 +207,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 f"params.yaml: '{where}.method' is {raw.get('method')!r}; valid choices: "
                 f"{', '.join(sorted(known_methods))}."
             )
+    if cls is Train and raw.get("quantization"):
+        _check_quantization(raw["quantization"], f"{where}.quantization")
     for key in raw:
         if key not in names:
             prefix = f"{where}." if where else ""
@@ -233,6 +237,20 @@ def _check_method_section(name: str, config_cls: type, section: Any, where: str)
                 + _hint(key, valid)
             )
     return dict(section)
+
+
+def _check_quantization(section: Any, where: str) -> None:
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    if not isinstance(section, dict):
+        raise ParamsError(f"params.yaml: '{where}' must be a mapping of BitsAndBytesConfig arguments.")
+    valid = {k for k in inspect.signature(BitsAndBytesConfig.__init__).parameters if k not in ("self", "kwargs")}
+    for key in section:
+        if key not in valid:
+            raise ParamsError(f"params.yaml: unknown key '{where}.{key}' (BitsAndBytesConfig has no such argument)."
+                              + _hint(key, valid))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
+from pipeline.methods import hooks, resolve_targets
+from pipeline.methods import optimizer as make_optimizer
 from pipeline.modeling import (
     autocast,
     device,
@@ -46,9 +48,10 @@ class ResumeError(PipelineError, RuntimeError):
     """A checkpoint exists but was made with other params or data."""
 
 
-def peft_config(p: Train):
-    """The PEFT config object for `train.method`, built from `train.<method>` as given."""
-    kwargs = p.peft_kwargs
+def peft_config(p: Train, steps: int, model_type: str = "llama"):
+    """The PEFT config object for `train.method`, built from `train.<method>` as given (plus what a
+    method derives from the run, such as AdaLoRA's total step count, and target-module presets)."""
+    kwargs = resolve_targets(hooks(p.method).configure(p.peft_kwargs, steps), model_type)
     kwargs.setdefault("task_type", "CAUSAL_LM")
     return peft_methods()[p.method](**kwargs)
 
@@ -59,12 +62,14 @@ def linear_layer_names(model) -> list[str]:
                    if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"})
 
 
-def build_model(p: Train, base_dir: Path, dev: torch.device):
-    from peft import get_peft_model
+def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base_model(base_dir, dev)
+    model = load_base_model(base_dir, dev, p.quantization)
     model.config.use_cache = False
-    config = peft_config(p)
+    if p.quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = peft_config(p, steps, model.config.model_type)
     try:
         return get_peft_model(model, config)
     except ValueError as e:
@@ -151,7 +156,8 @@ def trim_curves(live_dir: Path, last_step: int) -> None:
         atomic_write_text(f, "\n".join(keep) + "\n")
 
 
-def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
+def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
+    """Train; returns the PEFT model and the run's metrics (nothing is saved but checkpoints and the curve)."""
     # load
     from datasets import load_from_disk
     from dvclive import Live
@@ -163,14 +169,15 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
     train_ds = load_from_disk(str(data / "train"))
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_ds]
     lengths = [len(r["input_ids"]) for r in rows]
-
-    # build
-    model = build_model(t, base_dir, dev)
-    trainable, total = model.get_nb_trainable_parameters()
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     per_epoch = math.ceil(len(rows) / t.batch_size)
     steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+
+    # build
+    model = build_model(t, base_dir, dev, steps)
+    trainable, total = model.get_nb_trainable_parameters()
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, t.loraplus_lr_ratio)
+    after_step = hooks(t.method).after_step
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * steps),
                               num_training_steps=steps)
     fp = fingerprint(p, data, base_dir)
@@ -216,6 +223,7 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             optimizer.step()
+            after_step(model, step)
             scheduler.step()
             last_loss = step_loss
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
@@ -240,6 +248,13 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
     live.summary.update(metrics)
     live.make_summary()
     live.end()
+    return model, metrics
+
+
+def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path) -> None:
+    """The adapter (safetensors), its record and the template it was trained with, atomically."""
+    t = p.train
+    fp = fingerprint(p, data, base_dir)
     base = json.loads((base_dir / "base.json").read_text())
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -250,7 +265,12 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
             "fingerprint": fp, "base": {k: base[k] for k in ("source", "revision", "gguf_file", "weights_sha256")},
             "metrics": metrics,
         })
-    shutil.rmtree(ckpt, ignore_errors=True)  # finished: nothing to resume
+
+
+def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
+    model, metrics = fit(p, data, base_dir, live_dir, ckpt)
+    save(p, model, metrics, data, base_dir, out)
+    shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
     return metrics
 
 

@@ -78,7 +78,7 @@ def test_interrupted_run_resumes_from_checkpoint(prepared, tiny_base, tmp_path, 
 def test_checkpoint_from_other_params_is_refused(prepared, tiny_base, tmp_path):
     p = make_params(**{"train.checkpoint_every": 4})
     ckpt = tmp_path / "ckpt"
-    model = train.build_model(p.train, tiny_base, train.device())
+    model = train.build_model(p.train, tiny_base, train.device(), steps=16)
     opt = train.torch.optim.AdamW([q for q in model.parameters() if q.requires_grad])
     sched = train.torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     train.save_checkpoint(ckpt, model, opt, sched, 4, "another-fingerprint")

@@ -1,0 +1,109 @@
+"""Every PEFT method from params: trains the tiny model with falling loss, saves, and reloads with
+identical logits. QLoRA runs here on the CPU (bitsandbytes 4-bit and 8-bit)."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_params
+from datasets import load_from_disk
+
+from pipeline import train
+from pipeline.evaluate import eval_loss
+from pipeline.modeling import device, left_pad, load_adapter
+from pipeline.params import ParamsError
+
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+       "bnb_4bit_compute_dtype": "bfloat16"}
+
+METHODS = {
+    "lora": {"train.lora": LORA},
+    "rslora": {"train.lora": {**LORA, "use_rslora": True}},
+    "dora": {"train.lora": {**LORA, "use_dora": True}},
+    "qlora-4bit": {"train.lora": LORA, "train.quantization": NF4},
+    "qlora-8bit": {"train.lora": LORA, "train.quantization": {"load_in_8bit": True}},
+    "loraplus": {"train.lora": LORA, "train.loraplus_lr_ratio": 16.0, "train.lr": 5e-3},
+    "adalora": {"train.method": "adalora", "train.adalora": {"init_r": 8, "target_r": 4, "tinit": 2, "tfinal": 4,
+                                                            "deltaT": 2, "target_modules": ["q_proj", "v_proj"]}},
+    "ia3": {"train.method": "ia3", "train.ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"],
+                                                "feedforward_modules": ["down_proj"]}, "train.lr": 5e-2},
+    "prefix_tuning": {"train.method": "prefix_tuning", "train.prefix_tuning": {"num_virtual_tokens": 8, "prefix_projection": True,
+                                                                          "encoder_hidden_size": 64}, "train.lr": 1e-2},
+    "prompt_tuning": {"train.method": "prompt_tuning", "train.prompt_tuning": {"num_virtual_tokens": 8},
+                      "train.lr": 5e-2},
+    "p_tuning": {"train.method": "p_tuning", "train.p_tuning": {"num_virtual_tokens": 8, "encoder_hidden_size": 32}},
+    "loha": {"train.method": "loha", "train.loha": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+    "lokr": {"train.method": "lokr", "train.lokr": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+    "vera": {"train.method": "vera", "train.vera": {"r": 16, "target_modules": ["q_proj", "k_proj"]}, "train.lr": 5e-2},
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
+    p = make_params(**{"train.epochs": 3, **METHODS[name]})
+    model, metrics = train.fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
+    train.save(p, model, metrics, prepared["tokenized"], tiny_base, tmp_path / "adapter")
+    losses = [float(x.split("\t")[1]) for x in
+              (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
+    assert len(losses) == metrics["steps"] == 24 and all(math.isfinite(x) for x in losses)
+    # the loss over the training rows fell: trained adapter vs the base model it started from
+    data = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_from_disk(str(prepared["tokenized"] / "train"))]
+    model.eval()
+    after = eval_loss(model, data, 16)
+    with model.disable_adapter():
+        before = eval_loss(model, data, 16)
+    assert after < 0.9 * before, (before, after)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    rows = [{"input_ids": [5, 9, 17, 33, 41, 2]}, {"input_ids": [7, 8, 9]}]
+    batch = left_pad(rows, 0, device())
+    reloaded = load_adapter(tiny_base, tmp_path / "adapter")
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    n = batch["input_ids"].shape[1]  # prompt learning prepends virtual tokens: compare the real positions
+    a, b, base = a[:, -n:], b[:, -n:], base[:, -n:]
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert not torch.allclose(b, base, atol=1e-4)
+
+
+def test_adalora_total_step_comes_from_the_run():
+    p = make_params(**METHODS["adalora"])
+    assert train.peft_config(p.train, steps=123).total_step == 123
+
+
+def test_quantization_keys_are_checked():
+    with pytest.raises(ParamsError, match="train.quantization.load_in_4bits.*Did you mean 'load_in_4bit'"):
+        make_params(**{"train.quantization": {"load_in_4bits": True}})
+
+
+def test_target_presets_per_architecture():
+    from pipeline.methods import resolve_targets
+    from pipeline.stage import PipelineError
+
+    assert resolve_targets({"target_modules": "attention"}, "llama")["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_targets({"target_modules": "attention+mlp"}, "gpt2")["target_modules"] == ["c_attn", "c_proj", "c_fc", "mlp.c_proj"]
+    assert resolve_targets({"target_modules": "all-linear"}, "llama")["target_modules"] == "all-linear"
+    with pytest.raises(PipelineError, match="preset 'mlp' is not defined for model type 'bloom'"):
+        resolve_targets({"target_modules": "mlp"}, "bloom")
+    p = make_params(**{"train.lora": {"r": 4, "target_modules": "attention+mlp"}})
+    assert sorted(train.peft_config(p.train, 10, "llama").target_modules) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "qlora-4bit"])
+def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path):
+    from pipeline import export
+    from pipeline.params import Export
+
+    p = make_params(**{"train.epochs": 1, **METHODS[name]})
+    train.run(p, prepared["tokenized"], tiny_base, tmp_path / "adapter", tmp_path / "live", tmp_path / "ckpt")
+    m = export.run(Export(atol=1e-4), tiny_base, tmp_path / "adapter", prepared["tokenized"], tmp_path / "x")
+    if name == "prompt_tuning":
+        assert not m["merged"] and "cannot be merged" in m["reason"]
+        assert (tmp_path / "x" / "adapter_model.safetensors").exists()
+    else:  # QLoRA merges into the full-precision base
+        assert m["merged"] and m["max_abs_diff_vs_adapter"] <= 1e-4 < m["max_abs_diff_vs_base"]
+        assert (tmp_path / "x" / "model.safetensors").exists()
