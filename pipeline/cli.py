@@ -2,6 +2,7 @@
 dvc.yaml as `python -m pipeline.<stage>`).
 
   peftflow metrics   print the latest metrics of every stage as one table, and where they are
+  peftflow predict   answer rows with one or more adapters, rendered as they were trained
 """
 
 from __future__ import annotations
@@ -55,6 +56,56 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
     console.print(table)
     console.print(f"metrics: {reports}/*.json, {reports}/train/metrics.json, {reports}/evaluate/metrics.json; "
                   f"plots: {reports}/evaluate/confusion.png and `dvc plots show`")
+
+
+@app.command()
+def predict(
+    adapter: list[str] = typer.Option(..., help="adapter folder, or NAME=FOLDER; repeat for several adapters"),
+    base: Path = typer.Option(Path("models/base"), help="base model folder (the base stage's output)"),
+    input: str = typer.Option("-", help="jsonl file of rows, or - for stdin (JSON objects or plain text lines)"),
+    with_base: bool = typer.Option(False, "--with-base", help="also answer with the base model (adapter disabled)"),
+    max_new_tokens: int = typer.Option(64, help="generation limit for instruction adapters"),
+) -> None:
+    """Answer rows with each adapter, rendered with the template that adapter was trained with."""
+    import logging
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.io import read_jsonl
+    from pipeline.predict import Predictor
+    from pipeline.stage import PipelineError
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        named = dict(_split_adapter(a) for a in adapter)
+        p = Predictor(base, named, max_new_tokens=max_new_tokens)
+        text_field = next(iter(p.records.values())).get("text_field", "sentence")
+        if input == "-":
+            rows = [_stdin_row(line, text_field) for line in sys.stdin if line.strip()]
+        else:
+            rows = read_jsonl(input)
+        answers = {name: p.predict(rows, name) for name in p.adapters}
+        if with_base:
+            answers["base"] = p.predict(rows, None)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for i, _ in enumerate(rows):
+        typer.echo(json.dumps({"row": i + 1, **{k: v[i] for k, v in answers.items()}}, ensure_ascii=False))
+
+
+def _split_adapter(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    return (name, Path(path)) if sep else (Path(spec).name, Path(spec))
+
+
+def _stdin_row(line: str, text_field: str) -> dict:
+    line = line.strip()
+    if line.startswith("{"):
+        return json.loads(line)
+    return {text_field: line, "input": "", "instruction": line}
 
 
 if __name__ == "__main__":

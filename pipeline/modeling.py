@@ -88,14 +88,9 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
     return model if quantization else model.to(dev)
 
 
-def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.device | None = None,
-                 allow_other_base: bool = False, quantized: bool = True):
-    """Base model + PEFT adapter, refusing an adapter trained on other base weights. The base is
-    quantized as it was in training (QLoRA) unless `quantized` is false (merging)."""
-    from peft import PeftModel
-
-    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
-    record, base = adapter_dir / "peftflow.json", Path(base_dir) / "base.json"
+def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
+    """An adapter folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
+    record, base = adapter_dir / "peftflow.json", base_dir / "base.json"
     if not (adapter_dir / "adapter_config.json").exists():
         raise PipelineError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
     if not (adapter_dir / "adapter_model.safetensors").exists():
@@ -106,10 +101,21 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.devic
         if want != have:
             raise PipelineError(f"{adapter_dir} was trained on base weights {want[:12]}, but {base_dir} holds "
                                 f"{have[:12]}: an adapter only fits the base model version it was trained on")
+
+
+def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.device | None = None,
+                 allow_other_base: bool = False, quantized: bool = True, adapter_name: str = "default"):
+    """Base model + PEFT adapter, refusing an adapter trained on other base weights. The base is
+    quantized as it was in training (QLoRA) unless `quantized` is false (merging)."""
+    from peft import PeftModel
+
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    check_adapter(base_dir, adapter_dir, allow_other_base)
+    record = adapter_dir / "peftflow.json"
     quantization = json.loads(record.read_text())["train"].get("quantization") if record.exists() else None
     model = load_base_model(base_dir, dev, quantization if quantized else None)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
     except Exception as e:  # safetensors, shape and config errors all mean the same to the user
         raise PipelineError(f"{adapter_dir}: cannot load the adapter: {str(e).splitlines()[0]}") from None
     return model.eval()

@@ -261,7 +261,8 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
         for name in ("format.json", "tokenize.json"):
             shutil.copy(data / name, tmp / name)
         atomic_write_json(tmp / "peftflow.json", {
-            "seed": p.seed, "task": p.task, "labels": list(p.labels), "train": section_dict(t),
+            "seed": p.seed, "task": p.task, "labels": list(p.labels), "text_field": p.validate.text_field,
+            "label_field": p.validate.label_field, "train": section_dict(t),
             "fingerprint": fp, "base": {k: base[k] for k in ("source", "revision", "gguf_file", "weights_sha256")},
             "metrics": metrics,
         })

@@ -1,0 +1,79 @@
+"""Serving: the adapter's own template, several adapters on one base, base output, parity with training."""
+
+import json
+import re
+import shutil
+
+from conftest import make_params
+from typer.testing import CliRunner
+
+from pipeline import train
+from pipeline.cli import app
+from pipeline.modeling import load_tokenizer
+from pipeline.predict import Predictor
+from pipeline.tokenize import encode, encode_prompt
+
+
+def test_serving_renders_the_same_tokens_as_training(trained, tiny_base):
+    """For every validation row: the prompt ids `predict` builds from the raw row, with the
+    template stored in the adapter, equal the prompt part of the ids the model was trained on."""
+    from datasets import load_from_disk
+
+    p = Predictor(tiny_base, {"a": trained["adapter"]})
+    tok = load_tokenizer(tiny_base)
+    tokenized = {r["row"]: r for r in load_from_disk(str(trained["tokenized"] / "validation"))}
+    raw = [json.loads(x) for x in (trained["formatted"].parent / "validated" / "validation.jsonl").read_text().splitlines()]
+    assert len(raw) == len(tokenized) == 32
+    for row in raw:
+        served = encode_prompt(tok, p.renderers["a"].prompt({**row, "labels": trained["params"].labels}))
+        t = tokenized[row["row"]]
+        n_prompt = sum(x == -100 for x in t["labels"])
+        assert served == t["input_ids"][:n_prompt]
+
+
+def test_two_adapters_one_base_switch_without_reload(trained, prepared, tiny_base, tmp_path, monkeypatch):
+    # a second adapter trained to answer "positive" to everything
+    flipped = tmp_path / "tok"
+    shutil.copytree(prepared["tokenized"], flipped)
+    from datasets import Dataset, load_from_disk
+
+    tok = load_tokenizer(tiny_base)
+    rows = []
+    for r in load_from_disk(str(prepared["tokenized"] / "train")):
+        n = sum(t == -100 for t in r["labels"])
+        e = encode(tok, tok.decode(r["input_ids"][:n]), "positive", 10_000, "response")
+        rows.append({**e, "row": r["row"]})
+    shutil.rmtree(flipped / "train")
+    Dataset.from_list(rows).save_to_disk(str(flipped / "train"))
+    p2 = make_params(**{"train.epochs": 3})
+    train.run(p2, flipped, tiny_base, tmp_path / "pos", tmp_path / "live", tmp_path / "ckpt")
+
+    import peft
+
+    p = Predictor(tiny_base, {"task": trained["adapter"], "positive": tmp_path / "pos"})
+    loads = []
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: loads.append(a))
+    rows = [{"sentence": "Kestrel Steel will cut 40 jobs at its Oulu plant ."},
+            {"sentence": "Nordvik Paper is headquartered in Oulu ."}]
+    always = p.predict(rows, "positive")
+    task = p.predict(rows, "task")
+    base = p.predict(rows, None)
+    assert always == ["positive", "positive"]
+    assert task != always or base != always  # each adapter gives its own answers
+    assert p.predict(rows, "positive") == always  # switching back is deterministic
+    assert loads == []  # switching loaded nothing
+    assert len([n for n, _ in p.model.named_modules() if n.endswith("q_proj.lora_A.positive")]) == 2
+
+
+def test_cli_predict_from_stdin(trained, tiny_base):
+    r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), "--adapter", f"a={trained['adapter']}",
+                                 "--with-base"], input="Sales rose sharply .\n{\"sentence\": \"Profit fell .\"}\n")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in re.findall(r'\{"row".*?\}', r.output)]  # stderr is mixed in here
+    assert [x["row"] for x in lines] == [1, 2]
+    assert all(x["a"] in ("negative", "neutral", "positive") and "base" in x for x in lines)
+
+
+def test_cli_predict_bad_adapter_is_one_line(tiny_base, tmp_path):
+    r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), "--adapter", str(tmp_path)], input="x\n")
+    assert r.exit_code == 2 and "not an adapter folder" in r.output
