@@ -32,6 +32,7 @@ from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256
 from pipeline.methods import hooks, resolve_targets
 from pipeline.methods import optimizer as make_optimizer
 from pipeline.modeling import (
+    IGNORE,
     autocast,
     device,
     left_pad,
@@ -178,6 +179,8 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(model, t.lr, t.weight_decay, t.loraplus_lr_ratio)
     after_step = hooks(t.method).after_step
+    # fp16 needs loss scaling against underflow; for fp32/bf16 the scaler is a no-op
+    scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * steps),
                               num_training_steps=steps)
     fp = fingerprint(p, data, base_dir)
@@ -209,7 +212,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         task = bar.add_task("train", total=steps, completed=start, loss="-")
         for step in range(start + 1, steps + 1):
             micro = [next(stream) for _ in range(t.grad_accum)]
-            n_labels = sum(sum(x != -100 for x in r["labels"]) for mb in micro for r in mb)
+            n_labels = sum(sum(x != IGNORE for x in r["labels"]) for mb in micro for r in mb)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for mb in micro:
@@ -217,12 +220,14 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
                 with autocast(t.precision, dev):
                     logp, _ = token_logprobs(model, batch, response_width(mb), prompt_learning)
                 loss = -logp.sum() / n_labels
-                loss.backward()
+                scaler.scale(loss).backward()
                 step_loss += loss.item()
                 tokens += int(batch["attention_mask"].sum())
+            scaler.unscale_(optimizer)
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             after_step(model, step)
             scheduler.step()
             last_loss = step_loss
@@ -238,7 +243,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
                 save_checkpoint(ckpt, model, optimizer, scheduler, step, fp, live_dir)
     seconds = time.time() - t0
 
-    # save
+    # report
     metrics = {
         "method": t.method, "steps": steps, "resumed_from_step": start, "final_loss": round(last_loss, 4),
         "final_loss_avg": round(loss_ema, 4) if loss_ema is not None else None,
