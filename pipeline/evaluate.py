@@ -26,6 +26,7 @@ from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
 from pipeline.modeling import (
     batches,
     device,
+    is_prompt_learning,
     left_pad,
     load_adapter,
     load_tokenizer,
@@ -35,10 +36,6 @@ from pipeline.modeling import (
 from pipeline.params import Params, load_params
 from pipeline.stage import entry
 from pipeline.tokenize import encode, encode_prompt
-
-
-def is_prompt_learning(model) -> bool:
-    return model.peft_config[model.active_adapter].is_prompt_learning
 
 
 @torch.no_grad()

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline.evaluate import is_prompt_learning
 from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.modeling import device, left_pad, load_adapter, load_tokenizer
+from pipeline.modeling import device, is_prompt_learning, left_pad, load_adapter, load_tokenizer
 from pipeline.params import Export, load_params
 from pipeline.stage import PipelineError, entry
 

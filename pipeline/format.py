@@ -75,6 +75,11 @@ class Renderer:
         return self._block("response", row, where)
 
 
+def label_choices(r: Renderer, row: dict, label_field: str, labels: list[str], where: str = "row") -> list[str]:
+    """The rendered response for every label, in label order (what classification scores)."""
+    return [r.response({**row, label_field: lab}, where) for lab in labels]
+
+
 def renderer_for(p: Params, template: Path, tokenizer_dir: Path | None) -> Renderer:
     tok = None
     if p.format.chat_template:
@@ -94,7 +99,7 @@ def format_rows(p: Params, r: Renderer, rows: list[dict], src: Path) -> list[dic
         if p.task == "classification":
             label = row[p.validate.label_field]
             item["label"] = label
-            item["choices"] = [r.response({**row, p.validate.label_field: lab}, where) for lab in p.labels]
+            item["choices"] = label_choices(r, row, p.validate.label_field, list(p.labels), where)
             if len(set(item["choices"])) != len(item["choices"]):
                 raise TemplateError(f"{r.name}: two labels render to the same response: {item['choices']}")
         out.append(item)

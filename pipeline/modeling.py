@@ -88,6 +88,11 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
     return model if quantization else model.to(dev)
 
 
+def is_prompt_learning(model) -> bool:
+    """Whether the active PEFT adapter adds virtual tokens (prefix, prompt, P-tuning)."""
+    return model.peft_config[model.active_adapter].is_prompt_learning
+
+
 def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
     """An adapter folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
     record, base = adapter_dir / "peftflow.json", base_dir / "base.json"

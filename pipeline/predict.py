@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.evaluate import choice_scores, generate
-from pipeline.format import Renderer
+from pipeline.format import Renderer, label_choices
 from pipeline.modeling import check_adapter, load_adapter, load_tokenizer
 from pipeline.stage import PipelineError
 
@@ -73,10 +73,10 @@ class Predictor:
                    for i, r in enumerate(rows)]
         with self._use(adapter):
             if record["task"] == "classification":
-                label_field = record.get("label_field", "label")
                 labels = record["labels"]
-                items = [{"prompt": p, "choices": [renderer.response({**r, label_field: lab, "labels": labels})
-                                                   for lab in labels]} for p, r in zip(prompts, rows, strict=True)]
+                items = [{"prompt": p, "choices": label_choices(renderer, {**r, "labels": labels},
+                                                                record.get("label_field", "label"), labels)}
+                         for p, r in zip(prompts, rows, strict=True)]
                 scores = choice_scores(self.model, self.tokenizer, items, batch_size=16)
                 return [record["labels"][k] for k in np.argmax(scores, axis=1)]
             return [generate(self.model, self.tokenizer, p, self.max_new_tokens)[0] for p in prompts]

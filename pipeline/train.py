@@ -35,6 +35,7 @@ from pipeline.modeling import (
     IGNORE,
     autocast,
     device,
+    is_prompt_learning,
     left_pad,
     load_base_model,
     response_width,
@@ -185,7 +186,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
                               num_training_steps=steps)
     fp = fingerprint(p, data, base_dir)
     start = load_checkpoint(ckpt, model, optimizer, scheduler, fp)
-    prompt_learning = model.peft_config["default"].is_prompt_learning
+    prompt_learning = is_prompt_learning(model)
 
     # run
     def micro_batches(from_micro: int):
