@@ -3,6 +3,10 @@ dvc.yaml as `python -m pipeline.<stage>`).
 
   peftflow metrics   print the latest metrics of every stage as one table, and where they are
   peftflow predict   answer rows with one or more adapters, rendered as they were trained
+  peftflow flow      run the DVC stages once as a Prefect flow (ephemeral, or on PREFECT_API_URL)
+  peftflow serve     serve the flow as a scheduled Prefect deployment (cron or interval)
+  peftflow lineage   what made an adapter or export, checked against the workspace and DVC cache
+  peftflow report    markdown report of params and metrics changes against another revision
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def predict(
     input: str = typer.Option("-", help="jsonl file of rows, or - for stdin (JSON objects or plain text lines)"),
     with_base: bool = typer.Option(False, "--with-base", help="also answer with the base model (adapter disabled)"),
     max_new_tokens: int = typer.Option(64, help="generation limit for instruction adapters"),
+    allow_other_base: bool = typer.Option(False, "--allow-other-base",
+                                          help="load adapters onto base weights other than the recorded ones"),
 ) -> None:
     """Answer rows with each adapter, rendered with the template that adapter was trained with."""
     import logging
@@ -80,7 +86,7 @@ def predict(
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         named = dict(_split_adapter(a) for a in adapter)
-        p = Predictor(base, named, max_new_tokens=max_new_tokens)
+        p = Predictor(base, named, max_new_tokens=max_new_tokens, allow_other_base=allow_other_base)
         text_field = next(iter(p.records.values())).get("text_field", "sentence")
         if input == "-":
             rows = [_stdin_row(line, text_field) for line in sys.stdin if line.strip()]
@@ -94,6 +100,107 @@ def predict(
         raise typer.Exit(2) from None
     for i, _ in enumerate(rows):
         typer.echo(json.dumps({"row": i + 1, **{k: v[i] for k, v in answers.items()}}, ensure_ascii=False))
+
+
+@app.command("flow")
+def run_flow(
+    set_: list[str] = typer.Option([], "--set-param", "-S", help="params override key=value, as `dvc exp run -S`"),
+    experiment: str = typer.Option(None, help="save the run as a DVC experiment with this name"),
+    pull: bool = typer.Option(False, help="`dvc pull` before the run (retried)"),
+    push: bool = typer.Option(False, help="`dvc push` after the run (retried)"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Run the pipeline's DVC stages as a Prefect flow: each stage a task, run or skipped by DVC."""
+    from pipeline.flow import pipeline
+
+    states = pipeline(root=str(root.resolve()), overrides=set_, experiment=experiment, pull=pull, push=push)
+    typer.echo(" ".join(f"{k}:{v}" for k, v in states.items()))
+
+
+@app.command()
+def serve(
+    name: str = typer.Option("nightly", help="deployment name"),
+    cron: str = typer.Option(None, help='cron schedule, e.g. "0 2 * * *" (02:00 every night)'),
+    interval: float = typer.Option(None, help="or: seconds between runs"),
+    set_: list[str] = typer.Option([], "--set-param", "-S", help="params override key=value for every run"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Serve the flow as a deployment on the Prefect server in PREFECT_API_URL, with a schedule;
+    runs until stopped. A run with unchanged data and params does nothing and says so."""
+    from pipeline.flow import pipeline
+
+    if (cron is None) == (interval is None):
+        typer.echo("error: give exactly one of --cron or --interval", err=True)
+        raise typer.Exit(2)
+    pipeline.serve(name=name, cron=cron, interval=interval,
+                   parameters={"root": str(root.resolve()), "overrides": list(set_)},
+                   description="peftflow: the DVC stages of dvc.yaml as Prefect tasks")
+
+
+@app.command()
+def lineage(
+    path: Path = typer.Argument(..., help="an adapter or export folder"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Print the chain adapter -> train data -> raw data -> base model with every hash checked
+    against the workspace and the DVC cache, and the commands that reproduce it. Exit code 1 if
+    anything differs."""
+    from pipeline import lineage as lin
+    from pipeline.stage import PipelineError
+
+    console = Console()
+    try:
+        r = lin.check(path, root)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    rec = r["record"]
+    made = rec.get("adapter", rec)
+    g = made.get("git", {})
+    console.print(f"[bold]{path}[/bold] made by stage {rec.get('stage')} at git {g.get('commit')}"
+                  + (f" [yellow](uncommitted changes: {', '.join(g.get('dirty_files', []))})[/yellow]"
+                     if g.get("dirty") else ""))
+    if r["found_in"]:
+        console.print(f"recorded in dvc.lock at commit {r['found_in']}")
+    b = made.get("base", {})
+    console.print(f"base model: {b.get('source')} revision {b.get('revision')} gguf {b.get('gguf_file')} "
+                  f"weights sha256 {str(b.get('weights_sha256'))[:16]}")
+    t = made.get("template", {})
+    console.print(f"template: {t.get('path')} sha256 {str(t.get('sha256'))[:16]}; tokenizer sha256 "
+                  f"{str(made.get('tokenizer_sha256'))[:16]}; seed {made.get('seed')}")
+    table = Table("stage", "role", "path", "md5", "workspace", "DVC cache", title="lineage (newest first)")
+
+    def row(stage: str, role: str, v: dict) -> None:
+        ws = v["workspace"] if v["workspace"] == "ok" else f"[red]{v['workspace']}[/red]"
+        cache = {True: "yes", False: "no", None: "-"}[v["cache"]]
+        table.add_row(stage, role, v["path"], str(v["md5"])[:12], ws, cache)
+
+    for v in r["own"]:
+        row(rec.get("stage", ""), "input", v)
+    for c in r["chain"]:
+        for v in c["outs"]:
+            row(c["stage"], "output", v)
+        for v in c["deps"]:
+            row(c["stage"], "input", v)
+    console.print(table)
+    console.print("reproduce with:\n  " + "\n  ".join(r["commands"]))
+    if r["mismatches"]:
+        console.print(f"[red]{len(r['mismatches'])} recorded hash(es) differ from the workspace[/red]")
+        raise typer.Exit(1)
+    console.print("every recorded hash matches the workspace")
+
+
+@app.command()
+def report(
+    base: str = typer.Option("main", help="the revision to compare the working tree with"),
+    out: Path = typer.Option(Path("pr-report"), help="folder for report.md and its images"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Markdown report for a pull request: params diff, metrics with deltas, changed plots."""
+    from pipeline.report import build
+
+    typer.echo(build(root, base, out))
+    typer.echo(f"written to {out / 'report.md'}", err=True)
 
 
 def _split_adapter(spec: str) -> tuple[str, Path]:

@@ -15,6 +15,7 @@ plot), `<out>/confusion.png`, and for instruction data `<out>/samples.jsonl`.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import typer
 
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
 from pipeline.modeling import (
+    IGNORE,
     batches,
     device,
     is_prompt_learning,
@@ -35,25 +37,88 @@ from pipeline.modeling import (
 )
 from pipeline.params import Params, load_params
 from pipeline.stage import entry
-from pipeline.tokenize import encode, encode_prompt
+from pipeline.tokenize import encode_many, encode_prompt
+
+
+def shared_prefix(model, prompts: list[list[int]], dev: torch.device, min_tokens: int = 8):
+    """(length, KV cache) of the tokens every prompt starts with (system prompt, instructions), run
+    once for all rows; (0, None) when they share fewer than `min_tokens`."""
+    first, common = prompts[0], min(len(p) for p in prompts) - 1  # every row keeps a token of its own
+    for p in prompts[1:]:
+        common = next((k for k in range(common) if p[k] != first[k]), common)
+    if common < min_tokens:
+        return 0, None
+    out = model(input_ids=torch.tensor([first[:common]], device=dev), use_cache=True, logits_to_keep=1)
+    return common, out.past_key_values
 
 
 @torch.no_grad()
 def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
-    """Summed log-probability of every choice (with EOS) after its prompt: (rows, choices)."""
+    """Summed log-probability of every choice (with EOS) after its prompt: (rows, choices).
+
+    The tokens all prompts share (system prompt, instructions) run once; each row's own part of
+    the prompt runs once from that cache, and its choices continue from the row's cache: a row
+    costs its own tokens plus a few choice tokens (measured against free generation in bench/).
+    Prompt-learning adapters bring their own cache: they score prompt + choice in full.
+    """
+    if is_prompt_learning(model):
+        return full_scores(model, tok, rows, batch_size)
     dev = next(model.parameters()).device
-    items = []
-    for i, r in enumerate(rows):
-        for j, c in enumerate(r["choices"]):
-            e = encode(tok, r["prompt"], c, max_length=10**9, truncation="response")
-            items.append((i, j, e))
-    items.sort(key=lambda x: len(x[2]["input_ids"]))
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
+    n = len(rows[0]["choices"])
+    scores = np.full((len(rows), n), -np.inf)
+    common, shared = shared_prefix(model, prompts, dev)
+    for idx in batches(sorted(range(len(rows)), key=lambda i: len(prompts[i])), batch_size):
+        batch = left_pad([{"input_ids": prompts[i][common:]} for i in idx], 0, dev)
+        prompt_mask = batch["attention_mask"]
+        cache = None
+        if common:
+            cache = copy.deepcopy(shared)
+            cache.batch_repeat_interleave(len(idx))
+            prompt_mask = torch.cat([torch.ones_like(prompt_mask[:, :1]).expand(-1, common), prompt_mask], -1)
+        out = model(input_ids=batch["input_ids"], attention_mask=prompt_mask,
+                    position_ids=batch["position_ids"] + common, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n, 0)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        # each choice's tokens (+ EOS), right-padded: position k predicts token k + 1
+        choices = [tok(rows[i]["choices"], add_special_tokens=False)["input_ids"] for i in idx]
+        targets = [c + [tok.eos_token_id] for cs in choices for c in cs]
+        width = max(len(t) for t in targets) - 1
+        feed = torch.zeros((len(targets), width), dtype=torch.long)
+        want = torch.full((len(targets), width), IGNORE, dtype=torch.long)
+        for k, t in enumerate(targets):
+            feed[k, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+            want[k, : len(t) - 1] = torch.tensor(t[1:], dtype=torch.long)
+        feed, want = feed.to(dev), want.to(dev)
+        prompt_mask = prompt_mask.repeat_interleave(n, 0)
+        start = prompt_mask.sum(-1, keepdim=True)
+        total = first.gather(-1, torch.tensor([t[0] for t in targets], device=dev)[:, None]).squeeze(-1)
+        if width:
+            logits = model(input_ids=feed, attention_mask=torch.cat([prompt_mask, torch.ones_like(feed)], -1),
+                           position_ids=start + torch.arange(width, device=dev), past_key_values=cache,
+                           use_cache=False).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, want.clamp(min=0)[..., None]).squeeze(-1)
+            total = total + (logp * (want != IGNORE)).sum(-1)
+        scores[np.repeat(idx, n), np.tile(np.arange(n), len(idx))] = total.cpu().numpy()
+    return scores
+
+
+@torch.no_grad()
+def full_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
+    """`choice_scores` with every prompt + choice as its own row (no shared cache)."""
+    dev = next(model.parameters()).device
+    pairs = [(i, j, r["prompt"], c) for i, r in enumerate(rows) for j, c in enumerate(r["choices"])]
+    encoded = encode_many(tok, [p for *_, p, _ in pairs], [c for *_, c in pairs], 10**9, "response")
+    items = sorted(((i, j, e) for (i, j, _, _), e in zip(pairs, encoded, strict=True)),
+                   key=lambda x: len(x[2]["input_ids"]))
     scores = np.full((len(rows), len(rows[0]["choices"])), -np.inf)
     pl = is_prompt_learning(model)
     for chunk in batches(items, batch_size):
-        encoded = [e for _, _, e in chunk]
-        logp, _ = token_logprobs(model, left_pad(encoded, 0, dev), response_width(encoded), pl)
-        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist(), strict=False):
+        enc = [e for _, _, e in chunk]
+        logp, _ = token_logprobs(model, left_pad(enc, 0, dev), response_width(enc), pl)
+        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist(), strict=True):
             scores[i, j] = s
     return scores
 

@@ -6,8 +6,13 @@ base + adapter: they must agree within `export.atol` and must differ from the ba
 the stage fails. Methods that cannot be merged (prompt learning: prefix, prompt, P-tuning)
 export the adapter alone, with a note saying why.
 
-Inputs: base model folder, adapter folder, tokenized validation data.
-Outputs: `<out>/` (merged model or adapter, tokenizer, `peftflow.json`) and a metrics file.
+Every export carries its lineage (`lineage.json` and the safetensors metadata: this stage's
+record plus the adapter's, see pipeline/lineage.py) and a model card (`README.md`, rendered
+with jinja2 from that record, the evaluation metrics and the data license).
+
+Inputs: base model folder, adapter folder, tokenized validation data, evaluation metrics.
+Outputs: `<out>/` (merged model or adapter, tokenizer, `peftflow.json`, `lineage.json`,
+`README.md`) and a metrics file.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline.io import atomic_dir, atomic_write_json
+from pipeline import lineage
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.modeling import device, is_prompt_learning, left_pad, load_adapter, load_tokenizer
-from pipeline.params import Export, load_params
+from pipeline.params import Export, Params, load_params, params_dict
 from pipeline.stage import PipelineError, entry
 
 
@@ -36,7 +42,46 @@ def logits(model, batch: dict) -> torch.Tensor:
     return out.logits.float() * batch["attention_mask"].unsqueeze(-1)
 
 
-def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path) -> dict:
+def data_license(path: str) -> str:
+    """The first line of a LICENSE / DATA_LICENSE file beside a data file, if there is one."""
+    folder = Path(path).parent
+    for f in sorted(folder.glob("*LICENSE*")):
+        lines = [x.strip() for x in f.read_text(errors="replace").splitlines() if x.strip()]
+        if lines:
+            return f"{lines[0]} (from `{f}`)"
+    return f"not recorded (no LICENSE file beside {path})"
+
+
+def model_card(params: Params, lin: dict, export_metrics: dict, evaluation: dict | None) -> str:
+    """The export folder's README.md, rendered from its lineage record (sandboxed jinja2)."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    adapter = lin["adapter"]
+    validate = adapter.get("upstream", {}).get("validate", {})
+    md5 = {d["path"]: d.get("md5") for d in validate.get("deps", [])}
+    rows = adapter.get("data_rows", {})
+    data = {split: {"path": path, "md5": md5.get(path, "?"), "rows": rows.get(split, "?")}
+            for split, path in (("train", params.data.train), ("validation", params.data.validation))}
+    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity") if evaluation and k in evaluation["adapter"]]
+    method = params.train.method
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    template = env.from_string((Path(__file__).parent / "model_card.md.jinja").read_text())
+    return template.render(
+        title=f"{Path(str(adapter['base']['source'])).name} + {method} ({params.task})", lin=lin, method=method,
+        merged=export_metrics["merged"], export=export_metrics, task=params.task, labels=params.labels, data=data,
+        license=data_license(params.data.train), evaluation=evaluation, metric_keys=keys,
+        train_metrics=adapter["metrics"], params=params_dict(params),
+        method_args=json.dumps(params.train.peft_kwargs, sort_keys=True), commands=lineage_commands(adapter))
+
+
+def lineage_commands(rec: dict) -> list[str]:
+    commit = rec.get("git", {}).get("commit")
+    return ([f"git checkout {commit}"] if commit else []) + ["dvc checkout", "dvc repro export"]
+
+
+def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path, params: Params | None = None,
+        evaluation: Path | None = None) -> dict:
     from datasets import load_from_disk
 
     dev = device()
@@ -70,6 +115,14 @@ def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path
         tok.save_pretrained(str(tmp))
         for name in ("peftflow.json", "format.json"):
             shutil.copy(adapter_dir / name, tmp / name)
+        if params is not None:
+            ev = json.loads(evaluation.read_text()) if evaluation and evaluation.exists() else None
+            lin = {**lineage.record("export", params_dict(params)), "adapter": lineage.read(adapter_dir),
+                   "metrics": {"export": metrics, "evaluate": ev}}
+            atomic_write_json(tmp / "lineage.json", lin)
+            for f in tmp.glob("*.safetensors"):
+                lineage.write_into_safetensors(f, lin)
+            atomic_write_text(tmp / "README.md", model_card(params, lin, metrics, ev))
     return metrics
 
 
@@ -79,9 +132,11 @@ def main(
     tokenized: Path = typer.Option(...),
     out: Path = typer.Option(...),
     metrics: Path = typer.Option(...),
+    evaluation: Path = typer.Option(None, help="the evaluate stage's metrics.json, for the model card"),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    m = run(load_params(params).export, base, adapter, tokenized, out)
+    p = load_params(params)
+    m = run(p.export, base, adapter, tokenized, out, params=p, evaluation=evaluation)
     atomic_write_json(metrics, m)
     if m["merged"]:
         typer.echo(f"export: merged model -> {out} (max |merged - adapter| = {m['max_abs_diff_vs_adapter']:.2e})")

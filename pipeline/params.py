@@ -79,6 +79,8 @@ class Train:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_clip: float | None = 1.0
     group_by_length: bool = True
+    # auto: eager attention on CPU (measured faster than sdpa for training at these lengths), sdpa on GPU
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     checkpoint_every: int = 50
     log_every: int = 5
     quantization: dict | None = None  # BitsAndBytesConfig arguments (QLoRA), e.g. load_in_4bit: true
@@ -271,6 +273,13 @@ def parse_params(raw: dict) -> Params:
     if params.task == "classification" and len(params.labels) < 2:
         raise ParamsError("params.yaml: 'labels' must list at least two labels for task classification.")
     return params
+
+
+def params_dict(p: Params) -> dict:
+    """All params as a plain dict in params.yaml's shape."""
+    d = dataclasses.asdict(p)
+    d["train"] = section_dict(p.train)
+    return d
 
 
 def section_dict(obj: Any) -> dict:

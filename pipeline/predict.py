@@ -30,7 +30,8 @@ from pipeline.stage import PipelineError
 class Predictor:
     """A base model with named adapters loaded once; `predict(rows, adapter)` switches between them."""
 
-    def __init__(self, base_dir: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 64) -> None:
+    def __init__(self, base_dir: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 64,
+                 allow_other_base: bool = False) -> None:
         if not adapters:
             raise PipelineError("predict: give at least one adapter folder")
         self.tokenizer = load_tokenizer(base_dir)
@@ -41,9 +42,9 @@ class Predictor:
         for name, path in adapters.items():
             path = Path(path)
             if self.model is None:
-                self.model = load_adapter(base_dir, path, adapter_name=name)
+                self.model = load_adapter(base_dir, path, adapter_name=name, allow_other_base=allow_other_base)
             else:
-                check_adapter(Path(base_dir), path)
+                check_adapter(Path(base_dir), path, allow_other_base)
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             record = json.loads((path / "peftflow.json").read_text())
             fmt = json.loads((path / "format.json").read_text())

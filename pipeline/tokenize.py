@@ -30,10 +30,8 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: str) -> dict | None:
-    """One training row, or None if it is dropped. `truncated` says whether it was cut."""
-    p_ids = encode_prompt(tokenizer, prompt)
-    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def join(p_ids: list[int], r_ids: list[int], max_length: int, truncation: str) -> dict | None:
+    """One training row from prompt and response ids (EOS included), or None if it is dropped."""
     excess = len(p_ids) + len(r_ids) - max_length
     truncated = excess > 0
     if truncated:
@@ -53,6 +51,22 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: s
     }
 
 
+def encode_many(tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                truncation: str) -> list[dict | None]:
+    """`encode` for many rows with two batched calls to the fast tokenizer (see bench/)."""
+    if not prompts:
+        return []
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    return [join(p, r + eos, max_length, truncation) for p, r in zip(p_ids, r_ids, strict=True)]
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: str) -> dict | None:
+    """One training row, or None if it is dropped. `truncated` says whether it was cut."""
+    return encode_many(tokenizer, [prompt], [response], max_length, truncation)[0]
+
+
 def run(p: Tokenize, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
     from datasets import Dataset
 
@@ -61,13 +75,10 @@ def run(p: Tokenize, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
     with atomic_dir(out) as tmp:
         for split in ("train", "validation"):
             rows = read_jsonl(formatted / f"{split}.jsonl")
-            encoded, dropped = [], 0
-            for row in rows:
-                e = encode(tok, row["prompt"], row["response"], p.max_length, p.truncation)
-                if e is None:
-                    dropped += 1
-                    continue
-                encoded.append({**e, "row": row["row"]})
+            many = encode_many(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                               p.max_length, p.truncation)
+            encoded = [{**e, "row": r["row"]} for r, e in zip(rows, many, strict=True) if e is not None]
+            dropped = len(rows) - len(encoded)
             if not encoded:
                 raise PipelineError(f"tokenize: every {split} row was dropped (tokenize.max_length={p.max_length})")
             Dataset.from_list(encoded).save_to_disk(str(tmp / split))

@@ -10,7 +10,8 @@ made with other params or data is refused.
 
 Inputs: the tokenized data folder, the base model folder.
 Outputs: `<out>/` the adapter (safetensors + adapter_config.json + peftflow.json record of
-params, data and base hashes, and the prompt template used), `<live>/` dvclive metrics and the
+params, data and base hashes, and the prompt template used; lineage.json, also in the
+safetensors metadata: see pipeline/lineage.py), `<live>/` dvclive metrics and the
 loss curve, and `<checkpoints>/` (kept between runs for resuming).
 """
 
@@ -28,6 +29,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipeline import lineage
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.methods import hooks, resolve_targets
 from pipeline.methods import optimizer as make_optimizer
@@ -42,7 +44,7 @@ from pipeline.modeling import (
     seed_everything,
     token_logprobs,
 )
-from pipeline.params import Params, Train, load_params, peft_methods, section_dict
+from pipeline.params import Params, Train, load_params, params_dict, peft_methods, section_dict
 from pipeline.stage import PipelineError, entry
 
 
@@ -67,7 +69,7 @@ def linear_layer_names(model) -> list[str]:
 def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base_model(base_dir, dev, p.quantization)
+    model = load_base_model(base_dir, dev, p.quantization, p.attn_implementation)
     model.config.use_cache = False
     if p.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -262,10 +264,20 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
     t = p.train
     fp = fingerprint(p, data, base_dir)
     base = json.loads((base_dir / "base.json").read_text())
+    fmt = json.loads((data / "format.json").read_text())
+    tok = json.loads((data / "tokenize.json").read_text())
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         for name in ("format.json", "tokenize.json"):
             shutil.copy(data / name, tmp / name)
+        lin = {**lineage.record("train", params_dict(p)), "seed": p.seed,
+               "base": {k: base.get(k) for k in ("source", "revision", "gguf_file", "gguf_sha256", "weights_sha256")},
+               "template": {"path": fmt.get("template"), "sha256": fmt.get("template_sha256")},
+               "tokenizer_sha256": tok.get("tokenizer_sha256"), "data_rows": {k: tok[k]["kept"] for k in tok
+                                                                              if isinstance(tok[k], dict)},
+               "metrics": metrics}
+        atomic_write_json(tmp / "lineage.json", lin)
+        lineage.write_into_safetensors(tmp / "adapter_model.safetensors", lin)
         atomic_write_json(tmp / "peftflow.json", {
             "seed": p.seed, "task": p.task, "labels": list(p.labels), "text_field": p.validate.text_field,
             "label_field": p.validate.label_field, "train": section_dict(t),

@@ -54,3 +54,19 @@ def test_instruction_eval_loss_and_samples(tiny_base, tmp_path):
         r["adapter"]["perplexity"] - np.exp(r["adapter"]["eval_loss"])) / r["adapter"]["perplexity"] < 1e-3
     samples = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and {"base", "adapter", "reference"} <= set(samples[0])
+
+
+def test_cached_choice_scores_equal_scoring_each_choice_in_full(trained, tiny_base):
+    # shared prefix once + each row's prompt once + choices from its KV cache == every prompt + choice in full
+    tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
+    rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()][:10]
+    rows = [{"prompt": r["prompt"], "choices": ["a much longer answer", "no", r["choices"][0]]} for r in rows]
+    prompts = [evaluate.encode_prompt(tok, r["prompt"]) for r in rows]
+    assert evaluate.shared_prefix(model, prompts, "cpu")[0] >= 8  # the template's instructions are shared
+    unshared = rows + [{"prompt": "short", "choices": ["a much longer answer than the others", "no", "maybe"]}]
+    assert evaluate.shared_prefix(model, prompts + [evaluate.encode_prompt(tok, "short")], "cpu")[0] == 0
+    for case in (rows, unshared):
+        cached, full = evaluate.choice_scores(model, tok, case, 4), evaluate.full_scores(model, tok, case, 4)
+        assert np.isfinite(cached).all() and np.abs(cached - full).max() < 1e-3
+        with model.disable_adapter():
+            assert np.abs(evaluate.choice_scores(model, tok, case, 4) - evaluate.full_scores(model, tok, case, 4)).max() < 1e-3

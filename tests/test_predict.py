@@ -77,3 +77,24 @@ def test_cli_predict_from_stdin(trained, tiny_base):
 def test_cli_predict_bad_adapter_is_one_line(tiny_base, tmp_path):
     r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), "--adapter", str(tmp_path)], input="x\n")
     assert r.exit_code == 2 and "not an adapter folder" in r.output
+
+
+def test_adapter_for_another_base_is_refused_unless_forced(trained, tiny_base, tmp_path):
+    import pytest
+
+    from pipeline.stage import PipelineError
+
+    other = tmp_path / "other"
+    shutil.copytree(trained["adapter"], other)
+    record = json.loads((other / "peftflow.json").read_text())
+    record["base"]["weights_sha256"] = "0" * 64
+    (other / "peftflow.json").write_text(json.dumps(record))
+    with pytest.raises(PipelineError, match="only fits the base model version it was trained on"):
+        Predictor(tiny_base, {"a": trained["adapter"], "b": other})
+    forced = Predictor(tiny_base, {"b": other}, allow_other_base=True)
+    assert forced.adapters == ["b"]
+    r = CliRunner().invoke(app, ["predict", "--adapter", str(other), "--base", str(tiny_base)], input="Sales rose .\n")
+    assert r.exit_code == 2 and "only fits the base model version" in r.output
+    r = CliRunner().invoke(app, ["predict", "--adapter", str(other), "--base", str(tiny_base), "--allow-other-base"],
+                           input="Sales rose .\n")
+    assert r.exit_code == 0, r.output

@@ -1,0 +1,399 @@
+"""Speed benchmark: this project's train and evaluate stages against the baselines users would
+otherwise run, on the same model, data, LoRA settings and number of optimisation steps.
+
+Training variants (each in its own subprocess, so peak RSS is its own):
+  a  tutorial recipe: HF Trainer, every row padded to 512 (`padding="max_length"`), loss on all tokens, fp32
+  b  well-set HF Trainer: dynamic padding, `group_by_length`, loss on the response only, bf16
+  c  TRL SFTTrainer with its defaults for prompt/completion data (completion-only loss), bf16
+  d  this project's train stage (`pipeline.train.fit`), bf16
+  q  d with QLoRA (4-bit NF4), for memory
+Every trained adapter is then scored the same way: mean response-token loss on held-out rows.
+Also: MFU of d against a matmul peak measured in the same run, evaluation by label scoring vs
+free generation, batched vs per-row tokenization, and `dvc repro` with nothing to do.
+
+Inputs: the base model folder (`dvc repro base`), ../shared/datasets/financial_phrasebank.
+Outputs: bench/results/train_throughput.{json,md}.
+Run: `make bench` (or `python bench/train_throughput.py --steps 12`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import format as fmt  # noqa: E402
+from pipeline import tokenize as tkz  # noqa: E402
+from pipeline import validate  # noqa: E402
+from pipeline.io import read_jsonl  # noqa: E402
+from pipeline.modeling import IGNORE, batches, left_pad, load_tokenizer, response_width, token_logprobs  # noqa: E402
+from pipeline.params import parse_params  # noqa: E402
+
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+LR, WARMUP, SEED = 1e-3, 0.1, 42
+NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic padding + group_by_length",
+         "c": "TRL SFTTrainer (completion only)", "d": "peftflow train stage", "q": "peftflow train stage, QLoRA 4-bit"}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- shared data (main process)
+
+def bench_params(args, work: Path, quantization: dict | None = None):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl")}
+    raw["train"] |= {"method": "lora", "lora": LORA, "max_steps": args.steps, "batch_size": args.batch_size,
+                     "grad_accum": 1, "lr": LR, "warmup_ratio": WARMUP, "lr_scheduler": "linear",
+                     "precision": "bf16", "checkpoint_every": 0, "log_every": max(1, args.steps // 4),
+                     "quantization": quantization, "loraplus_lr_ratio": None}
+    raw["seed"] = SEED
+    return parse_params(raw)
+
+
+def prepare(args, work: Path) -> None:
+    """validate -> format -> tokenize the benchmark data once, with the project's own stages."""
+    p = bench_params(args, work)
+    validate.run(p, Path(p.data.train), Path(p.data.validation), work / "validated", work / "validate.json")
+    fmt.run(p, work / "validated", ROOT / p.format.template, args.base, work / "formatted")
+    tkz.run(p.tokenize, work / "formatted", args.base, work / "tokenized")
+
+
+# ---------------------------------------------------------------- workers (one subprocess each)
+
+def load_lora_model(base: Path, attn: str | None = None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kw = {"attn_implementation": attn} if attn else {}
+    model = AutoModelForCausalLM.from_pretrained(str(base), use_safetensors=True, **kw)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+
+
+class Counting:
+    """A data collator wrapper that counts the non-pad tokens it hands to the trainer."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def train_args(args, out: Path, bf16: bool, **extra) -> dict:
+    return dict(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                learning_rate=LR, warmup_steps=int(WARMUP * args.steps), lr_scheduler_type="linear",
+                weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+                seed=SEED, bf16=bf16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                disable_tqdm=True, **extra)
+
+
+def run_trainer(trainer, counter) -> dict:
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "tokens": counter.tokens, "final_train_loss": losses[-1]}
+
+
+def worker_a(args, work: Path) -> tuple:
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tok = load_tokenizer(args.base)
+    rows = read_jsonl(work / "formatted" / "train.jsonl")
+    texts = [r["prompt"] + r["response"] + tok.eos_token for r in rows]
+    ds = Dataset.from_dict(dict(tok(texts, padding="max_length", max_length=512, truncation=True)))
+    model = load_lora_model(args.base)
+    counter = Counting(DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer = Trainer(model=model, args=TrainingArguments(**train_args(args, work / "a", bf16=False)),
+                      train_dataset=ds, data_collator=counter)
+    return model, run_trainer(trainer, counter)
+
+
+def worker_b(args, work: Path) -> tuple:
+    from datasets import load_from_disk
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tok = load_tokenizer(args.base)
+    ds = load_from_disk(str(work / "tokenized" / "train")).select_columns(["input_ids", "labels", "length"])
+    ds = ds.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
+    model = load_lora_model(args.base)
+    counter = Counting(DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE))
+    trainer = Trainer(model=model, args=TrainingArguments(**train_args(args, work / "b", bf16=True,
+                                                                       train_sampling_strategy="group_by_length")),
+                      train_dataset=ds, data_collator=counter)
+    return model, run_trainer(trainer, counter)
+
+
+def worker_c(args, work: Path) -> tuple:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tok = load_tokenizer(args.base)
+    rows = read_jsonl(work / "formatted" / "train.jsonl")
+    ds = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "completion": [r["response"] for r in rows]})
+    model = load_lora_model(args.base)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**train_args(args, work / "c", bf16=True)),
+                         train_dataset=ds, processing_class=tok)
+    counter = Counting(trainer.data_collator)
+    trainer.data_collator = counter
+    return model, run_trainer(trainer, counter)
+
+
+def worker_d(args, work: Path, quantization: dict | None = None) -> tuple:
+    from pipeline.train import fit
+
+    name = "q" if quantization else "d"
+    p = bench_params(args, work, quantization)
+    model, m = fit(p, work / "tokenized", args.base, work / name / "live", work / name / "ckpt")
+    return model, {"seconds": m["seconds"], "tokens": round(m["tokens_per_second"] * m["seconds"]),
+                   "final_train_loss": m["final_loss"]}
+
+
+def worker_q(args, work: Path) -> tuple:
+    return worker_d(args, work, {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                 "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"})
+
+
+@torch.no_grad()
+def heldout_loss(model, rows: list[dict]) -> float:
+    """Mean response-token loss on held-out rows, fp32, computed the same way for every variant."""
+    model.eval()
+    dev = next(model.parameters()).device
+    total, n = 0.0, 0
+    for chunk in batches(rows, 16):
+        logp, mask = token_logprobs(model, left_pad(chunk, 0, dev), response_width(chunk))
+        total, n = total - float(logp.sum()), n + int(mask.sum())
+    return total / n
+
+
+def flops_per_token(model, rows: list[dict]) -> float:
+    """FLOPs of one forward + backward of the train stage's step, counted by torch, per non-pad token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.modeling import autocast
+
+    model.train()
+    batch = left_pad(rows, 0, next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast("bf16", batch["input_ids"].device):
+            logp, mask = token_logprobs(model, batch, response_width(rows))
+        (-logp.sum() / mask.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / int(batch["attention_mask"].sum())
+
+
+def worker(name: str, args, work: Path) -> None:
+    from datasets import load_from_disk
+
+    torch.manual_seed(SEED)
+    model, result = globals()[f"worker_{name}"](args, work)
+    result["peak_rss_mb"] = round(rss_mb())
+    held = [{"input_ids": r["input_ids"], "labels": r["labels"]}
+            for r in load_from_disk(str(work / "tokenized" / "validation")).select(range(args.heldout))]
+    result["heldout_loss"] = heldout_loss(model, held)
+    if name == "d":
+        result["flops_per_token"] = flops_per_token(model, held[: args.batch_size])
+        model.save_pretrained(str(work / "d" / "adapter"))
+    (work / f"{name}.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- evaluation, tokenize, dvc
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = time.time()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.time() - t0)
+
+
+@torch.no_grad()
+def generate_labels(model, tok, rows: list[dict], labels: list[str], batch_size: int) -> list[str | None]:
+    """The baseline: greedy generation, the first word of the answer taken as the label."""
+    from pipeline.tokenize import encode_prompt
+
+    out = []
+    for chunk in batches(rows, batch_size):
+        batch = left_pad([{"input_ids": encode_prompt(tok, r["prompt"])} for r in chunk], tok.pad_token_id, "cpu")
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                             max_new_tokens=8, pad_token_id=tok.pad_token_id)
+        for text in tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
+            word = (text.strip().split() or [""])[0].strip(".,").lower()
+            out.append(word if word in labels else None)
+    return out
+
+
+def bench_evaluate(args, work: Path) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluate import choice_scores
+
+    tok = load_tokenizer(args.base)
+    labels = ["negative", "neutral", "positive"]
+    rows = read_jsonl(work / "formatted" / "validation.jsonl")[: args.eval_rows]
+    model = AutoModelForCausalLM.from_pretrained(str(args.base), use_safetensors=True)
+    model = PeftModel.from_pretrained(model, str(work / "d" / "adapter")).eval()
+    truth = [r["label"] for r in rows]
+
+    def compare() -> dict:
+        t0 = time.time()
+        scored = [labels[i] for i in choice_scores(model, tok, rows, 32).argmax(1)]
+        t_score = time.time() - t0
+        t0 = time.time()
+        generated = generate_labels(model, tok, rows, labels, 32)
+        t_gen = time.time() - t0
+        return {"score_seconds": t_score, "generate_seconds": t_gen,
+                "score_accuracy": sum(a == b for a, b in zip(scored, truth, strict=True)) / len(rows),
+                "generate_accuracy": sum(a == b for a, b in zip(generated, truth, strict=True)) / len(rows),
+                "generate_unparsed": sum(g is None for g in generated),
+                "agreement": sum(a == b for a, b in zip(scored, generated, strict=True)) / len(rows)}
+
+    result = {"rows": len(rows), "adapter": compare()}
+    with model.disable_adapter():
+        result["base"] = compare()
+    return result
+
+
+def bench_tokenize(args, work: Path) -> dict:
+    tok = load_tokenizer(args.base)
+    rows = read_jsonl(work / "formatted" / "train.jsonl")
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    t_one, t_many = [], []
+    for _ in range(5):  # alternate, keep the best of five: the calls take well under a second
+        t0 = time.time()
+        one = [tkz.encode(tok, pr, rs, 256, "response") for pr, rs in zip(prompts, responses, strict=True)]
+        t_one.append(time.time() - t0)
+        t0 = time.time()
+        many = tkz.encode_many(tok, prompts, responses, 256, "response")
+        t_many.append(time.time() - t0)
+    assert one == many, "batched tokenization differs from per-row tokenization"
+    return {"rows": len(rows), "per_row_rows_per_second": len(rows) / min(t_one),
+            "batched_rows_per_second": len(rows) / min(t_many)}
+
+
+def bench_dvc() -> dict:
+    dvc = [sys.executable, "-m", "dvc"]
+    status = subprocess.run(dvc + ["status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode or json.loads(status.stdout or "{}"):
+        return {"skipped": "the workspace is not up to date (run `dvc repro` first)"}
+    times = []
+    for _ in range(3):
+        t0 = time.time()
+        subprocess.run(dvc + ["repro"], cwd=ROOT, check=True, capture_output=True)
+        times.append(time.time() - t0)
+    return {"repro_noop_seconds": min(times), "runs": [round(t, 2) for t in times]}
+
+
+# ---------------------------------------------------------------- report
+
+def table(res: dict) -> str:
+    d = res["train"]["d"]
+    lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}; SmolLM2-135M, Financial PhraseBank "
+             f"train, LoRA r=16 alpha=32 q/v, batch {res['batch_size']}, {res['steps']} steps each.", "",
+             "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for k, r in res["train"].items():
+        if "error" in r:
+            lines.append(f"| {k}: {NAMES[k]} | failed: {r['error']} | | | | | |")
+            continue
+        ratio = d["tokens_per_second"] / r["tokens_per_second"]
+        lines.append(f"| {k}: {NAMES[k]} | {r['tokens_per_second']:.0f} | {r['seconds_per_epoch']:.0f} | "
+                     f"{r['peak_rss_mb']} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.3f} | {ratio:.2f}x |")
+    m, t, v = res["mfu"], res["tokenize"], res["dvc"]
+    lines += ["", f"- MFU of d: {m['achieved_gflops']:.0f} GFLOP/s achieved (torch-counted FLOPs) = "
+              f"{m['mfu_bf16']:.1%} of the measured bf16 matmul peak ({m['peak_bf16_gflops']:.0f} GFLOP/s; "
+              f"fp32 peak {m['peak_fp32_gflops']:.0f}).",
+              f"- Tokenize {t['rows']} rows: batched {t['batched_rows_per_second']:.0f} rows/s vs per row "
+              f"{t['per_row_rows_per_second']:.0f} rows/s = "
+              f"{t['batched_rows_per_second'] / t['per_row_rows_per_second']:.1f}x (identical ids).",
+              "- `dvc repro` with nothing to do: " + (f"{v['repro_noop_seconds']:.2f} s (best of 3)"
+                                                      if "repro_noop_seconds" in v else v["skipped"]) + "."]
+    for who, e in ((k, res["evaluate"][k]) for k in ("adapter", "base")):
+        lines.append(f"- Evaluate {res['evaluate']['rows']} validation rows, {who}: label scoring "
+                     f"{e['score_seconds']:.1f} s vs greedy generation (up to 8 tokens) {e['generate_seconds']:.1f} s "
+                     f"= {e['generate_seconds'] / e['score_seconds']:.2f}x; accuracy {e['score_accuracy']:.3f} vs "
+                     f"{e['generate_accuracy']:.3f} ({e['generate_unparsed']} unparseable answers), predictions agree "
+                     f"on {e['agreement']:.1%}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--heldout", type=int, default=64, help="validation rows for the held-out loss")
+    ap.add_argument("--eval-rows", type=int, default=150)
+    ap.add_argument("--variants", default="abcdq")
+    ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--dvc-only", action="store_true", help="only redo the no-op `dvc repro` timing")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args, args.work)
+    if args.dvc_only:
+        res = json.loads((args.out / "train_throughput.json").read_text())
+        res["dvc"] = bench_dvc()
+        (args.out / "train_throughput.json").write_text(json.dumps(res, indent=2) + "\n")
+        (args.out / "train_throughput.md").write_text(table(res))
+        return print(table(res))
+
+    with tempfile.TemporaryDirectory(prefix="peftflow-bench-") as tmp:
+        work = Path(tmp)
+        prepare(args, work)
+        res = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
+               "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "train": {}}
+        epoch_tokens = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]["tokens"]
+        for name in args.variants:
+            print(f"bench: training variant {name} ({NAMES[name]})", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", name, "--work", str(work)] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "work")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                res["train"][name] = {"error": proc.stderr.strip().splitlines()[-1][:200]}
+                continue
+            r = json.loads((work / f"{name}.json").read_text())
+            r["tokens_per_second"] = r["tokens"] / r["seconds"]
+            r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
+            res["train"][name] = r
+        d = res["train"]["d"]
+        peak16, peak32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+        achieved = d["flops_per_token"] * d["tokens_per_second"]
+        res["mfu"] = {"achieved_gflops": achieved / 1e9, "peak_bf16_gflops": peak16 / 1e9,
+                      "peak_fp32_gflops": peak32 / 1e9, "mfu_bf16": achieved / peak16}
+        print("bench: evaluate, tokenize, dvc", file=sys.stderr, flush=True)
+        res["evaluate"] = bench_evaluate(args, work)
+        res["tokenize"] = bench_tokenize(args, work)
+    res["dvc"] = bench_dvc()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_throughput.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "train_throughput.md").write_text(table(res))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Prefect flow: the DVC pipeline's stages as Prefect tasks, in the order of the DAG in dvc.yaml.
+
+The stage list and order come from DVC (`dvc.yaml` read through DVC's own index), never written a
+second time. DVC stays the source of truth for what is up to date: each task asks DVC for its
+stage's status; an unchanged stage is skipped and says so, a changed one runs as
+`dvc repro --single-item <stage>`, which updates dvc.lock exactly as `dvc repro` would, with its
+output streamed into the Prefect run's logs. A failed stage fails the flow with the stage's own
+error line, and nothing after it runs. Retries are only on I/O: `dvc pull` / `dvc push`.
+
+Flow parameters: `overrides` (`key=value`, applied to params.yaml the way `dvc exp run -S` does,
+then checked by the strict params parser), `experiment` (save the result as a DVC experiment of
+that name), `pull` / `push` (a DVC remote before and after).
+
+Inputs: a DVC project folder (`root`). Outputs: the stages' outputs and dvc.lock; a Prefect
+markdown artifact with each stage's state and the metrics with deltas against the previous flow
+run (kept in `.dvc/tmp/peftflow-flow-metrics.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline.io import atomic_write_json
+from pipeline.lineage import dvc_repo
+from pipeline.stage import PipelineError
+
+LAST_METRICS = Path(".dvc") / "tmp" / "peftflow-flow-metrics.json"
+
+
+class StageFailed(PipelineError, RuntimeError):
+    """A pipeline stage exited with an error; the message is the stage's own error line."""
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def env() -> dict[str, str]:
+    """The environment for DVC and the stage commands: this interpreter's bin folder first on PATH,
+    so `python -m pipeline.<stage>` in dvc.yaml finds the same installation (also in served runs)."""
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def stage_order(root: Path) -> list[str]:
+    """The pipeline's stages, dependencies first, as DVC reads them from dvc.yaml."""
+    import networkx as nx
+    from dvc.stage import PipelineStage
+
+    with dvc_repo(root) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return [s.name for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+
+
+def changed(root: Path, stage: str) -> dict:
+    """DVC's status of one stage (empty when it is up to date)."""
+    with dvc_repo(root) as repo:
+        return repo.status(targets=[stage])
+
+
+def apply_overrides(root: Path, overrides: list[str]) -> None:
+    """Apply `key=value` overrides to params.yaml exactly as `dvc exp run -S` does; an override
+    that makes the params invalid (a typo, a wrong type) is refused and params.yaml is kept."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    from pipeline.params import load_params
+
+    path = root / "params.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "params.yaml"
+        shutil.copy(path, trial)
+        dvc_apply(str(trial), list(overrides))
+        load_params(trial)  # raises ParamsError naming the key
+        shutil.copy(trial, path.with_suffix(".yaml.tmp"))
+        path.with_suffix(".yaml.tmp").replace(path)
+
+
+def read_metrics(root: Path) -> dict[str, float]:
+    """Every numeric metric DVC knows of, flattened to `file:key.key`."""
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if not prefix.endswith(":") else f"{prefix}{k}", v)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[prefix] = value
+
+    with dvc_repo(root) as repo:
+        for rev in repo.metrics.show().values():
+            for file, content in rev.get("data", {}).items():
+                walk(f"{file}:", content.get("data", {}))
+    return flat
+
+
+def metrics_markdown(states: dict[str, str], now: dict[str, float], before: dict[str, float]) -> str:
+    ran = [s for s, v in states.items() if v == "ran"]
+    head = (f"**{len(ran)} of {len(states)} stages ran** ({', '.join(ran)})" if ran
+            else f"**Nothing to do**: all {len(states)} stages were up to date.")
+    lines = [head, "", "| stage | state |", "|---|---|", *[f"| {s} | {v} |" for s, v in states.items()], "",
+             "| metric | value | previous run | delta |", "|---|---:|---:|---:|"]
+    for key in sorted(now):
+        old = before.get(key)
+        delta = "" if old is None else f"{now[key] - old:+.4g}"
+        lines.append(f"| {key} | {now[key]:.4g} | {'' if old is None else f'{old:.4g}'} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(task_run_name="{stage}")
+def run_stage(root: Path, stage: str) -> str:
+    """Run one stage if DVC says it changed; returns "ran" or "skipped"."""
+    log = get_run_logger()
+    why = changed(root, stage)
+    if not why:
+        log.info(f"{stage}: unchanged, skipped (DVC status is clean)")
+        return "skipped"
+    log.info(f"{stage}: changed ({json.dumps(why.get(stage, why), default=str)}), running")
+    proc = subprocess.Popen(dvc("repro", "--single-item", stage), cwd=root, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    errors = []
+    for line in proc.stdout:  # stream the stage's output into the run's logs as it comes
+        line = line.rstrip()
+        if line:
+            log.info(line)
+        if line.startswith(("error:", "ERROR:")):
+            errors.append(line)
+    if proc.wait():
+        own = [e for e in errors if e.startswith("error:")]
+        raise StageFailed(f"stage {stage} failed: {(own or errors or ['exit code ' + str(proc.returncode)])[0]}")
+    return "ran"
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120])
+def transfer(root: Path, direction: str) -> None:
+    """`dvc pull` / `dvc push` against the default remote (network I/O: retried)."""
+    args = ["pull", "--allow-missing"] if direction == "pull" else ["push"]
+    proc = subprocess.run(dvc(*args), cwd=root, env=env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise OSError(f"dvc {direction} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+
+
+@task
+def save_experiment(root: Path, name: str) -> str:
+    proc = subprocess.run(dvc("exp", "save", "--force", "--name", name), cwd=root, env=env(),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise StageFailed(f"dvc exp save failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+@flow(name="peftflow", log_prints=True)
+def pipeline(root: str = ".", overrides: list[str] | None = None, experiment: str | None = None,
+             pull: bool = False, push: bool = False) -> dict[str, str]:
+    """Run the pipeline's DVC stages in DAG order; returns each stage's state (ran / skipped)."""
+    where = Path(root).resolve()
+    if overrides:
+        apply_overrides(where, overrides)
+    if pull:
+        transfer(where, "pull")
+    states = {}
+    for stage in stage_order(where):
+        states[stage] = run_stage(where, stage)
+    if "ran" not in states.values():
+        get_run_logger().info(f"nothing to do: all {len(states)} stages are up to date")
+    if experiment:
+        save_experiment(where, experiment)
+    if push:
+        transfer(where, "push")
+    previous = where / LAST_METRICS
+    before = json.loads(previous.read_text()) if previous.exists() else {}
+    now = read_metrics(where)
+    create_markdown_artifact(metrics_markdown(states, now, before), key="peftflow-metrics",
+                             description="stage states and metrics, with deltas against the previous flow run")
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(previous, now)
+    return states

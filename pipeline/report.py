@@ -1,0 +1,100 @@
+"""Pull-request report: what a change did to params and metrics, as markdown with images.
+
+Compares the working tree with another revision (default `main`) through DVC's own diff of
+params and metrics (`dvc params diff`, `dvc metrics diff`), and draws the loss curves of both
+revisions on one plot and the two confusion matrices side by side. Metrics and plots are small
+files kept in git (`reports/`), so any commit can be compared.
+
+Inputs: a git + DVC project and a revision. Outputs: `<out>/report.md` and its images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+from pathlib import Path
+
+LOSS = "reports/train/plots/metrics/train/loss.tsv"
+CONFUSION = "reports/evaluate/confusion.png"
+
+
+def at_rev(root: Path, rev: str | None, path: str) -> bytes | None:
+    """A git-tracked file at `rev` (None: the working tree), or None when it is not there."""
+    if rev is None:
+        f = root / path
+        return f.read_bytes() if f.exists() else None
+    r = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+def loss_plot(root: Path, base: str, out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for label, rev in ((base, base), ("this change", None)):
+        raw = at_rev(root, rev, LOSS)
+        if raw:
+            rows = list(csv.DictReader(io.StringIO(raw.decode()), delimiter="\t"))
+            curves[label] = ([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+def build(root: Path, base: str, out: Path) -> str:
+    """Write `<out>/report.md` (and images) comparing the working tree with `base`; returns the markdown."""
+    from pipeline.lineage import dvc_repo
+
+    out.mkdir(parents=True, exist_ok=True)
+    with dvc_repo(root) as repo:
+        params = repo.params.diff(a_rev=base).get("diff", {})
+        metrics = repo.metrics.diff(a_rev=base, all=True).get("diff", {})
+    lines = [f"## peftflow: this change vs `{base}`", ""]
+    lines += ["### Params", ""]
+    changed = [(f, k, d) for f, keys in params.items() for k, d in keys.items()]
+    if changed:
+        lines += ["| param | before | after |", "|---|---|---|"]
+        lines += [f"| {k} | {fmt(d.get('old'))} | {fmt(d.get('new'))} |" for _, k, d in changed]
+    else:
+        lines.append("No params changed.")
+    lines += ["", "### Metrics", "", "| metric | before | after | delta |", "|---|---:|---:|---:|"]
+    for f, keys in metrics.items():
+        for k, d in keys.items():
+            old, new = d.get("old"), d.get("new")
+            delta = d.get("diff")
+            if not isinstance(new, int | float) or isinstance(new, bool):
+                continue
+            lines.append(f"| {f}:{k} | {fmt(old)} | {fmt(new)} | {'' if delta is None else f'{delta:+.4g}'} |")
+    lines += ["", "### Plots", ""]
+    if loss_plot(root, base, out / "loss.png"):
+        lines.append("![training loss, before and after](loss.png)")
+    before, after = at_rev(root, base, CONFUSION), at_rev(root, None, CONFUSION)
+    if before and after and before != after:
+        (out / "confusion_before.png").write_bytes(before)
+        (out / "confusion_after.png").write_bytes(after)
+        lines += ["", f"| confusion matrix at `{base}` | this change |", "|---|---|",
+                  "| ![before](confusion_before.png) | ![after](confusion_after.png) |"]
+    elif after:
+        lines.append("Confusion matrix unchanged.")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text

@@ -1,0 +1,182 @@
+"""The Prefect flow: stage order from dvc.yaml, and a real local Prefect server running the flow as a
+scheduled deployment on the tiny pipeline (run, rerun that skips everything, failures)."""
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline import flow
+from pipeline.params import ParamsError
+
+STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export"]
+
+
+def test_stage_order_is_dvc_yaml_dag():
+    order = flow.stage_order(ROOT)
+    assert sorted(order) == sorted(STAGES)
+    # every stage comes after the stages whose outputs it reads
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = {name: [str(o) for o in s.get("outs", [])] for name, s in spec.items()}
+    for name, s in spec.items():
+        for dep in s.get("deps", []):
+            for other, produced in outs.items():
+                if dep in produced:
+                    assert order.index(other) < order.index(name), (other, name)
+
+
+def test_metrics_markdown_deltas():
+    md = flow.metrics_markdown({"train": "ran", "evaluate": "skipped"}, {"m:acc": 0.9, "m:new": 1.0}, {"m:acc": 0.8})
+    assert "**1 of 2 stages ran** (train)" in md
+    assert "| m:acc | 0.9 | 0.8 | +0.1 |" in md and "| m:new | 1 |  |  |" in md
+    assert "**Nothing to do**" in flow.metrics_markdown({"a": "skipped"}, {}, {})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server on a free loopback port, SQLite in a temporary PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url}
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "the Prefect server", 120)
+        yield {"url": url, "env": env}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def api(env: dict):
+    """Prefect settings pointing this process at the test server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_HOME: env["PREFECT_HOME"]})
+
+
+async def run_info(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                            limit=100, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])), limit=100, sort=ArtifactSort.CREATED_DESC)
+        return {"state": run.state.type.value, "message": run.state.message,
+                "tasks": {t.name: t.state.type.value for t in tasks},
+                "artifact": next((a.data for a in arts if a.key == "peftflow-metrics"), None)}
+
+
+def test_scheduled_deployment_runs_then_skips_everything(server, repo, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--name", "test", "--interval", "3600",
+                              "--root", str(repo)], cwd=ROOT, env=server["env"],
+                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        with api(server["env"]):
+            async def deployment():
+                async with get_client() as client:
+                    return await client.read_deployment_by_name("peftflow/test")
+
+            dep = wait_for(lambda: asyncio.run(deployment()), "the deployment", 120)
+            assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 3600
+            assert dep.parameters["root"] == str(repo)
+
+            first = run_deployment("peftflow/test", timeout=900)
+            info = asyncio.run(run_info(first.id))
+            assert info["state"] == "COMPLETED", (info, (tmp_path / "serve.log").read_text()[-3000:])
+            assert sorted(info["tasks"]) == sorted(STAGES) and set(info["tasks"].values()) == {"COMPLETED"}
+            assert f"**{len(STAGES)} of {len(STAGES)} stages ran**" in info["artifact"]
+            assert "| reports/evaluate/metrics.json:adapter.accuracy |" in info["artifact"]
+            assert sh_status(repo) == "Data and pipelines are up to date."
+
+            second = run_deployment("peftflow/test", timeout=300)
+            info = asyncio.run(run_info(second.id))
+            assert info["state"] == "COMPLETED"
+            assert "**Nothing to do**" in info["artifact"]
+            assert all(f"| {s} | skipped |" in info["artifact"] for s in STAGES)
+            # the deltas column compares with the first run: nothing changed
+            assert re.search(r"\| reports/train/metrics.json:steps \| (\d+) \| \1 \| \+0 \|", info["artifact"])
+
+            # new data lands: the next run retrains (validate and everything after it)
+            data = repo / "data" / "example" / "sentiment_train.jsonl"
+            data.write_text(data.read_text() + '{"sentence": "Profit doubled in the third quarter .", '
+                                               '"label": "positive"}\n')
+            info = asyncio.run(run_info(run_deployment("peftflow/test", timeout=900).id))
+            assert info["state"] == "COMPLETED"
+            assert "| base | skipped |" in info["artifact"] and "| train | ran |" in info["artifact"]
+
+            # a params override run as a DVC experiment: only train onwards reruns, and the experiment is saved
+            states = flow.pipeline(root=str(repo), overrides=["train.lr=0.001"], experiment="lr-1e-3")
+            assert [s for s, v in states.items() if v == "ran"] == ["train", "evaluate", "export"]
+            assert "lr-1e-3" in sh_dvc(repo, "exp", "list")
+    finally:
+        serve.terminate()
+        serve.wait(30)
+
+
+def test_failed_stage_fails_the_flow_with_its_error(server, repo):
+    bad = repo / "data" / "example" / "bad.jsonl"
+    bad.write_text('{"sentence": "Sales rose .", "label": "positive"}\n{"sentence": "Costs fell .", "label": "up"}\n')
+    before = (repo / "params.yaml").read_text()
+    with api(server["env"]):
+        with pytest.raises(ParamsError, match="train.lrr"):
+            flow.pipeline(root=str(repo), overrides=["+train.lrr=0.1"])
+        assert (repo / "params.yaml").read_text() == before  # a bad override changes nothing
+        state = flow.pipeline(root=str(repo), overrides=["data.train=data/example/bad.jsonl"], return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "stage validate failed: error:" in message and "bad.jsonl" in message
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"base"}  # nothing after the failed stage ran
+    # the rejected rows are kept for inspection, nothing else was written
+    assert [f.name for f in (repo / "data" / "validated").iterdir()] == ["quarantine.jsonl"]
+    assert "bad.jsonl" in (repo / "data" / "validated" / "quarantine.jsonl").read_text()
+
+
+def sh_dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def sh_status(repo: Path) -> str:
+    return sh_dvc(repo, "status")

@@ -1,0 +1,58 @@
+"""Pull-request report and lineage across commits, in a temporary git + DVC repo on the tiny model."""
+
+import json
+import re
+import subprocess
+import sys
+
+import yaml
+from conftest import sh
+
+
+def cli(repo, *args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=repo, capture_output=True, text=True,
+                          env={**__import__("os").environ, "COLUMNS": "250"})
+
+
+def test_report_and_lineage_across_two_commits(repo):
+    dvc = (sys.executable, "-m", "dvc")
+    sh(repo, *dvc, "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "lr 2e-2")
+    first = sh(repo, "git", "rev-parse", "HEAD").strip()
+    before = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 1e-3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, *dvc, "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "lr 1e-3")
+    second = sh(repo, "git", "rev-parse", "HEAD").strip()
+    after = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
+
+    r = cli(repo, "report", "--base", first, "--out", "pr")
+    assert r.returncode == 0, r.stderr
+    md = (repo / "pr" / "report.md").read_text()
+    assert "| train.lr | 0.02 | 0.001 |" in md
+    row = re.search(r"\| reports/train/metrics.json:final_loss \| (\S+) \| (\S+) \| (\S+) \|", md)
+    assert row and abs(float(row[1]) - before["final_loss"]) < 1e-6 and abs(float(row[2]) - after["final_loss"]) < 1e-6
+    assert abs(float(row[3]) - (after["final_loss"] - before["final_loss"])) < 1e-3
+    assert "![training loss, before and after](loss.png)" in md and (repo / "pr" / "loss.png").stat().st_size > 1000
+
+    r = cli(repo, "lineage", "models/adapter")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"recorded in dvc.lock at commit {second}" in r.stdout
+    assert f"git checkout {second}" in r.stdout and "every recorded hash matches" in r.stdout
+    r = cli(repo, "lineage", "models/export")
+    assert r.returncode == 0 and f"recorded in dvc.lock at commit {second}" in r.stdout
+
+    # one byte of the raw training data changes: lineage names the file and fails
+    data = repo / "data" / "example" / "sentiment_train.jsonl"
+    raw = bytearray(data.read_bytes())
+    raw[10] = ord("X") if raw[10] != ord("X") else ord("Y")
+    data.write_bytes(bytes(raw))
+    r = cli(repo, "lineage", "models/adapter")
+    assert r.returncode == 1
+    assert re.search(r"data/example/sentiment_train\.jsonl.*MISMATCH", r.stdout), r.stdout
+    assert "1 recorded hash(es) differ" in r.stdout
