@@ -370,17 +370,21 @@ def main() -> None:
         epoch_tokens = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]["tokens"]
         for name in args.variants:
             print(f"bench: training variant {name} ({NAMES[name]})", file=sys.stderr, flush=True)
+            forward = {k: v for k, v in vars(args).items() if k not in ("worker", "work", "dvc_only")}
             cmd = [sys.executable, __file__, "--worker", name, "--work", str(work)] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "work")]
+                f"--{k.replace('_', '-')}={v}" for k, v in forward.items()]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
                 res["train"][name] = {"error": proc.stderr.strip().splitlines()[-1][:200]}
                 continue
             r = json.loads((work / f"{name}.json").read_text())
             r["tokens_per_second"] = r["tokens"] / r["seconds"]
             r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
             res["train"][name] = r
-        d = res["train"]["d"]
+        d = res["train"].get("d", {})
+        if "tokens_per_second" not in d:
+            raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
         peak16, peak32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
         achieved = d["flops_per_token"] * d["tokens_per_second"]
         res["mfu"] = {"achieved_gflops": achieved / 1e9, "peak_bf16_gflops": peak16 / 1e9,
