@@ -77,13 +77,12 @@ def build(root: Path, base: str, out: Path) -> str:
     else:
         lines.append("No params changed.")
     lines += ["", "### Metrics", "", "| metric | before | after | delta |", "|---|---:|---:|---:|"]
-    for f, keys in metrics.items():
-        for k, d in keys.items():
-            old, new = d.get("old"), d.get("new")
-            delta = d.get("diff")
-            if not isinstance(new, int | float) or isinstance(new, bool):
-                continue
-            lines.append(f"| {f}:{k} | {fmt(old)} | {fmt(new)} | {'' if delta is None else f'{delta:+.4g}'} |")
+    rows = [(f"{f}:{k}", d) for f, keys in metrics.items() for k, d in keys.items()
+            if isinstance(d.get("new"), int | float) and not isinstance(d.get("new"), bool)]
+    rows.sort(key=lambda r: (not r[1].get("diff"), r[0]))  # what changed first, then by name
+    for name, d in rows:
+        delta = d.get("diff")
+        lines.append(f"| {name} | {fmt(d.get('old'))} | {fmt(d['new'])} | {'' if delta is None else f'{delta:+.4g}'} |")
     lines += ["", "### Plots", ""]
     if loss_plot(root, base, out / "loss.png"):
         lines.append("![training loss, before and after](loss.png)")
