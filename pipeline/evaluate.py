@@ -4,11 +4,13 @@ Classification: each label's rendered response (with EOS) is scored as a continu
 prompt in one forward pass per batch, and the most likely label is the prediction (no free
 generation, so no unparseable answers). Reports accuracy, macro-F1, per-class precision /
 recall / F1 and a confusion matrix, for the base model (adapter disabled, no second copy of the
-weights) and the adapter, and the gain between them.
+weights) and the adapter, and the gain between them. With `evaluate.shots: k` the base model is
+also scored k-shot (`base_<k>shot`): k solved training rows, every label shown, before each prompt.
 Instruction: eval loss and perplexity on the response tokens, and greedy sample generations
 from both models side by side.
 
-Inputs: base model folder, adapter folder, formatted and tokenized validation data.
+Inputs: base model folder, adapter folder, formatted and tokenized validation data, validated
+training rows (few-shot examples).
 Outputs: `<out>/metrics.json`, `<out>/predictions.json` (actual/predicted, a DVC confusion
 plot), `<out>/confusion.png`, and for instruction data `<out>/samples.jsonl`.
 """
@@ -16,6 +18,7 @@ plot), `<out>/confusion.png`, and for instruction data `<out>/samples.jsonl`.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import typer
 
+from pipeline.format import Renderer, label_choices, pick_shots
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
 from pipeline.modeling import (
     IGNORE,
@@ -36,7 +40,7 @@ from pipeline.modeling import (
     token_logprobs,
 )
 from pipeline.params import Params, load_params
-from pipeline.stage import entry
+from pipeline.stage import PipelineError, entry
 from pipeline.tokenize import encode_many, encode_prompt
 
 
@@ -164,14 +168,36 @@ def plot_confusion(results: dict[str, dict], labels: list[str], path: Path) -> N
     plt.close(fig)
 
 
-def evaluate_classification(p: Params, model, tok, rows: list[dict], tmp: Path) -> dict:
+def fewshot_rows(p: Params, tok, formatted: Path, validated: Path) -> list[dict]:
+    """The validation rows re-rendered with `evaluate.shots` solved training examples before each
+    prompt (same template, chat template and system prompt as training; see format.pick_shots)."""
+    fmt = json.loads((formatted / "format.json").read_text())
+    renderer = Renderer(fmt["template_text"], fmt["template"], tokenizer=tok, chat_template=fmt["chat_template"],
+                        system_prompt=fmt["system_prompt"])
+    f = p.validate.label_field
+    shots = pick_shots(read_jsonl(validated / "train.jsonl"), f, list(p.labels), p.evaluate.shots, p.seed)
+    src = validated / "validation.jsonl"
+    out = []
+    for row in read_jsonl(src):
+        row = {**row, "labels": list(p.labels)}
+        where = f"{src} row {row.get('row', '?')}"
+        out.append({"row": row.get("row"), "label": row[f], "prompt": renderer.prompt(row, where, shots),
+                    "choices": label_choices(renderer, row, f, list(p.labels), where)})
+    return out
+
+
+def evaluate_classification(p: Params, model, tok, rows: list[dict], tmp: Path, fewshot: list[dict] = ()) -> dict:
     labels = list(p.labels)
     actual = [r["label"] for r in rows]
     results, preds = {}, {}
     with model.disable_adapter():
         preds["base"] = [labels[k] for k in choice_scores(model, tok, rows, p.evaluate.batch_size).argmax(1)]
+        if fewshot:  # the shots are the same for every row: they join the shared prefix, run once
+            assert [r["row"] for r in fewshot] == [r["row"] for r in rows]
+            name = f"base_{p.evaluate.shots}shot"
+            preds[name] = [labels[k] for k in choice_scores(model, tok, fewshot, p.evaluate.batch_size).argmax(1)]
     preds["adapter"] = [labels[k] for k in choice_scores(model, tok, rows, p.evaluate.batch_size).argmax(1)]
-    for name in ("base", "adapter"):
+    for name in preds:
         results[name] = classification_metrics(actual, preds[name], labels)
     atomic_write_json(tmp / "predictions.json", [
         {"row": r["row"], "actual": a, "predicted": b, "base_predicted": c}
@@ -237,7 +263,8 @@ def evaluate_instruction(p: Params, model, tok, rows: list[dict], tokenized: lis
     return results
 
 
-def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized: Path, out: Path) -> dict:
+def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized: Path, out: Path,
+        validated: Path | None = None) -> dict:
     from datasets import load_from_disk
 
     torch.manual_seed(p.seed)
@@ -246,7 +273,12 @@ def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized
     rows = read_jsonl(formatted / "validation.jsonl")
     with atomic_dir(out) as tmp:
         if p.task == "classification":
-            results = evaluate_classification(p, model, tok, rows, tmp)
+            fewshot = []
+            if p.evaluate.shots:
+                if validated is None:
+                    raise PipelineError("evaluate: evaluate.shots needs the validated data folder (--validated)")
+                fewshot = fewshot_rows(p, tok, formatted, validated)
+            results = evaluate_classification(p, model, tok, rows, tmp, fewshot)
         else:
             data = [{"input_ids": r["input_ids"], "labels": r["labels"]}
                     for r in load_from_disk(str(tokenized / "validation"))]
@@ -261,12 +293,15 @@ def main(
     formatted: Path = typer.Option(...),
     tokenized: Path = typer.Option(...),
     out: Path = typer.Option(...),
+    validated: Path = typer.Option(None, help="validated data folder (few-shot examples, evaluate.shots)"),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    r = run(load_params(params), base, adapter, formatted, tokenized, out)
+    r = run(load_params(params), base, adapter, formatted, tokenized, out, validated)
     keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity") if k in r["adapter"]]
     for k in keys:
         typer.echo(f"evaluate: {k}: base {r['base'][k]} -> adapter {r['adapter'][k]}")
+        for name in (n for n in r if n.startswith("base_") and k in r[n]):
+            typer.echo(f"evaluate: {k}: {name} {r[name][k]}")
     typer.echo(f"evaluate: metrics in {out / 'metrics.json'}")
 
 

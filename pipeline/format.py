@@ -15,6 +15,7 @@ Outputs: `<out>/{train,validation}.jsonl` rows `{row, prompt, response[, label, 
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import jinja2
@@ -62,13 +63,18 @@ class Renderer:
         except SecurityError as e:
             raise TemplateError(f"{self.name}: {where}: blocked by the sandbox: {e}") from None
 
-    def prompt(self, row: dict, where: str = "row") -> str:
+    def prompt(self, row: dict, where: str = "row", shots: list[dict] = ()) -> str:
+        """The prompt for `row`; with `shots`, solved examples (rows with their answers) come first,
+        as earlier chat turns or, without a chat template, as prompt + response paragraphs."""
         text = self._block("prompt", row, where)
+        examples = [(self._block("prompt", s, f"{where} shot {k}"), self._block("response", s, f"{where} shot {k}"))
+                    for k, s in enumerate(shots)]
         if not self.chat:
-            return text
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": text}
-        ]
+            return "".join(f"{q}\n{a}\n\n" for q, a in examples) + text
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for q, a in examples:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": text})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def response(self, row: dict, where: str = "row") -> str:
@@ -78,6 +84,22 @@ class Renderer:
 def label_choices(r: Renderer, row: dict, label_field: str, labels: list[str], where: str = "row") -> list[str]:
     """The rendered response for every label, in label order (what classification scores)."""
     return [r.response({**row, label_field: lab}, where) for lab in labels]
+
+
+def pick_shots(rows: list[dict], label_field: str, labels: list[str], k: int, seed: int) -> list[dict]:
+    """`k` solved examples for few-shot prompts: drawn with `seed`, taking the labels in turn so every
+    label is shown (then shuffled, so the last example's label is no hint)."""
+    rng = random.Random(seed)
+    pools = {lab: [r for r in rows if r.get(label_field) == lab] for lab in labels}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    picked: list[dict] = []
+    while len(picked) < k and any(pools.values()):
+        for lab in labels:
+            if pools[lab] and len(picked) < k:
+                picked.append(pools[lab].pop())
+    rng.shuffle(picked)
+    return [{**r, "labels": list(labels)} for r in picked]
 
 
 def renderer_for(p: Params, template: Path, tokenizer_dir: Path | None) -> Renderer:

@@ -99,6 +99,7 @@ class Evaluate:
     batch_size: int = 32
     max_new_tokens: int = 64
     samples: int = 8
+    shots: int = 0  # classification: also score the base model with this many solved training examples in the prompt
 
 
 @dataclass(frozen=True)

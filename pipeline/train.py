@@ -160,6 +160,15 @@ def trim_curves(live_dir: Path, last_step: int) -> None:
         atomic_write_text(f, "\n".join(keep) + "\n")
 
 
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process so far, in MiB."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (2**20 if sys.platform == "darwin" else 2**10))
+
+
 def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     """Train; returns the PEFT model and the run's metrics (nothing is saved but checkpoints and the curve)."""
     # load
@@ -252,7 +261,10 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         "final_loss_avg": round(loss_ema, 4) if loss_ema is not None else None,
         "trainable_params": trainable, "total_params": total, "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
+        "peak_rss_mb": peak_rss_mb(),
     }
+    if dev.type == "cuda":
+        metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     live.summary.update(metrics)
     live.make_summary()
     live.end()

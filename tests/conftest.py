@@ -114,7 +114,7 @@ def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | Non
     validate.run(p, src["train"], src["validation"], tmp / "validated", tmp / "validate.json")
     fmt.run(p, tmp / "validated", Path(over["format.template"]), base, tmp / "formatted")
     tokenize.run(p.tokenize, tmp / "formatted", base, tmp / "tokenized")
-    return {"params": p, "formatted": tmp / "formatted", "tokenized": tmp / "tokenized"}
+    return {"params": p, "validated": tmp / "validated", "formatted": tmp / "formatted", "tokenized": tmp / "tokenized"}
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ from pipeline.modeling import load_adapter, load_tokenizer
 
 def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
     r = evaluate.run(trained["params"], tiny_base, trained["adapter"], trained["formatted"], trained["tokenized"],
-                     tmp_path / "ev")
-    for name in ("base", "adapter"):
+                     tmp_path / "ev", trained["validated"])
+    assert trained["params"].evaluate.shots == 5  # the base model is also scored 5-shot
+    for name in ("base", "base_5shot", "adapter"):
         assert 0 <= r[name]["accuracy"] <= 1 and set(r[name]["per_class"]) == {"negative", "neutral", "positive"}
         assert np.sum(r[name]["confusion"]) == r["rows"] == 32
     assert r["gain"]["accuracy"] == round(r["adapter"]["accuracy"] - r["base"]["accuracy"], 4)
@@ -48,7 +49,8 @@ def test_classification_metrics_known_values():
 def test_instruction_eval_loss_and_samples(tiny_base, tmp_path):
     prep = prepare(tmp_path, tiny_base, task="instruction", rows=32)
     train.run(prep["params"], prep["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
-    r = evaluate.run(prep["params"], tiny_base, tmp_path / "a", prep["formatted"], prep["tokenized"], tmp_path / "ev")
+    r = evaluate.run(prep["params"], tiny_base, tmp_path / "a", prep["formatted"], prep["tokenized"], tmp_path / "ev",
+                     prep["validated"])
     assert r["adapter"]["eval_loss"] < r["base"]["eval_loss"]
     assert r["adapter"]["perplexity"] == round(np.exp(r["adapter"]["eval_loss"]), 3) or abs(
         r["adapter"]["perplexity"] - np.exp(r["adapter"]["eval_loss"])) / r["adapter"]["perplexity"] < 1e-3
@@ -70,3 +72,17 @@ def test_cached_choice_scores_equal_scoring_each_choice_in_full(trained, tiny_ba
         assert np.isfinite(cached).all() and np.abs(cached - full).max() < 1e-3
         with model.disable_adapter():
             assert np.abs(evaluate.choice_scores(model, tok, case, 4) - evaluate.full_scores(model, tok, case, 4)).max() < 1e-3
+
+
+def test_fewshot_prompts_hold_solved_examples_of_every_label(prepared, tiny_base):
+    p = prepared["params"]
+    rows = evaluate.fewshot_rows(p, load_tokenizer(tiny_base), prepared["formatted"], prepared["validated"])
+    plain = [json.loads(x) for x in (prepared["formatted"] / "validation.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == [r["row"] for r in plain] and rows[0]["choices"] == plain[0]["choices"]
+    first = rows[0]["prompt"]
+    # the row's own prompt closes the few-shot prompt; before it, 5 answered turns with every label
+    assert first.endswith(plain[0]["prompt"].split("<|im_start|>user")[-1])
+    answers = [t.split("<|im_end|>")[0].strip() for t in first.split("<|im_start|>assistant\n")[1:-1]]
+    assert len(answers) == 5 and set(answers) == set(p.labels)
+    # the same shots before every row: all but the row's own text is a shared prefix
+    assert rows[1]["prompt"].split("Sentence:")[:-1] == first.split("Sentence:")[:-1]

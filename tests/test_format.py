@@ -1,7 +1,7 @@
 import pytest
 from conftest import ROOT, make_params
 
-from pipeline.format import Renderer, TemplateError, format_rows
+from pipeline.format import Renderer, TemplateError, format_rows, pick_shots
 from pipeline.modeling import load_tokenizer
 
 
@@ -20,6 +20,29 @@ def test_chat_template_wraps_prompt(tiny_base):
                  tokenizer=tok, chat_template=True, system_prompt="Be brief.")
     assert r.prompt({"q": "hi"}) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: hi<|im_end|>\n"
                                      "<|im_start|>assistant\n")
+
+
+def test_shots_come_first_as_chat_turns_or_paragraphs(tiny_base):
+    text = "{% block prompt %}Q: {{ q }}{% endblock %}{% block response %}{{ a }}{% endblock %}"
+    shots = [{"q": "1+1", "a": "2"}, {"q": "2+2", "a": "4"}]
+    chat = Renderer(text, "t", tokenizer=load_tokenizer(tiny_base), chat_template=True, system_prompt="S.")
+    assert chat.prompt({"q": "3+3"}, shots=shots) == (
+        "<|im_start|>system\nS.<|im_end|>\n<|im_start|>user\nQ: 1+1<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
+        "<|im_start|>user\nQ: 2+2<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+        "<|im_start|>user\nQ: 3+3<|im_end|>\n<|im_start|>assistant\n")
+    assert Renderer(text, "t").prompt({"q": "3+3"}, shots=shots) == "Q: 1+1\n2\n\nQ: 2+2\n4\n\nQ: 3+3"
+    with pytest.raises(TemplateError, match="shot 1: 'a' is undefined"):
+        Renderer(text, "t").prompt({"q": "3"}, "x.jsonl row 4", shots=[shots[0], {"q": "5"}])
+
+
+def test_pick_shots_shows_every_label_and_is_seeded():
+    rows = [{"row": i, "label": lab} for i, lab in enumerate(["neutral"] * 50 + ["positive"] * 9 + ["negative"] * 3)]
+    labels = ["negative", "neutral", "positive"]
+    a = pick_shots(rows, "label", labels, 5, seed=1)
+    assert len(a) == 5 and {r["label"] for r in a} == set(labels) and a[0]["labels"] == labels
+    assert sorted(r["label"] for r in a) == sorted(["negative", "negative", "neutral", "neutral", "positive"])
+    assert a == pick_shots(rows, "label", labels, 5, seed=1) and a != pick_shots(rows, "label", labels, 5, seed=2)
+    assert len(pick_shots(rows[:2], "label", labels, 5, seed=1)) == 2  # fewer rows than shots: all of them
 
 
 def test_alpaca_template_with_and_without_input():

@@ -42,7 +42,7 @@ def test_smollm2_from_gguf_through_all_stages(tmp_path):
     losses = [float(x.split("\t")[1]) for x in
               (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert m["steps"] == 8 and losses[-1] < losses[0]
-    r = evaluate.run(p, b, tmp_path / "a", tmp_path / "f", tmp_path / "t", tmp_path / "ev")
-    assert r["rows"] == 30
+    r = evaluate.run(p, b, tmp_path / "a", tmp_path / "f", tmp_path / "t", tmp_path / "ev", tmp_path / "v")
+    assert r["rows"] == 30 and 0 <= r["base_5shot"]["accuracy"] <= 1
     x = export.run(p.export, b, tmp_path / "a", tmp_path / "t", tmp_path / "x")
     assert x["merged"] and x["max_abs_diff_vs_adapter"] < p.export.atol < x["max_abs_diff_vs_base"]

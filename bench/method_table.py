@@ -1,0 +1,271 @@
+"""Method comparison on real data: every PEFT method (and full fine-tuning, zero-shot and 5-shot
+prompting) through the pipeline on the same data, one DVC experiment per row.
+
+Profiles and rows are in bench/methods.yaml (params.yaml keys). For each row this runs
+`dvc exp run -n <profile>-<row> -S ... <target>` in the project (params.yaml is put back
+between rows), reads the stages' own metrics files, and keeps every row's figures in
+`bench/results/methods.json` (a row already there with the same overrides is not rerun unless
+`--force`). Then it writes the table (`bench/results/methods_<profile>.md`), a bar chart of
+accuracy per method (`methods_<profile>.png`), and puts the table into README.md between the
+`<!-- methods:<profile> -->` markers.
+
+Run: `python bench/method_table.py run --profile fpb [--rows a,b] [--force]`, then
+`python bench/method_table.py table`. Each row is given back by `dvc exp apply <profile>-<row>`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import typer
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+# The reference table (financial news sentiment, 1,200 training rows, an 8B model, 4 A100s).
+REFERENCE = {"zero-shot": None, "5-shot": 0.74, "ia3": 0.81, "prefix-20": 0.83, "lora-r8": 0.89, "lora-r16": 0.91,
+             "qlora-r16": 0.90, "full": 0.93}
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+def hydra_value(v) -> str:
+    """A YAML value written in the override syntax of `dvc exp run -S`."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, list):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, str) and not re.fullmatch(r"[\w./\-+:]+", v):
+        return "'" + v.replace("'", "\\'") + "'"
+    return str(v)
+
+
+def override_args(overrides: dict, params_raw: dict) -> list[str]:
+    """`-S` arguments. A dict value overrides a params section key by key where params.yaml has that
+    section, else it is set whole; keys params.yaml does not have get the `+` that adds them."""
+    args = []
+
+    def walk(prefix: str, value, node) -> None:
+        if isinstance(value, dict) and isinstance(node, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v, node.get(k, _MISSING))
+        else:
+            args.extend(["-S", f"{'+' if node is _MISSING else ''}{prefix}={hydra_value(value)}"])
+
+    for key, value in overrides.items():
+        node = params_raw
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        walk(key, value, node)
+    return args
+
+
+_MISSING = object()
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    if check and r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def load_results() -> dict:
+    f = RESULTS / "methods.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def run_row(profile: str, spec: dict, row: str) -> dict:
+    overrides = {**spec["common"], **spec["rows"][row]}
+    sh("git", "checkout", "--", "params.yaml")
+    params_raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    name = f"{profile}-{row}"
+    sh("dvc", "exp", "remove", name, check=False)
+    cmd = ["dvc", "exp", "run", "-n", name, *override_args(overrides, params_raw), spec.get("target", "evaluate")]
+    typer.echo(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-4000:]}")
+    train = json.loads((ROOT / "reports/train/metrics.json").read_text())
+    ev = json.loads((ROOT / "reports/evaluate/metrics.json").read_text())
+    record = {"experiment": name, "overrides": overrides, "command": " ".join(cmd), "wall_seconds": round(time.time() - t0),
+              "train": {k: v for k, v in train.items() if k != "train"}, "evaluate": ev,
+              "commit": sh("git", "rev-parse", "--short", "HEAD").stdout.strip()}
+    samples = ROOT / "reports/evaluate/samples.jsonl"
+    if samples.exists():
+        record["samples"] = read_jsonl(samples)
+    typer.echo(f"  {name}: " + ", ".join(f"{k} {ev['adapter'][k]}" for k in ("accuracy", "macro_f1", "eval_loss")
+                                         if k in ev["adapter"]) + f", train {train['seconds']} s")
+    return record
+
+
+@app.command()
+def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="comma-separated rows (default: all)"),
+        force: bool = typer.Option(False, help="rerun rows already in the results")) -> None:
+    """Run a profile's rows as DVC experiments and record their metrics."""
+    spec = yaml.safe_load((ROOT / "bench/methods.yaml").read_text())[profile]
+    wanted = [r for r in rows.split(",") if r] or list(spec["rows"])
+    unknown = set(wanted) - set(spec["rows"])
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; {profile} has: {', '.join(spec['rows'])}")
+    try:
+        for row in wanted:
+            results = load_results()
+            done = results.get(profile, {}).get("rows", {}).get(row)
+            if done and done["overrides"] == {**spec["common"], **spec["rows"][row]} and not force:
+                typer.echo(f"{profile}-{row}: in the results already (--force reruns it)")
+                continue
+            record = run_row(profile, spec, row)
+            results = load_results()  # written again after each row: an interrupted run keeps what it did
+            entry = results.setdefault(profile, {"rows": {}})
+            entry["description"] = spec["description"]
+            entry["machine"] = machine()
+            entry["date"] = date.today().isoformat()
+            entry["rows"][row] = record
+            atomic_write_json(RESULTS / "methods.json", results)
+    finally:  # the workspace back as committed (each experiment stays in `dvc exp show`)
+        sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports", check=False)
+        sh("dvc", "checkout", "--quiet", check=False)
+    table()
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                if x.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    return f"{cpu}, {dev}, torch {torch.__version__}"
+
+
+def fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, float, float | None]]]:
+    rows = entry["rows"]
+    first = next(iter(rows.values()))["evaluate"]
+    base_keys = ["base"] + [k for k in first if re.fullmatch(r"base_\d+shot", k)]
+    lines = ["| method | accuracy | macro-F1 | trainable params | steps | train time | peak RSS | reference (8B) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    bars: list[tuple[str, float, float | None]] = []
+    mismatch = [r for r, x in rows.items() if any(x["evaluate"].get(k, {}).get("accuracy") != first[k]["accuracy"]
+                                                  for k in base_keys)]
+    for k in base_keys:
+        label = "zero-shot" if k == "base" else f"{k.split('_')[1].replace('shot', '')}-shot"
+        m = first[k]
+        ref = REFERENCE.get(label)
+        lines.append(f"| {label} prompting (base model) | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | 0 | – | – | – | "
+                     f"{ref if ref is not None else '–'} |")
+        bars.append((label, m["accuracy"], ref))
+    for row, x in rows.items():
+        t, m = x["train"], x["evaluate"]["adapter"]
+        ref = REFERENCE.get(row)
+        share = 100 * t["trainable_params"] / t["total_params"]
+        lines.append(f"| `{row}` | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {fmt_int(t['trainable_params'])} "
+                     f"({share:.2f}%) | {t['steps']} | {t['seconds'] / 60:.1f} min | "
+                     f"{fmt_int(t['peak_rss_mb']) + ' MB' if t.get('peak_rss_mb') else '–'} | "
+                     f"{ref if ref is not None else '–'} |")
+        bars.append((row, m["accuracy"], ref))
+    head = (f"{entry['description']}; measured {entry['date']} on {entry['machine']}. Validation accuracy and "
+            "macro-F1 (label scoring), training time of the train stage's loop, peak RSS of the train process. "
+            "Each row: `dvc exp apply " + name + "-<row>`; overrides in bench/methods.yaml.")
+    if mismatch:
+        head += f" Note: base-model scores differ in rows {mismatch}."
+    return head + "\n\n" + "\n".join(lines) + "\n", bars
+
+
+def instruction_table(name: str, entry: dict) -> str:
+    lines = ["| row | base eval loss | adapter eval loss | base perplexity | adapter perplexity | steps | train time |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    samples = []
+    for row, x in entry["rows"].items():
+        e, t = x["evaluate"], x["train"]
+        lines.append(f"| `{row}` | {e['base']['eval_loss']:.3f} | {e['adapter']['eval_loss']:.3f} | "
+                     f"{e['base']['perplexity']:.2f} | {e['adapter']['perplexity']:.2f} | {t['steps']} | "
+                     f"{t['seconds'] / 60:.1f} min |")
+        for s in x.get("samples", [])[:3]:
+            samples.append(f"**{row}, validation row {s['row']}**: {one_line(s['prompt'].split('<|im_start|>user')[-1])}\n\n"
+                           f"- base: {one_line(s['base'])}\n- adapter: {one_line(s['adapter'])}\n"
+                           f"- reference: {one_line(s['reference'])}\n")
+    head = f"{entry['description']}; measured {entry['date']} on {entry['machine']}."
+    return head + "\n\n" + "\n".join(lines) + "\n\nGreedy generations, side by side:\n\n" + "\n".join(samples)
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    text = re.sub(r"<\|im_(start|end)\|>(assistant)?", " ", text)
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def bar_chart(bars: list[tuple[str, float, float | None]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(bars) + 1.2))
+    ys = range(len(bars))
+    ax.barh(ys, [b[1] for b in bars], color=["#bbbbbb" if "shot" in b[0] else "#4c72b0" for b in bars],
+            label="SmolLM2-135M, this CPU")
+    refs = [(y, b[2]) for y, b in zip(ys, bars, strict=True) if b[2] is not None]
+    if refs:
+        ax.scatter([r for _, r in refs], [y for y, _ in refs], marker="|", s=300, color="#c44e52", zorder=3,
+                   label="reference, 8B model")
+    for y, b in zip(ys, bars, strict=True):
+        ax.text(b[1] + 0.01, y, f"{b[1]:.3f}", va="center", fontsize=8)
+    ax.set_yticks(list(ys), [b[0] for b in bars])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("validation accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def into_readme(profile: str, text: str) -> None:
+    readme = ROOT / "README.md"
+    start, end = f"<!-- methods:{profile} -->", f"<!-- /methods:{profile} -->"
+    body = readme.read_text()
+    if start in body and end in body:
+        before, rest = body.split(start, 1)
+        after = rest.split(end, 1)[1]
+        atomic_write_text(readme, f"{before}{start}\n{text}{end}{after}")
+
+
+@app.command()
+def table() -> None:
+    """Write the tables and charts from bench/results/methods.json (and into README.md)."""
+    for profile, entry in load_results().items():
+        if not entry.get("rows"):
+            continue
+        first = next(iter(entry["rows"].values()))["evaluate"]
+        if "accuracy" in first["adapter"]:
+            text, bars = classification_table(profile, entry)
+            bar_chart(bars, entry["description"], RESULTS / f"methods_{profile}.png")
+        else:
+            text = instruction_table(profile, entry)
+        atomic_write_text(RESULTS / f"methods_{profile}.md", text)
+        into_readme(profile, text)
+        typer.echo(text)
+
+
+if __name__ == "__main__":
+    app()
