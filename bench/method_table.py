@@ -103,7 +103,8 @@ def run_row(profile: str, spec: dict, row: str) -> dict:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-4000:]}")
     train = json.loads((ROOT / "reports/train/metrics.json").read_text())
     ev = json.loads((ROOT / "reports/evaluate/metrics.json").read_text())
-    record = {"experiment": name, "overrides": overrides, "command": " ".join(cmd), "wall_seconds": round(time.time() - t0),
+    record = {"experiment": name, "overrides": overrides, "command": " ".join(cmd),
+              "wall_seconds": round(time.time() - t0),
               "train": {k: v for k, v in train.items() if k != "train"}, "evaluate": ev,
               "commit": sh("git", "rev-parse", "--short", "HEAD").stdout.strip()}
     samples = ROOT / "reports/evaluate/samples.jsonl"
@@ -200,7 +201,8 @@ def instruction_table(name: str, entry: dict) -> str:
                      f"{e['base']['perplexity']:.2f} | {e['adapter']['perplexity']:.2f} | {t['steps']} | "
                      f"{t['seconds'] / 60:.1f} min |")
         for s in x.get("samples", [])[:3]:
-            samples.append(f"**{row}, validation row {s['row']}**: {one_line(s['prompt'].split('<|im_start|>user')[-1])}\n\n"
+            prompt = one_line(s["prompt"].split("<|im_start|>user")[-1])
+            samples.append(f"**{row}, validation row {s['row']}**: {prompt}\n\n"
                            f"- base: {one_line(s['base'])}\n- adapter: {one_line(s['adapter'])}\n"
                            f"- reference: {one_line(s['reference'])}\n")
     head = f"{entry['description']}; measured {entry['date']} on {entry['machine']}."

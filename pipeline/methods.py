@@ -5,8 +5,9 @@ arguments (`train.<method>`). A method listed here adds hooks to that:
   - `configure(kwargs, steps)`: fill arguments that depend on the run (AdaLoRA's `total_step`);
   - `after_step(model, step)`: called after each optimizer step (AdaLoRA's rank reallocation).
 One `register(...)` line adds a method's hooks.
-Quantized bases (QLoRA) and LoRA+ are not methods but training options, `train.quantization`
-(BitsAndBytesConfig arguments) and `train.loraplus_lr_ratio`, handled here too.
+Quantized bases (QLoRA), LoRA+ and the optimizer are not methods but training options,
+`train.quantization` (BitsAndBytesConfig arguments), `train.loraplus_lr_ratio` and
+`train.optimizer` (AdamW or bitsandbytes' 8-bit / paged AdamW), handled here too.
 """
 
 from __future__ import annotations
@@ -88,12 +89,28 @@ def quantization_config(q: dict | None):
     return BitsAndBytesConfig(**q)
 
 
-def optimizer(model, lr: float, weight_decay: float, loraplus_lr_ratio: float | None):
-    """AdamW over the trainable parameters; with LoRA+ the B matrices get `lr * loraplus_lr_ratio`."""
+OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw_8bit": "bitsandbytes.optim.AdamW8bit",
+              "paged_adamw_8bit": "bitsandbytes.optim.PagedAdamW8bit",
+              "paged_adamw_32bit": "bitsandbytes.optim.PagedAdamW32bit"}
+
+
+def optimizer_class(name: str) -> type:
+    """`train.optimizer`: AdamW, or bitsandbytes' 8-bit / paged AdamW (8-bit states quarter the
+    optimizer memory; paging moves states to CPU memory under GPU memory pressure, CUDA only:
+    on a CPU bitsandbytes uses the same optimizer unpaged)."""
+    import importlib
+
+    module, cls = OPTIMIZERS[name].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
+
+
+def optimizer(model, lr: float, weight_decay: float, loraplus_lr_ratio: float | None, name: str = "adamw"):
+    """The optimizer over the trainable parameters; with LoRA+ the B matrices get `lr * loraplus_lr_ratio`."""
+    cls = optimizer_class(name)
     if loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+        return create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
                                          weight_decay=weight_decay)
     params = [q for q in model.parameters() if q.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return cls(params, lr=lr, weight_decay=weight_decay)

@@ -99,16 +99,57 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
 
 def is_prompt_learning(model) -> bool:
     """Whether the active PEFT adapter adds virtual tokens (prefix, prompt, P-tuning)."""
-    return model.peft_config[model.active_adapter].is_prompt_learning
+    config = getattr(model, "peft_config", None)
+    return bool(config) and config[model.active_adapter].is_prompt_learning
+
+
+class FullModel(torch.nn.Module):
+    """A fully fine-tuned model (`train.method: full`) beside its base, answering to the part of the
+    PEFT model interface the stages use: `disable_adapter()` switches to the base model,
+    `merge_and_unload()` gives the fine-tuned model. Two copies of the weights, by necessity."""
+
+    def __init__(self, tuned, base) -> None:
+        super().__init__()
+        self.tuned, self.base = tuned, base
+        self.active = tuned
+        self.config = tuned.config
+
+    def forward(self, *args, **kwargs):
+        return self.active(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.active.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        previous, self.active = self.active, self.base
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def merge_and_unload(self):
+        return self.tuned
+
+    def set_adapter(self, name: str) -> None:
+        """One model, nothing to switch to (several adapters on one base need PEFT adapters)."""
+
+
+def is_full(adapter_dir: Path) -> bool:
+    """Whether a train output folder holds a fully fine-tuned model rather than a PEFT adapter."""
+    record = Path(adapter_dir) / "peftflow.json"
+    return record.exists() and json.loads(record.read_text())["train"].get("method") == "full"
 
 
 def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
     """An adapter folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
     record, base = adapter_dir / "peftflow.json", base_dir / "base.json"
-    if not (adapter_dir / "adapter_config.json").exists():
+    full = is_full(adapter_dir)
+    if not full and not (adapter_dir / "adapter_config.json").exists():
         raise PipelineError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise PipelineError(f"{adapter_dir}: no adapter_model.safetensors; pickle adapters are refused")
+    weights = "model.safetensors" if full else "adapter_model.safetensors"
+    if not (adapter_dir / weights).exists():
+        raise PipelineError(f"{adapter_dir}: no {weights}; pickle weights are refused")
     if record.exists() and base.exists() and not allow_other_base:
         want = json.loads(record.read_text())["base"]["weights_sha256"]
         have = json.loads(base.read_text())["weights_sha256"]
@@ -128,6 +169,8 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.devic
     record = adapter_dir / "peftflow.json"
     quantization = json.loads(record.read_text())["train"].get("quantization") if record.exists() else None
     model = load_base_model(base_dir, dev, quantization if quantized else None)
+    if is_full(adapter_dir):
+        return FullModel(load_base_model(adapter_dir, dev), model).eval()
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
     except Exception as e:  # safetensors, shape and config errors all mean the same to the user

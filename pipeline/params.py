@@ -27,6 +27,9 @@ class ParamsError(PipelineError, ValueError):
     """A params.yaml problem; the message names the key."""
 
 
+FULL = "full"  # `train.method: full`: every weight of the base model is trained (no PEFT adapter)
+
+
 @dataclass(frozen=True)
 class Base:
     model: str  # pkg://<python package> | local directory | hub id
@@ -85,6 +88,9 @@ class Train:
     log_every: int = 5
     quantization: dict | None = None  # BitsAndBytesConfig arguments (QLoRA), e.g. load_in_4bit: true
     loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn at lr * this ratio
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    num_processes: int = 1  # > 1: the stage runs itself under `accelerate launch` (DDP; gloo on CPU)
+    accelerate_config: str | None = None  # an accelerate config file (FSDP, DeepSpeed ZeRO, multi-node)
     # PEFT config kwargs per method name, e.g. {"lora": {"r": 16, ...}}; filled from the
     # sections named after PEFT methods.
     methods: dict = field(default_factory=dict)
@@ -205,11 +211,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 kwargs["methods"][key] = _check_method_section(
                     key, known_methods[key], raw.pop(key), f"{where}.{key}"
                 )
-        if raw.get("method", "lora") not in known_methods:
+        if raw.get("method", "lora") not in known_methods and raw.get("method") != FULL:
             raise ParamsError(
                 f"params.yaml: '{where}.method' is {raw.get('method')!r}; valid choices: "
-                f"{', '.join(sorted(known_methods))}."
+                f"{', '.join(sorted([*known_methods, FULL]))}."
             )
+        if raw.get("method") == FULL and raw.get("quantization"):
+            raise ParamsError(f"params.yaml: '{where}.method' is {FULL!r} (every weight trained): "
+                              f"'{where}.quantization' must be null; a quantized base only trains with an adapter")
     if cls is Train and raw.get("quantization"):
         _check_quantization(raw["quantization"], f"{where}.quantization")
     for key in raw:

@@ -1,7 +1,8 @@
 """Stage `train`: train a PEFT adapter on the tokenized data.
 
 `train.method` names the PEFT method and `train.<method>` holds its config class's own
-arguments, passed through unchanged (`LoraConfig(**params.train.lora)`).
+arguments, passed through unchanged (`LoraConfig(**params.train.lora)`); `full` trains every
+weight instead (the ceiling adapters are compared with; its output is a full checkpoint).
 The loop: length-grouped, dynamically (left-)padded batches; loss on response tokens only,
 with the vocabulary projection computed only where the loss is (`logits_to_keep`); AdamW with
 warmup and a schedule; bf16 autocast; gradient clipping; fixed seeds. Checkpoints every
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,7 +48,7 @@ from pipeline.modeling import (
     seed_everything,
     token_logprobs,
 )
-from pipeline.params import Params, Train, load_params, params_dict, peft_methods, section_dict
+from pipeline.params import FULL, Params, Train, load_params, params_dict, peft_methods, section_dict
 from pipeline.stage import PipelineError, entry
 
 
@@ -71,6 +75,9 @@ def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
 
     model = load_base_model(base_dir, dev, p.quantization, p.attn_implementation)
     model.config.use_cache = False
+    if p.method == FULL:  # every weight trains: the ceiling the adapters are compared with
+        model.requires_grad_(True)
+        return model
     if p.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft_config(p, steps, model.config.model_type)
@@ -169,6 +176,47 @@ def peak_rss_mb() -> int:
     return round(kb / (2**20 if sys.platform == "darwin" else 2**10))
 
 
+class Processes:
+    """This process's share of a run started by `accelerate launch` (DDP, FSDP, ...); with one
+    process every method is a no-op. Each process takes every `world`-th row of each batch; the
+    loss is scaled so the averaged gradients equal the one-process gradient of the whole batch."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.acc = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.acc = Accelerator(cpu=dev.type == "cpu")
+        self.rank = self.acc.process_index if self.acc else 0
+        self.world = self.acc.num_processes if self.acc else 1
+        self.main = self.rank == 0
+
+    def wrap(self, model):
+        return self.acc.prepare_model(model) if self.acc else model
+
+    def share(self, rows: list) -> tuple[list, int]:
+        """This process's rows of a micro-batch and the loss scale (a batch smaller than the number
+        of processes is run whole by each, unscaled)."""
+        if self.world == 1 or len(rows) < self.world:
+            return rows, 1
+        return rows[self.rank :: self.world], self.world
+
+    def total(self, x: float) -> float:
+        if not self.acc:
+            return x
+        t = torch.tensor([x], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def wait(self) -> None:
+        if self.acc:
+            self.acc.wait_for_everyone()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     """Train; returns the PEFT model and the run's metrics (nothing is saved but checkpoints and the curve)."""
     # load
@@ -179,6 +227,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     t = p.train
     seed_everything(p.seed)
     dev = device()
+    procs = Processes(dev)
     train_ds = load_from_disk(str(data / "train"))
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_ds]
     lengths = [len(r["input_ids"]) for r in rows]
@@ -187,9 +236,12 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
 
     # build
     model = build_model(t, base_dir, dev, steps)
-    trainable, total = model.get_nb_trainable_parameters()
+    if t.method == FULL:
+        trainable = total = sum(q.numel() for q in model.parameters())
+    else:
+        trainable, total = model.get_nb_trainable_parameters()
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = make_optimizer(model, t.lr, t.weight_decay, t.loraplus_lr_ratio)
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, t.loraplus_lr_ratio, t.optimizer)
     after_step = hooks(t.method).after_step
     # fp16 needs loss scaling against underflow; for fp32/bf16 the scaler is a no-op
     scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
@@ -198,6 +250,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     fp = fingerprint(p, data, base_dir)
     start = load_checkpoint(ckpt, model, optimizer, scheduler, fp)
     prompt_learning = is_prompt_learning(model)
+    core, model = model, procs.wrap(model)  # `model` runs the steps (DDP-wrapped when launched so)
 
     # run
     def micro_batches(from_micro: int):
@@ -210,17 +263,18 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
             epoch += 1
 
     stream = micro_batches(start * t.grad_accum)
-    if start:  # the curve so far comes back from the checkpoint (DVC clears outputs before a rerun)
+    if start and procs.main:  # the curve so far comes back from the checkpoint (DVC clears outputs before a rerun)
         if (ckpt / "live").exists():
             shutil.rmtree(live_dir, ignore_errors=True)
             shutil.copytree(ckpt / "live", live_dir)
         trim_curves(live_dir, start)
-    live = Live(dir=str(live_dir), resume=start > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = Live(dir=str(live_dir), resume=start > 0, dvcyaml=None, save_dvc_exp=False, report=None) if procs.main \
+        else None
     model.train()
     t0, tokens, loss_ema, last_loss = time.time(), 0, None, float("nan")
     with Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:  # stderr: unbuffered under `dvc repro`
+                  console=Console(stderr=True), disable=not procs.main) as bar:  # stderr: unbuffered under dvc
         task = bar.add_task("train", total=steps, completed=start, loss="-")
         for step in range(start + 1, steps + 1):
             micro = [next(stream) for _ in range(t.grad_accum)]
@@ -228,32 +282,39 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for mb in micro:
-                batch = left_pad(mb, 0, dev)
+                part, scale = procs.share(mb)
+                batch = left_pad(part, 0, dev)
                 with autocast(t.precision, dev):
-                    logp, _ = token_logprobs(model, batch, response_width(mb), prompt_learning)
-                loss = -logp.sum() / n_labels
+                    logp, _ = token_logprobs(model, batch, response_width(part), prompt_learning)
+                loss = -logp.sum() * scale / n_labels
                 scaler.scale(loss).backward()
-                step_loss += loss.item()
-                tokens += int(batch["attention_mask"].sum())
+                step_loss += loss.item() / procs.world
+                if scale > 1 or procs.main:  # a batch every process ran whole is counted once
+                    tokens += int(batch["attention_mask"].sum())
             scaler.unscale_(optimizer)
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            after_step(model, step)
+            after_step(core, step)
             scheduler.step()
+            step_loss = procs.total(step_loss)
             last_loss = step_loss
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
-            live.step = step
-            live.log_metric("train/loss", step_loss)
-            live.log_metric("train/lr", scheduler.get_last_lr()[0])
-            live.make_summary()
+            if live:
+                live.step = step
+                live.log_metric("train/loss", step_loss)
+                live.log_metric("train/lr", scheduler.get_last_lr()[0])
+                live.make_summary()
             bar.update(task, advance=1, loss=f"{loss_ema:.4f}")
             if step % t.log_every == 0 or step == steps:
                 bar.console.log(f"step {step}/{steps} loss {step_loss:.4f} (avg {loss_ema:.4f})")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
-                save_checkpoint(ckpt, model, optimizer, scheduler, step, fp, live_dir)
+                if procs.main:
+                    save_checkpoint(ckpt, core, optimizer, scheduler, step, fp, live_dir)
+                procs.wait()
     seconds = time.time() - t0
+    tokens = int(procs.total(tokens))
 
     # report
     metrics = {
@@ -261,14 +322,15 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         "final_loss_avg": round(loss_ema, 4) if loss_ema is not None else None,
         "trainable_params": trainable, "total_params": total, "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "processes": procs.world,
     }
     if dev.type == "cuda":
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    live.summary.update(metrics)
-    live.make_summary()
-    live.end()
-    return model, metrics
+    if live:
+        live.summary.update(metrics)
+        live.make_summary()
+        live.end()
+    return core, metrics
 
 
 def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path) -> None:
@@ -279,7 +341,8 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
     fmt = json.loads((data / "format.json").read_text())
     tok = json.loads((data / "tokenize.json").read_text())
     with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)  # full: a plain transformers checkpoint
+        weights = tmp / ("model.safetensors" if t.method == FULL else "adapter_model.safetensors")
         for name in ("format.json", "tokenize.json"):
             shutil.copy(data / name, tmp / name)
         lin = {**lineage.record("train", params_dict(p)), "seed": p.seed,
@@ -289,7 +352,7 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
                                                                               if isinstance(tok[k], dict)},
                "metrics": metrics}
         atomic_write_json(tmp / "lineage.json", lin)
-        lineage.write_into_safetensors(tmp / "adapter_model.safetensors", lin)
+        lineage.write_into_safetensors(weights, lin)
         atomic_write_json(tmp / "peftflow.json", {
             "seed": p.seed, "task": p.task, "labels": list(p.labels), "text_field": p.validate.text_field,
             "label_field": p.validate.label_field, "train": section_dict(t),
@@ -300,9 +363,23 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
 
 def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
     model, metrics = fit(p, data, base_dir, live_dir, ckpt)
-    save(p, model, metrics, data, base_dir, out)
-    shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
+    if is_main_process():  # one adapter, saved once
+        save(p, model, metrics, data, base_dir, out)
+        shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
     return metrics
+
+
+def launch_command(t: Train, argv: list[str]) -> list[str] | None:
+    """`accelerate launch` of this same module and arguments, when params ask for several processes
+    or an accelerate config (FSDP, DeepSpeed, ...) and this process was not launched so already."""
+    if (t.num_processes == 1 and not t.accelerate_config) or "LOCAL_RANK" in os.environ:
+        return None
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if t.accelerate_config:
+        cmd += ["--config_file", t.accelerate_config]
+    else:  # plain DDP; on a CPU the processes talk over gloo
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*cmd, "--num_processes", str(t.num_processes), "--module", "pipeline.train", *argv]
 
 
 def main(
@@ -313,7 +390,14 @@ def main(
     checkpoints: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    m = run(load_params(params), data, base, out, live, checkpoints)
+    p = load_params(params)
+    cmd = launch_command(p.train, sys.argv[1:])
+    if cmd:
+        typer.echo(f"train: {p.train.num_processes} processes: {' '.join(cmd[1:])}")
+        raise typer.Exit(subprocess.run(cmd).returncode)
+    m = run(p, data, base, out, live, checkpoints)
+    if not is_main_process():
+        return
     typer.echo(f"train: {m['method']} {m['trainable_params']:,} trainable params, {m['steps']} steps, "
                f"loss {m['final_loss']}, {m['seconds']} s -> {out}")
 

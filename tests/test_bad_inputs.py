@@ -159,7 +159,7 @@ CASES = {
     "missing base model path": (missing_base, ["base.model", "no_such_model", "no such directory"]),
     "truncated safetensors": (truncated_base_weights, ["base/model.safetensors: sha256 differs", "corrupted"]),
     "corrupted adapter safetensors": (corrupted_adapter, ["adapter: cannot load the adapter"]),
-    "pickle adapter": (pickle_adapter, ["adapter: no adapter_model.safetensors; pickle adapters are refused"]),
+    "pickle adapter": (pickle_adapter, ["adapter: no adapter_model.safetensors; pickle weights are refused"]),
     "adapter for a different base model": (other_base, ["adapter was trained on base weights", "base_other holds"]),
 }
 

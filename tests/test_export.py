@@ -32,3 +32,22 @@ def test_untrained_adapter_fails_loudly(trained, tiny_base, tmp_path):
     with pytest.raises(export.ExportError, match="does not change the base model"):
         export.run(Export(), tiny_base, tmp_path / "noop", trained["tokenized"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+
+def test_full_fine_tune_is_evaluated_against_its_base_and_exported_whole(trained, tiny_base, tmp_path):
+    from conftest import make_params
+
+    from pipeline import evaluate, train
+
+    p = make_params(**{"train.method": "full", "train.lr": 2e-3, "train.epochs": 1})
+    train.run(p, trained["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    assert (tmp_path / "a" / "model.safetensors").exists() and not (tmp_path / "a" / "adapter_config.json").exists()
+    args = (trained["formatted"], trained["tokenized"])
+    full = evaluate.run(p, tiny_base, tmp_path / "a", *args, tmp_path / "ev", trained["validated"])
+    lora = evaluate.run(trained["params"], tiny_base, trained["adapter"], *args, tmp_path / "ev2", trained["validated"])
+    # the base rows are the untouched base model's (the same as under a LoRA adapter); the tune differs
+    assert full["base"] == lora["base"] and full["base_5shot"] == lora["base_5shot"]
+    m = export.run(Export(atol=1e-4, check_rows=4), tiny_base, tmp_path / "a", trained["tokenized"], tmp_path / "x")
+    assert m["merged"] and m["max_abs_diff_vs_adapter"] == 0.0 and m["max_abs_diff_vs_base"] > 1e-4
+    assert (tmp_path / "x" / "model.safetensors").exists() and not (tmp_path / "x" / "adapter_config.json").exists()

@@ -34,6 +34,22 @@ def test_stage_order_is_dvc_yaml_dag():
                     assert order.index(other) < order.index(name), (other, name)
 
 
+def test_work_pool_example_names_the_flow_and_its_parameters():
+    """docs/prefect.yaml (the work-pool example of docs/scaling.md) deploys this flow, as it is."""
+    import inspect
+
+    from prefect.client.schemas.schedules import CronSchedule
+
+    doc = yaml.safe_load((ROOT / "docs" / "prefect.yaml").read_text())
+    for d in doc["deployments"]:
+        path, name = d["entrypoint"].split(":")
+        assert (ROOT / path).exists() and getattr(flow, name) is flow.pipeline
+        assert set(d["parameters"]) <= set(inspect.signature(flow.pipeline.fn).parameters)
+        assert d["work_pool"]["name"]
+        for sched in d["schedules"]:
+            CronSchedule(cron=sched["cron"], timezone=sched.get("timezone"))  # raises on a bad schedule
+
+
 def test_metrics_markdown_deltas():
     md = flow.metrics_markdown({"train": "ran", "evaluate": "skipped"}, {"m:acc": 0.9, "m:new": 1.0}, {"m:acc": 0.8})
     assert "**1 of 2 stages ran** (train)" in md

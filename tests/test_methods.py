@@ -10,7 +10,7 @@ from datasets import load_from_disk
 
 from pipeline import train
 from pipeline.evaluate import eval_loss
-from pipeline.modeling import device, left_pad, load_adapter
+from pipeline.modeling import device, left_pad, load_adapter, load_base_model
 from pipeline.params import ParamsError
 
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -36,6 +36,9 @@ METHODS = {
     "loha": {"train.method": "loha", "train.loha": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
     "lokr": {"train.method": "lokr", "train.lokr": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
     "vera": {"train.method": "vera", "train.vera": {"r": 16, "target_modules": ["q_proj", "k_proj"]}, "train.lr": 5e-2},
+    "full": {"train.method": "full", "train.lr": 2e-3},
+    "lora-adamw8bit": {"train.lora": LORA, "train.optimizer": "adamw_8bit"},
+    "qlora-paged-adamw8bit": {"train.lora": LORA, "train.quantization": NF4, "train.optimizer": "paged_adamw_8bit"},
 }
 
 
@@ -51,10 +54,14 @@ def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
     data = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_from_disk(str(prepared["tokenized"] / "train"))]
     model.eval()
     after = eval_loss(model, data, 16)
-    with model.disable_adapter():
-        before = eval_loss(model, data, 16)
+    if name == "full":  # a plain model: every weight trained, the base is loaded again to compare
+        before = eval_loss(load_base_model(tiny_base), data, 16)
+        assert metrics["trainable_params"] == metrics["total_params"] == sum(q.numel() for q in model.parameters())
+    else:
+        with model.disable_adapter():
+            before = eval_loss(model, data, 16)
+        assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert after < 0.9 * before, (before, after)
-    assert 0 < metrics["trainable_params"] < metrics["total_params"]
     rows = [{"input_ids": [5, 9, 17, 33, 41, 2]}, {"input_ids": [7, 8, 9]}]
     batch = left_pad(rows, 0, device())
     reloaded = load_adapter(tiny_base, tmp_path / "adapter")
@@ -107,3 +114,15 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
     else:  # QLoRA merges into the full-precision base
         assert m["merged"] and m["max_abs_diff_vs_adapter"] <= 1e-4 < m["max_abs_diff_vs_base"]
         assert (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_optimizer_is_chosen_by_params():
+    import bitsandbytes as bnb
+
+    from pipeline.methods import optimizer_class
+
+    assert optimizer_class(make_params(**{"train.optimizer": "adamw_8bit"}).train.optimizer) is bnb.optim.AdamW8bit
+    assert optimizer_class("paged_adamw_32bit") is bnb.optim.PagedAdamW32bit
+    assert optimizer_class(make_params().train.optimizer) is torch.optim.AdamW
+    with pytest.raises(ParamsError, match="train.optimizer.*valid choices: adamw, adamw_8bit"):
+        make_params(**{"train.optimizer": "adam8"})

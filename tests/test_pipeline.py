@@ -47,3 +47,20 @@ def test_bad_params_fail_with_one_line(repo):
                                                  "Did you mean 'max_reject_ratio'? Valid keys: label_field, "
                                                  "max_chars, max_reject_ratio, min_chars, text_field.")
 
+
+
+def test_remote_round_trip_reproduces_the_adapter_without_training(repo, tmp_path):
+    dvc = (sys.executable, "-m", "dvc")
+    sh(repo, *dvc, "repro")
+    sh(repo, *dvc, "remote", "add", "-d", "store", str(tmp_path / "remote"))  # a local folder stands in for S3/GCS/SSH
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "trained")
+    assert "pushed" in sh(repo, *dvc, "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    assert not (clone / "models" / "adapter").exists()
+    sh(clone, *dvc, "pull")
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (clone / adapter).read_bytes() == (repo / adapter).read_bytes()
+    out = sh(clone, *dvc, "repro")
+    assert ran(out) == [] and "Data and pipelines are up to date" in sh(clone, *dvc, "status")

@@ -91,3 +91,37 @@ def test_unknown_peft_argument_is_caught_before_training():
 
     with pytest.raises(ParamsError, match="train.lora.alpha"):
         make_params(**{"train.lora": {"r": 4, "alpha": 8}})
+
+
+def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(trained, tiny_base, tmp_path):
+    """`train.num_processes: 2`: the stage relaunches itself under `accelerate launch` (DDP over gloo on
+    this CPU); each process takes half of every batch, the curve follows the one-process run (same
+    data order, same steps), and only the main process writes the adapter."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT, TINY_TRAIN, raw_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw_params(**{**TINY_TRAIN, "train.num_processes": 2})))
+    out = tmp_path / "adapter"
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--data", str(trained["tokenized"]), "--base",
+                        str(tiny_base), "--out", str(out), "--live", str(tmp_path / "live"), "--checkpoints",
+                        str(tmp_path / "ckpt"), "--params", str(params)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "accelerate.commands.launch" in r.stdout and r.stdout.count(f"-> {out}") == 1  # one process reports
+
+    def curve(live):
+        return [float(x.split("\t")[1]) for x in
+                (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
+
+    one, two = curve(trained["live"]), curve(tmp_path / "live")
+    assert len(one) == len(two) == 16
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 0.02 * max(one), (one, two)
+    record = json.loads((out / "peftflow.json").read_text())
+    assert record["metrics"]["processes"] == 2 and record["metrics"]["steps"] == trained["metrics"]["steps"]
+    assert record["metrics"]["tokens_per_second"] > 0
+    a, b = load_file(str(trained["adapter"] / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2
+    assert not (tmp_path / "ckpt").exists()
