@@ -54,7 +54,7 @@ def rss_mb() -> float:
 
 # ---------------------------------------------------------------- shared data (main process)
 
-def bench_params(args, work: Path, quantization: dict | None = None):
+def bench_params(args, quantization: dict | None = None):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl")}
     raw["train"] |= {"method": "lora", "lora": LORA, "max_steps": args.steps, "batch_size": args.batch_size,
@@ -67,7 +67,7 @@ def bench_params(args, work: Path, quantization: dict | None = None):
 
 def prepare(args, work: Path) -> None:
     """validate -> format -> tokenize the benchmark data once, with the project's own stages."""
-    p = bench_params(args, work)
+    p = bench_params(args)
     validate.run(p, Path(p.data.train), Path(p.data.validation), work / "validated", work / "validate.json")
     fmt.run(p, work / "validated", ROOT / p.format.template, args.base, work / "formatted")
     tkz.run(p.tokenize, work / "formatted", args.base, work / "tokenized")
@@ -161,7 +161,7 @@ def worker_d(args, work: Path, quantization: dict | None = None) -> tuple:
     from pipeline.train import fit
 
     name = "q" if quantization else "d"
-    p = bench_params(args, work, quantization)
+    p = bench_params(args, quantization)
     model, m = fit(p, work / "tokenized", args.base, work / name / "live", work / name / "ckpt")
     return model, {"seconds": m["seconds"], "tokens": round(m["tokens_per_second"] * m["seconds"]),
                    "final_train_loss": m["final_loss"]}

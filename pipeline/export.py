@@ -72,12 +72,8 @@ def model_card(params: Params, lin: dict, export_metrics: dict, evaluation: dict
         merged=export_metrics["merged"], export=export_metrics, task=params.task, labels=params.labels, data=data,
         license=data_license(params.data.train), evaluation=evaluation, metric_keys=keys,
         train_metrics=adapter["metrics"], params=params_dict(params),
-        method_args=json.dumps(params.train.peft_kwargs, sort_keys=True), commands=lineage_commands(adapter))
-
-
-def lineage_commands(rec: dict) -> list[str]:
-    commit = rec.get("git", {}).get("commit")
-    return ([f"git checkout {commit}"] if commit else []) + ["dvc checkout", "dvc repro export"]
+        method_args=json.dumps(params.train.peft_kwargs, sort_keys=True),
+        commands=lineage.reproduce_commands({**adapter, "stage": "export"}))
 
 
 def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path, params: Params | None = None,

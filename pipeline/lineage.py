@@ -16,7 +16,6 @@ reproduce the folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -26,6 +25,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from pipeline.io import file_digest
 
 SAFETENSORS_KEY = "peftflow.lineage"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "dvc", "jinja2", "pandera")
@@ -46,11 +47,20 @@ def dvc_repo(root: Path):
 
 
 def md5_file(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 - DVC's content hash, not a security boundary
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """DVC's content hash of a file (to compare with dvc.lock), not a security boundary."""
+    return file_digest(path, "md5")
+
+
+def lock_outs(lock: dict) -> dict[str, str | None]:
+    """Every output path in dvc.lock's stages -> its md5."""
+    return {o["path"]: o.get("md5") for s in lock.values() for o in s.get("outs", [])}
+
+
+def reproduce_commands(rec: dict, commit: str | None = None) -> list[str]:
+    """How to get a recorded artifact back: the commit, then DVC's checkout and repro of its stage."""
+    commit = commit or rec.get("git", {}).get("commit")
+    stage = rec.get("stage", "")
+    return ([f"git checkout {commit}"] if commit else []) + ["dvc checkout", f"dvc repro {stage}".strip()]
 
 
 def git(root: Path, *args: str) -> str | None:
@@ -113,7 +123,7 @@ def record(stage: str, params: dict, root: Path = Path(".")) -> dict:
     lock = yaml.safe_load(lock_file.read_text()).get("stages", {}) if lock_file.exists() else {}
     spec = yaml.safe_load(spec_file.read_text())["stages"].get(stage, {}) if spec_file.exists() else {}
     deps = [resolve(d, params) for d in spec.get("deps", [])]
-    produced = {o["path"]: o.get("md5") for s in lock.values() for o in s.get("outs", [])}
+    produced = lock_outs(lock)
     own = {}
     for d in deps:
         if (root / d).is_file():
@@ -177,7 +187,7 @@ def check(folder: Path, root: Path = Path(".")) -> dict:
     rec = read(folder)
     lock_file = root / "dvc.lock"
     lock = yaml.safe_load(lock_file.read_text()).get("stages", {}) if lock_file.exists() else {}
-    now_outs = {o["path"]: o.get("md5") for s in lock.values() for o in s.get("outs", [])}
+    now_outs = lock_outs(lock)
     with dvc_repo(root) as repo:
         status = repo.status()
     modified = set()
@@ -217,8 +227,7 @@ def check(folder: Path, root: Path = Path(".")) -> dict:
     found = git(root, "log", "--format=%H", f"-S{own_md5}", "--", "dvc.lock") if own_md5 else None
     found_in = found.splitlines()[-1] if found else None
     commit = found_in or rec.get("adapter", rec).get("git", {}).get("commit")
-    commands = [f"git checkout {commit}"] if commit else []
-    commands += ["dvc checkout", f"dvc repro {rec.get('stage', '')}".strip()]
+    commands = reproduce_commands(rec, commit)
     mismatches = [v for v in own + [x for c in chain for x in c["outs"] + c["deps"]] if v["workspace"] != "ok"]
     return {"record": rec, "own": own, "chain": chain, "mismatches": mismatches, "commands": commands,
             "found_in": found_in}

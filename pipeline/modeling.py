@@ -104,9 +104,9 @@ def is_prompt_learning(model) -> bool:
 
 
 class FullModel(torch.nn.Module):
-    """A fully fine-tuned model (`train.method: full`) beside its base, answering to the part of the
-    PEFT model interface the stages use: `disable_adapter()` switches to the base model,
-    `merge_and_unload()` gives the fine-tuned model. Two copies of the weights, by necessity."""
+    """A model whose own weights were trained (`train.method: full` or `bitfit`) beside its base,
+    answering to the part of the PEFT model interface the stages use: `disable_adapter()` switches
+    to the base model, `merge_and_unload()` gives the fine-tuned model. Two copies of the weights."""
 
     def __init__(self, tuned, base) -> None:
         super().__init__()
@@ -135,19 +135,33 @@ class FullModel(torch.nn.Module):
         """One model, nothing to switch to (several adapters on one base need PEFT adapters)."""
 
 
-def is_full(adapter_dir: Path) -> bool:
-    """Whether a train output folder holds a fully fine-tuned model rather than a PEFT adapter."""
+WEIGHTS = {"full": "model.safetensors", "bitfit": "bitfit.safetensors"}  # methods that train the base's own weights
+
+
+def weights_file(method: str) -> str:
+    """The weights file a train output folder holds for `method`."""
+    return WEIGHTS.get(method, "adapter_model.safetensors")
+
+
+def own_method(adapter_dir: Path) -> str | None:
+    """`full` or `bitfit` when a train output folder holds the base model's own weights trained, not a
+    PEFT adapter (a whole checkpoint, or only the trained tensors); None for a PEFT adapter."""
     record = Path(adapter_dir) / "peftflow.json"
-    return record.exists() and json.loads(record.read_text())["train"].get("method") == "full"
+    method = json.loads(record.read_text())["train"].get("method") if record.exists() else None
+    return method if method in WEIGHTS else None
+
+
+def is_full(adapter_dir: Path) -> bool:
+    return own_method(adapter_dir) is not None
 
 
 def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
     """An adapter folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
     record, base = adapter_dir / "peftflow.json", base_dir / "base.json"
-    full = is_full(adapter_dir)
-    if not full and not (adapter_dir / "adapter_config.json").exists():
+    own = own_method(adapter_dir)
+    if not own and not (adapter_dir / "adapter_config.json").exists():
         raise PipelineError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    weights = "model.safetensors" if full else "adapter_model.safetensors"
+    weights = weights_file(own or "")
     if not (adapter_dir / weights).exists():
         raise PipelineError(f"{adapter_dir}: no {weights}; pickle weights are refused")
     if record.exists() and base.exists() and not allow_other_base:
@@ -169,8 +183,18 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.devic
     record = adapter_dir / "peftflow.json"
     quantization = json.loads(record.read_text())["train"].get("quantization") if record.exists() else None
     model = load_base_model(base_dir, dev, quantization if quantized else None)
-    if is_full(adapter_dir):
+    own = own_method(adapter_dir)
+    if own == "full":
         return FullModel(load_base_model(adapter_dir, dev), model).eval()
+    if own == "bitfit":  # the base with the trained biases (and norms) put back in
+        from safetensors.torch import load_file
+
+        tuned = load_base_model(base_dir, dev)
+        result = tuned.load_state_dict(load_file(str(adapter_dir / weights_file(own))), strict=False)
+        if result.unexpected_keys:
+            raise PipelineError(f"{adapter_dir}: {weights_file(own)} holds tensors the base model does not have: "
+                                f"{result.unexpected_keys[:3]}")
+        return FullModel(tuned, model).eval()
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
     except Exception as e:  # safetensors, shape and config errors all mean the same to the user

@@ -31,6 +31,17 @@ FULL = "full"  # `train.method: full`: every weight of the base model is trained
 
 
 @dataclass(frozen=True)
+class BitFit:
+    """`train.method: bitfit`: train only the bias terms (and, with `norms`, the normalization weights)."""
+
+    norms: bool = False
+
+
+# Methods of this project's own, beside PEFT's: name -> the dataclass of its params section (None: no section)
+OWN_METHODS: dict[str, type | None] = {FULL: None, "bitfit": BitFit}
+
+
+@dataclass(frozen=True)
 class Base:
     model: str  # pkg://<python package> | local directory | hub id
     gguf_file: str | None = None
@@ -207,18 +218,24 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         known_methods = peft_methods()
         kwargs["methods"] = {}
         for key in [k for k in raw if k not in names]:
-            if key in known_methods:
+            if OWN_METHODS.get(key):
+                section = _build(OWN_METHODS[key], raw.pop(key) or {}, f"{where}.{key}")
+                kwargs["methods"][key] = dataclasses.asdict(section)
+            elif key in known_methods:
                 kwargs["methods"][key] = _check_method_section(
                     key, known_methods[key], raw.pop(key), f"{where}.{key}"
                 )
-        if raw.get("method", "lora") not in known_methods and raw.get("method") != FULL:
+        if raw.get("method", "lora") not in known_methods and raw.get("method") not in OWN_METHODS:
             raise ParamsError(
                 f"params.yaml: '{where}.method' is {raw.get('method')!r}; valid choices: "
-                f"{', '.join(sorted([*known_methods, FULL]))}."
+                f"{', '.join(sorted([*known_methods, *OWN_METHODS]))}."
             )
-        if raw.get("method") == FULL and raw.get("quantization"):
-            raise ParamsError(f"params.yaml: '{where}.method' is {FULL!r} (every weight trained): "
-                              f"'{where}.quantization' must be null; a quantized base only trains with an adapter")
+        if raw.get("method") in OWN_METHODS and raw.get("quantization"):
+            raise ParamsError(f"params.yaml: '{where}.method' is {raw['method']!r}, which trains the base model's "
+                              f"own weights: '{where}.quantization' must be null (a quantized base trains through "
+                              "an adapter)")
+        if OWN_METHODS.get(raw.get("method")) and raw["method"] not in kwargs["methods"]:
+            kwargs["methods"][raw["method"]] = dataclasses.asdict(OWN_METHODS[raw["method"]]())
     if cls is Train and raw.get("quantization"):
         _check_quantization(raw["quantization"], f"{where}.quantization")
     for key in raw:

@@ -2,7 +2,8 @@
 
 `train.method` names the PEFT method and `train.<method>` holds its config class's own
 arguments, passed through unchanged (`LoraConfig(**params.train.lora)`); `full` trains every
-weight instead (the ceiling adapters are compared with; its output is a full checkpoint).
+weight instead (the ceiling adapters are compared with; its output is a full checkpoint), and
+`bitfit` only the bias terms (`train.bitfit.norms`: also the normalization weights).
 The loop: length-grouped, dynamically (left-)padded batches; loss on response tokens only,
 with the vocabulary projection computed only where the loss is (`logits_to_keep`); AdamW with
 warmup and a schedule; bf16 autocast; gradient clipping; fixed seeds. Checkpoints every
@@ -47,8 +48,9 @@ from pipeline.modeling import (
     response_width,
     seed_everything,
     token_logprobs,
+    weights_file,
 )
-from pipeline.params import FULL, Params, Train, load_params, params_dict, peft_methods, section_dict
+from pipeline.params import FULL, OWN_METHODS, Params, Train, load_params, params_dict, peft_methods, section_dict
 from pipeline.stage import PipelineError, entry
 
 
@@ -62,6 +64,28 @@ def peft_config(p: Train, steps: int, model_type: str = "llama"):
     kwargs = resolve_targets(hooks(p.method).configure(p.peft_kwargs, steps), model_type)
     kwargs.setdefault("task_type", "CAUSAL_LM")
     return peft_methods()[p.method](**kwargs)
+
+
+def bitfit_names(model, norms: bool) -> list[str]:
+    """The parameters BitFit trains: every bias, and with `norms` the normalization layers' weights."""
+    names = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    if norms:
+        norm_modules = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+        names += [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in norm_modules and n not in names]
+    return names
+
+
+def bitfit(model, norms: bool):
+    """Freeze everything but the bias terms (and norms); a model with none of those is an error."""
+    names = set(bitfit_names(model, norms))
+    if not names:
+        raise PipelineError(
+            f"params.yaml: train.method 'bitfit': {type(model).__name__} has no bias parameters "
+            "(Llama-style models have none), so BitFit would train nothing; set train.bitfit.norms: true to "
+            "train the normalization weights instead (or use train.method: ln_tuning)")
+    for n, q in model.named_parameters():
+        q.requires_grad_(n in names)
+    return model
 
 
 def linear_layer_names(model) -> list[str]:
@@ -78,6 +102,8 @@ def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
     if p.method == FULL:  # every weight trains: the ceiling the adapters are compared with
         model.requires_grad_(True)
         return model
+    if p.method == "bitfit":
+        return bitfit(model, p.peft_kwargs["norms"])
     if p.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft_config(p, steps, model.config.model_type)
@@ -236,8 +262,9 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
 
     # build
     model = build_model(t, base_dir, dev, steps)
-    if t.method == FULL:
-        trainable = total = sum(q.numel() for q in model.parameters())
+    if t.method in OWN_METHODS:
+        trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        total = sum(q.numel() for q in model.parameters())
     else:
         trainable, total = model.get_nb_trainable_parameters()
     params = [q for q in model.parameters() if q.requires_grad]
@@ -341,8 +368,14 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
     fmt = json.loads((data / "format.json").read_text())
     tok = json.loads((data / "tokenize.json").read_text())
     with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)  # full: a plain transformers checkpoint
-        weights = tmp / ("model.safetensors" if t.method == FULL else "adapter_model.safetensors")
+        weights = tmp / weights_file(t.method)
+        if t.method == "bitfit":  # only the trained tensors
+            from safetensors.torch import save_file
+
+            save_file({n: q.detach().cpu().contiguous() for n, q in model.named_parameters() if q.requires_grad},
+                      str(weights), metadata={"format": "pt"})
+        else:  # a PEFT adapter, or (full) a plain transformers checkpoint
+            model.save_pretrained(str(tmp), safe_serialization=True)
         for name in ("format.json", "tokenize.json"):
             shutil.copy(data / name, tmp / name)
         lin = {**lineage.record("train", params_dict(p)), "seed": p.seed,

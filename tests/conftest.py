@@ -24,8 +24,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_base(out: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama and a BPE tokenizer trained on the example data, saved like the base stage."""
+def build_tiny_base(out: Path, seed: int = 0, bias: bool = False) -> Path:
+    """A 2-layer random Llama and a BPE tokenizer trained on the example data, saved like the base stage
+    (`bias`: with bias terms in the attention and MLP layers, as Qwen/GPT-2-style models have)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -52,7 +53,8 @@ def build_tiny_base(out: Path, seed: int = 0) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
                          bos_token_id=hf_tok.bos_token_id, tie_word_embeddings=True,
-                         initializer_range=0.2)  # large enough for confident logits
+                         initializer_range=0.2,  # large enough for confident logits
+                         attention_bias=bias, mlp_bias=bias)
     model = LlamaForCausalLM(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

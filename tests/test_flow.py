@@ -169,6 +169,37 @@ def test_scheduled_deployment_runs_then_skips_everything(server, repo, tmp_path)
         serve.wait(30)
 
 
+def test_work_pool_worker_runs_the_deployment_of_docs_prefect_yaml(server, repo, tmp_path):
+    """The work-pool example, deployed with `prefect deploy` as documented (paths pointed at the
+    test repository, no schedule), run by a process worker: every stage runs in the worker."""
+    from prefect.deployments import run_deployment
+
+    doc = yaml.safe_load((ROOT / "docs" / "prefect.yaml").read_text())
+    doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(repo)
+    dep = doc["deployments"][0]
+    dep["parameters"] |= {"root": str(repo), "pull": False, "push": False}  # no DVC remote in this test
+    dep["work_pool"]["name"] = "test-pool"
+    dep.pop("schedules")
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    prefect = (sys.executable, "-m", "prefect")
+
+    def run(*args, timeout=300):
+        r = subprocess.run([*prefect, *args], cwd=repo, env=server["env"], capture_output=True, text=True,
+                           timeout=timeout)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    run("work-pool", "create", "test-pool", "--type", "process")
+    run("--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml"))
+    with api(server["env"]):
+        scheduled = run_deployment(f"peftflow/{dep['name']}", timeout=0)  # queued for the pool
+        run("worker", "start", "--pool", "test-pool", "--run-once", timeout=900)
+        info = asyncio.run(run_info(scheduled.id))
+    assert info["state"] == "COMPLETED", info
+    assert sorted(info["tasks"]) == sorted(STAGES) and set(info["tasks"].values()) == {"COMPLETED"}
+    assert sh_status(repo) == "Data and pipelines are up to date."
+
+
 def test_failed_stage_fails_the_flow_with_its_error(server, repo):
     bad = repo / "data" / "example" / "bad.jsonl"
     bad.write_text('{"sentence": "Sales rose .", "label": "positive"}\n{"sentence": "Costs fell .", "label": "up"}\n')

@@ -37,6 +37,7 @@ METHODS = {
     "lokr": {"train.method": "lokr", "train.lokr": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
     "vera": {"train.method": "vera", "train.vera": {"r": 16, "target_modules": ["q_proj", "k_proj"]}, "train.lr": 5e-2},
     "full": {"train.method": "full", "train.lr": 2e-3},
+    "bitfit-norms": {"train.method": "bitfit", "train.bitfit": {"norms": True}, "train.lr": 5e-2},
     "lora-adamw8bit": {"train.lora": LORA, "train.optimizer": "adamw_8bit"},
     "qlora-paged-adamw8bit": {"train.lora": LORA, "train.quantization": NF4, "train.optimizer": "paged_adamw_8bit"},
 }
@@ -54,9 +55,10 @@ def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
     data = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_from_disk(str(prepared["tokenized"] / "train"))]
     model.eval()
     after = eval_loss(model, data, 16)
-    if name == "full":  # a plain model: every weight trained, the base is loaded again to compare
+    if name in ("full", "bitfit-norms"):  # the base's own weights trained: the base is loaded again to compare
         before = eval_loss(load_base_model(tiny_base), data, 16)
-        assert metrics["trainable_params"] == metrics["total_params"] == sum(q.numel() for q in model.parameters())
+        trained = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        assert metrics["trainable_params"] == trained and (trained == metrics["total_params"]) == (name == "full")
     else:
         with model.disable_adapter():
             before = eval_loss(model, data, 16)
@@ -126,3 +128,31 @@ def test_optimizer_is_chosen_by_params():
     assert optimizer_class(make_params().train.optimizer) is torch.optim.AdamW
     with pytest.raises(ParamsError, match="train.optimizer.*valid choices: adamw, adamw_8bit"):
         make_params(**{"train.optimizer": "adam8"})
+
+
+def test_bitfit_trains_only_biases_and_says_when_there_are_none(prepared, tiny_base, tmp_path):
+    from conftest import build_tiny_base
+
+    from pipeline.stage import PipelineError
+
+    p = make_params(**{"train.method": "bitfit", "train.lr": 5e-2, "train.epochs": 1})
+    with pytest.raises(PipelineError, match="LlamaForCausalLM has no bias parameters.*train.bitfit.norms: true"):
+        train.fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
+    with pytest.raises(ParamsError, match="unknown key 'train.bitfit.norm'.*Did you mean 'norms'"):
+        make_params(**{"train.method": "bitfit", "train.bitfit": {"norm": True}})
+    biased = build_tiny_base(tmp_path / "biased", bias=True)  # same tokenizer, so the tokenized data fits
+    model, metrics = train.fit(p, prepared["tokenized"], biased, tmp_path / "live", tmp_path / "ckpt")
+    trained = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert trained and all(n.endswith(".bias") for n in trained)
+    assert metrics["trainable_params"] == sum(q.numel() for n, q in model.named_parameters() if n in trained)
+    train.save(p, model, metrics, prepared["tokenized"], biased, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "adapter" / "bitfit.safetensors"))) == trained  # only what was trained
+    reloaded = load_adapter(biased, tmp_path / "adapter")
+    batch = left_pad([{"input_ids": [5, 9, 17, 33]}], 0, device())
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"]).logits
+        assert torch.allclose(a, reloaded(input_ids=batch["input_ids"]).logits, atol=1e-5)
+        with reloaded.disable_adapter():
+            assert not torch.allclose(a, reloaded(input_ids=batch["input_ids"]).logits, atol=1e-4)
