@@ -209,6 +209,25 @@ def instruction_table(name: str, entry: dict) -> str:
     return head + "\n\n" + "\n".join(lines) + "\n\nGreedy generations, side by side:\n\n" + "\n".join(samples)
 
 
+def preference_table(name: str, entry: dict) -> str:
+    lines = ["| row | model | prefers chosen (log-prob) | reward accuracy vs base | reward margin | eval loss |",
+             "|---|---|---:|---:|---:|---:|"]
+    notes = []
+    for row, x in entry["rows"].items():
+        e, t = x["evaluate"], x["train"]
+        for model, label in (("base", "base"), ("sft", "SFT adapter"), ("adapter", "SFT + DPO adapter")):
+            m = e.get(model, {})
+            cells = [m.get(k, "–") for k in ("preference_accuracy", "reward_accuracy", "reward_margin", "eval_loss")]
+            lines.append(f"| `{row}` | {label} | " + " | ".join(map(str, cells)) + " |")
+        dpo = t.get("dpo", {})
+        notes.append(f"`{row}`: SFT {t['steps']} steps in {t['seconds']:.0f} s, then DPO "
+                     f"({x['overrides'].get('train.dpo', {})}) in {dpo.get('seconds', 0):.0f} s; last DPO step: "
+                     f"loss {dpo.get('loss')}, batch reward accuracy {dpo.get('reward_accuracy')}; "
+                     f"{e['rows']} held-out pairs.")
+    head = f"{entry['description']}; measured {entry['date']} on {entry['machine']}."
+    return head + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
 def one_line(text: str, limit: int = 240) -> str:
     text = re.sub(r"<\|im_(start|end)\|>(assistant)?", " ", text)
     text = " ".join(text.split()).replace("|", "\\|")
@@ -255,6 +274,7 @@ def into_readme(profile: str, text: str) -> None:
 @app.command()
 def table() -> None:
     """Write the tables and charts from bench/results/methods.json (and into README.md)."""
+    spec = yaml.safe_load((ROOT / "bench/methods.yaml").read_text())
     for profile, entry in load_results().items():
         if not entry.get("rows"):
             continue
@@ -262,8 +282,13 @@ def table() -> None:
         if "accuracy" in first["adapter"]:
             text, bars = classification_table(profile, entry)
             bar_chart(bars, entry["description"], RESULTS / f"methods_{profile}.png")
+        elif "reward_accuracy" in first["adapter"]:
+            text = preference_table(profile, entry)
         else:
             text = instruction_table(profile, entry)
+        missing = [r for r in spec.get(profile, {}).get("rows", {}) if r not in entry["rows"]]
+        if missing:
+            text += f"\nRows of bench/methods.yaml not measured yet: {', '.join(f'`{r}`' for r in missing)}.\n"
         atomic_write_text(RESULTS / f"methods_{profile}.md", text)
         into_readme(profile, text)
         typer.echo(text)

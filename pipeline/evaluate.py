@@ -8,6 +8,8 @@ weights) and the adapter, and the gain between them. With `evaluate.shots: k` th
 also scored k-shot (`base_<k>shot`): k solved training rows, every label shown, before each prompt.
 Instruction: eval loss and perplexity on the response tokens, and greedy sample generations
 from both models side by side.
+Preference: on held-out pairs, how often base, SFT adapter and DPO adapter prefer the chosen
+answer, and DPO's reward accuracy and margin (against the base) for both adapters.
 
 Inputs: base model folder, adapter folder, formatted and tokenized validation data, validated
 training rows (few-shot examples).
@@ -263,6 +265,36 @@ def evaluate_instruction(p: Params, model, tok, rows: list[dict], tokenized: lis
     return results
 
 
+def evaluate_preference(p: Params, model, tok, rows: list[dict], pairs: list[dict], adapter_dir: Path,
+                        tmp: Path) -> dict:
+    """Held-out pairs: how often each model prefers the chosen answer (base, SFT adapter, DPO adapter),
+    and DPO's implicit reward against the base (reward accuracy and margin) for both adapters."""
+    from pipeline.preference import pair_logprobs, preference_accuracy, reward_metrics
+
+    bs, beta = p.evaluate.batch_size, p.train.dpo.beta
+    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pairs]
+    with model.disable_adapter():
+        base = pair_logprobs(model, pairs, bs)
+        results = {"base": {"preference_accuracy": preference_accuracy(base),
+                            "eval_loss": round(eval_loss(model, chosen, bs), 4)}}
+    scored = {"adapter": pair_logprobs(model, pairs, bs)}
+    results["adapter"] = {"eval_loss": round(eval_loss(model, chosen, bs), 4)}
+    if (adapter_dir / "sft").exists():  # the SFT adapter DPO started from, on the same base weights
+        model.load_adapter(str(adapter_dir / "sft"), adapter_name="sft", is_trainable=False)
+        model.set_adapter("sft")
+        scored["sft"] = pair_logprobs(model, pairs, bs)
+        results["sft"] = {"eval_loss": round(eval_loss(model, chosen, bs), 4)}
+        model.set_adapter("default")
+    for name, s in scored.items():
+        results[name] |= {"preference_accuracy": preference_accuracy(s), **reward_metrics(s, base, beta)}
+    if "sft" in results:
+        results["gain"] = {k: round(results["adapter"][k] - results["sft"][k], 4)
+                           for k in ("reward_accuracy", "reward_margin", "preference_accuracy")}
+    results["adapter"]["stopped_ratio"] = write_samples(p, model, tok, rows, tmp)
+    results["rows"] = len(pairs)
+    return results
+
+
 def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized: Path, out: Path,
         validated: Path | None = None) -> dict:
     from datasets import load_from_disk
@@ -279,6 +311,9 @@ def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized
                     raise PipelineError("evaluate: evaluate.shots needs the validated data folder (--validated)")
                 fewshot = fewshot_rows(p, tok, formatted, validated)
             results = evaluate_classification(p, model, tok, rows, tmp, fewshot)
+        elif p.task == "preference":
+            pairs = list(load_from_disk(str(tokenized / "validation")))
+            results = evaluate_preference(p, model, tok, rows, pairs, Path(adapter_dir), tmp)
         else:
             data = [{"input_ids": r["input_ids"], "labels": r["labels"]}
                     for r in load_from_disk(str(tokenized / "validation"))]
@@ -297,7 +332,10 @@ def main(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     r = run(load_params(params), base, adapter, formatted, tokenized, out, validated)
-    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity") if k in r["adapter"]]
+    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity", "preference_accuracy") if k in r["adapter"]]
+    for k in ("reward_accuracy", "reward_margin"):
+        if k in r["adapter"]:
+            typer.echo(f"evaluate: {k}: sft {r.get('sft', {}).get(k)} -> dpo adapter {r['adapter'][k]}")
     for k in keys:
         typer.echo(f"evaluate: {k}: base {r['base'][k]} -> adapter {r['adapter'][k]}")
         for name in (n for n in r if n.startswith("base_") and k in r[n]):

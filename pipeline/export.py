@@ -63,7 +63,8 @@ def model_card(params: Params, lin: dict, export_metrics: dict, evaluation: dict
     rows = adapter.get("data_rows", {})
     data = {split: {"path": path, "md5": md5.get(path, "?"), "rows": rows.get(split, "?")}
             for split, path in (("train", params.data.train), ("validation", params.data.validation))}
-    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity") if evaluation and k in evaluation["adapter"]]
+    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity", "preference_accuracy")
+            if evaluation and k in evaluation["adapter"] and k in evaluation["base"]]
     method = params.train.method
     env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
     template = env.from_string((Path(__file__).parent / "model_card.md.jinja").read_text())

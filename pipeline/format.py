@@ -9,7 +9,9 @@ evaluation and prediction, so a model is always asked the way it was trained.
 
 Inputs: validated `train.jsonl` / `validation.jsonl`, the template, the base tokenizer folder.
 Outputs: `<out>/{train,validation}.jsonl` rows `{row, prompt, response[, label, choices]}` where
-`choices` are the rendered responses for every label (for scoring classification), and
+`choices` are the rendered responses for every label (for scoring classification); preference
+rows have `response` (the chosen answer) and `rejected`, each rendered by the response block
+with the answer as `response`; and
 `<out>/format.json` recording the template text and sha256.
 """
 
@@ -117,6 +119,11 @@ def format_rows(p: Params, r: Renderer, rows: list[dict], src: Path) -> list[dic
     for row in rows:
         row = {**row, "labels": list(p.labels)}
         where = f"{src} row {row.get('row', '?')}"
+        if p.task == "preference":  # the response block renders each answer as `response`
+            out.append({"row": row.get("row"), "prompt": r.prompt(row, where),
+                        "response": r.response({**row, "response": row["chosen"]}, f"{where} chosen"),
+                        "rejected": r.response({**row, "response": row["rejected"]}, f"{where} rejected")})
+            continue
         item = {"row": row.get("row"), "prompt": r.prompt(row, where), "response": r.response(row, where)}
         if p.task == "classification":
             label = row[p.validate.label_field]

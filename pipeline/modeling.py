@@ -98,9 +98,12 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
 
 
 def is_prompt_learning(model) -> bool:
-    """Whether the active PEFT adapter adds virtual tokens (prefix, prompt, P-tuning)."""
+    """Whether the active PEFT adapter adds virtual tokens (prefix, prompt, P-tuning); False inside
+    `disable_adapter()`, where the base model answers (and can use a KV cache)."""
     config = getattr(model, "peft_config", None)
-    return bool(config) and config[model.active_adapter].is_prompt_learning
+    if not config or getattr(model, "_adapters_disabled", False):
+        return False
+    return config[model.active_adapter].is_prompt_learning
 
 
 class FullModel(torch.nn.Module):

@@ -80,6 +80,18 @@ class Tokenize:
 
 
 @dataclass(frozen=True)
+class Dpo:
+    """Preference tuning (task `preference`): DPO steps after the SFT steps, on the same adapter; the
+    reference model is the base (adapter disabled), so no second copy of the weights is loaded."""
+
+    beta: float = 0.1
+    steps: int = 40
+    lr: float = 5e-5
+    batch_size: int = 8
+    nll_weight: float = 1.0  # + this x the chosen answers' per-token NLL (keeps their likelihood up; 0: plain DPO)
+
+
+@dataclass(frozen=True)
 class Train:
     method: str = "lora"
     epochs: float = 1.0
@@ -102,6 +114,7 @@ class Train:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     num_processes: int = 1  # > 1: the stage runs itself under `accelerate launch` (DDP; gloo on CPU)
     accelerate_config: str | None = None  # an accelerate config file (FSDP, DeepSpeed ZeRO, multi-node)
+    dpo: Dpo = field(default_factory=Dpo)  # used by task `preference` only
     # PEFT config kwargs per method name, e.g. {"lora": {"r": 16, ...}}; filled from the
     # sections named after PEFT methods.
     methods: dict = field(default_factory=dict)
@@ -128,7 +141,7 @@ class Export:
 @dataclass(frozen=True)
 class Params:
     seed: int
-    task: Literal["classification", "instruction"]
+    task: Literal["classification", "instruction", "preference"]
     base: Base
     data: Data
     validate: Validate
@@ -297,6 +310,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def parse_params(raw: dict) -> Params:
     """Check a params mapping (as read from params.yaml)."""
     params = _build(Params, raw, "")
+    if params.task == "preference" and params.train.method in OWN_METHODS:
+        raise ParamsError(f"params.yaml: task 'preference' trains with DPO against the base model (the adapter "
+                          f"disabled): 'train.method' must be a PEFT method, not {params.train.method!r}.")
     if params.task == "classification" and len(params.labels) < 2:
         raise ParamsError("params.yaml: 'labels' must list at least two labels for task classification.")
     return params

@@ -8,6 +8,8 @@ the response, `prompt` cuts the start of the prompt, `drop` drops the row; the c
 reported.
 
 Inputs: formatted `train.jsonl` / `validation.jsonl`, the base tokenizer folder.
+Preference pairs also get `rejected_input_ids` / `rejected_labels` (the same prompt, the rejected
+answer); a pair is dropped when either side is.
 Outputs: `<out>/{train,validation}/` as `datasets` Arrow folders (input_ids, labels, length)
 and `<out>/tokenize.json` (counts); a metrics file with the same counts.
 """
@@ -77,6 +79,12 @@ def run(p: Tokenize, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
             rows = read_jsonl(formatted / f"{split}.jsonl")
             many = encode_many(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                p.max_length, p.truncation)
+            if rows and "rejected" in rows[0]:  # preference pairs: the rejected answer after the same prompt
+                worse = encode_many(tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows],
+                                    p.max_length, p.truncation)
+                many = [None if e is None or w is None else
+                        {**e, "rejected_input_ids": w["input_ids"], "rejected_labels": w["labels"],
+                         "truncated": e["truncated"] or w["truncated"]} for e, w in zip(many, worse, strict=True)]
             encoded = [{**e, "row": r["row"]} for r, e in zip(rows, many, strict=True) if e is not None]
             dropped = len(rows) - len(encoded)
             if not encoded:

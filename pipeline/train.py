@@ -11,6 +11,10 @@ warmup and a schedule; bf16 autocast; gradient clipping; fixed seeds. Checkpoint
 made with other params or data is refused.
 
 Inputs: the tokenized data folder, the base model folder.
+Task `preference`: after these (SFT) steps on the chosen answers, `train.dpo.steps` DPO steps on
+the pairs continue the same adapter, against the base model as reference (pipeline/preference.py);
+the SFT adapter is kept in `<out>/sft/`.
+
 Outputs: `<out>/` the adapter (safetensors + adapter_config.json + peftflow.json record of
 params, data and base hashes, and the prompt template used; lineage.json, also in the
 safetensors metadata: see pipeline/lineage.py), `<live>/` dvclive metrics and the
@@ -342,6 +346,12 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
                 procs.wait()
     seconds = time.time() - t0
     tokens = int(procs.total(tokens))
+    dpo_metrics = None
+    if p.task == "preference":  # SFT done: keep that adapter, then DPO on the pairs from it
+        if procs.main:
+            core.save_pretrained(str(ckpt / "sft"), safe_serialization=True)
+        t1 = time.time()
+        dpo_metrics = {**run_dpo(p, core, data, live, steps), "seconds": time.time() - t1}
 
     # report
     metrics = {
@@ -351,6 +361,8 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
         "peak_rss_mb": peak_rss_mb(), "processes": procs.world,
     }
+    if dpo_metrics:
+        metrics["dpo"] = {k: round(v, 4) for k, v in dpo_metrics.items()}
     if dev.type == "cuda":
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if live:
@@ -360,7 +372,29 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     return core, metrics
 
 
-def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path) -> None:
+def run_dpo(p: Params, model, data: Path, live, sft_steps: int) -> dict:
+    """DPO steps on the training pairs (pipeline/preference.py), logged after the SFT steps."""
+    from datasets import load_from_disk
+
+    from pipeline.preference import dpo
+
+    pairs = list(load_from_disk(str(data / "train")))
+    console = Console(stderr=True)
+
+    def log(step: int, m: dict) -> None:
+        if live:
+            live.step = step
+            for k, v in m.items():
+                live.log_metric(f"dpo/{k}", v)
+            live.make_summary()
+        if (step - sft_steps) % p.train.log_every == 0 or step == sft_steps + p.train.dpo.steps:
+            console.log(f"dpo step {step - sft_steps}/{p.train.dpo.steps} loss {m['loss']:.4f} "
+                        f"reward accuracy {m['reward_accuracy']:.2f} margin {m['reward_margin']:.3f}")
+
+    return dpo(p.train.dpo, model, pairs, p.train.precision, p.seed, log, sft_steps)
+
+
+def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path, ckpt: Path | None = None) -> None:
     """The adapter (safetensors), its record and the template it was trained with, atomically."""
     t = p.train
     fp = fingerprint(p, data, base_dir)
@@ -378,6 +412,8 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
             model.save_pretrained(str(tmp), safe_serialization=True)
         for name in ("format.json", "tokenize.json"):
             shutil.copy(data / name, tmp / name)
+        if p.task == "preference" and ckpt is not None and (ckpt / "sft").exists():
+            shutil.copytree(ckpt / "sft", tmp / "sft")  # the SFT adapter DPO started from (evaluate compares)
         lin = {**lineage.record("train", params_dict(p)), "seed": p.seed,
                "base": {k: base.get(k) for k in ("source", "revision", "gguf_file", "gguf_sha256", "weights_sha256")},
                "template": {"path": fmt.get("template"), "sha256": fmt.get("template_sha256")},
@@ -397,7 +433,7 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path)
 def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
     model, metrics = fit(p, data, base_dir, live_dir, ckpt)
     if is_main_process():  # one adapter, saved once
-        save(p, model, metrics, data, base_dir, out)
+        save(p, model, metrics, data, base_dir, out, ckpt)
         shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
     return metrics
 

@@ -1,7 +1,8 @@
 """Stage `validate`: check the raw train and validation data with pandera schemas.
 
-Two task kinds: `classification` (a text field and a label from `labels` in params) and
-`instruction` (instruction / input / output). Checks: readable rows, missing fields, types,
+Three task kinds: `classification` (a text field and a label from `labels` in params),
+`instruction` (instruction / input / output) and `preference` (prompt / chosen / rejected, the two
+answers different). Checks: readable rows, missing fields, types,
 empty or over-long text, unknown labels, duplicates inside a split, and leakage (a validation
 row whose text is also in train).
 
@@ -26,6 +27,7 @@ from pipeline.params import Params, load_params
 from pipeline.stage import PipelineError, entry
 
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 class DataError(PipelineError, ValueError):
@@ -35,7 +37,7 @@ class DataError(PipelineError, ValueError):
 def fields(p: Params) -> tuple[str, ...]:
     if p.task == "classification":
         return (p.validate.text_field, p.validate.label_field)
-    return INSTRUCTION_FIELDS
+    return PREFERENCE_FIELDS if p.task == "preference" else INSTRUCTION_FIELDS
 
 
 def schema(p: Params) -> pa.DataFrameSchema:
@@ -69,6 +71,12 @@ def schema(p: Params) -> pa.DataFrameSchema:
                          error=f"unknown label (valid: {', '.join(labels)})"),
             ),
         }
+    elif p.task == "preference":
+        cols = {"prompt": text("prompt"), "chosen": text("chosen", lo=1),
+                "rejected": pa.Column(object, checks=text("rejected", lo=1).checks)}
+        same = pa.Check(lambda df: df["chosen"].astype(str).str.strip() != df["rejected"].astype(str).str.strip(),
+                        error="rejected is the same as chosen")
+        return pa.DataFrameSchema(cols, checks=[same], strict=False)
     else:
         cols = {"instruction": text("instruction"), "input": text("input", lo=0), "output": text("output", lo=1)}
     return pa.DataFrameSchema(cols, strict=False)
@@ -78,6 +86,8 @@ def key(p: Params, row: dict) -> tuple:
     """What makes two rows the same example (for duplicates and leakage)."""
     if p.task == "classification":
         return (str(row[p.validate.text_field]).strip().lower(),)
+    if p.task == "preference":
+        return (str(row["prompt"]).strip().lower(),)
     return (str(row["instruction"]).strip().lower(), str(row["input"]).strip().lower())
 
 
@@ -106,7 +116,9 @@ def check_split(p: Params, path: Path, records: list[Record]) -> tuple[list[dict
             idx = fc["index"]
             if idx is None or pd.isna(idx):
                 continue
-            bad.setdefault(int(idx), (str(fc["column"]), str(fc["check"])))
+            across = fc.get("schema_context") == "DataFrameSchema" or not isinstance(fc["column"], str)
+            column = need[-1] if across else fc["column"]  # a check across fields names the last one
+            bad.setdefault(int(idx), (column, str(fc["check"])))
     accepted: list[dict] = []
     for i, rec in enumerate(candidates):
         if i in bad:
@@ -127,7 +139,7 @@ def drop_duplicates(p: Params, path: Path, rows: list[dict], seen: dict | None =
     seen = {} if seen is None else seen
     local: dict[tuple, int] = {}
     kept, rejected = [], []
-    field = p.validate.text_field if p.task == "classification" else "instruction"
+    field = {"classification": p.validate.text_field, "preference": "prompt"}.get(p.task, "instruction")
     for r in rows:
         k = key(p, r)
         if k in seen:

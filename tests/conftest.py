@@ -102,8 +102,9 @@ def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | Non
     from pipeline import format as fmt
     from pipeline import tokenize, validate
 
-    name = "sentiment" if task == "classification" else "instruction"
-    template = ROOT / "prompts" / ("sentiment.jinja" if task == "classification" else "alpaca.jinja")
+    name = {"classification": "sentiment"}.get(task, task)
+    template = ROOT / "prompts" / {"classification": "sentiment.jinja", "instruction": "alpaca.jinja",
+                                   "preference": "preference.jinja"}[task]
     over = {"task": task, "format.template": str(template)}
     p = make_params(**over)
     src = {}

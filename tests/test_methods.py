@@ -113,6 +113,21 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
     if name == "prompt_tuning":
         assert not m["merged"] and "cannot be merged" in m["reason"]
         assert (tmp_path / "x" / "adapter_model.safetensors").exists()
+        # with the adapter disabled the base answers: scored from a KV cache, as the full scoring does
+        import numpy as np
+
+        from pipeline.evaluate import choice_scores, full_scores
+        from pipeline.io import read_jsonl
+        from pipeline.modeling import is_prompt_learning, load_tokenizer
+
+        model, tok = load_adapter(tiny_base, tmp_path / "adapter"), load_tokenizer(tiny_base)
+        rows = read_jsonl(prepared["formatted"] / "validation.jsonl")[:8]
+        assert is_prompt_learning(model)
+        with model.disable_adapter():
+            assert not is_prompt_learning(model)
+            base_cached, base_full = choice_scores(model, tok, rows, 4), full_scores(model, tok, rows, 4)
+        assert is_prompt_learning(model) and np.abs(base_cached - base_full).max() < 1e-3
+        assert np.abs(choice_scores(model, tok, rows, 4) - base_cached).max() > 1e-3  # the adapter differs
     else:  # QLoRA merges into the full-precision base
         assert m["merged"] and m["max_abs_diff_vs_adapter"] <= 1e-4 < m["max_abs_diff_vs_base"]
         assert (tmp_path / "x" / "model.safetensors").exists()

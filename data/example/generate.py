@@ -7,6 +7,8 @@ Usage: python data/example/generate.py   (rewrites the .jsonl files beside this 
   (same fields as Financial PhraseBank: sentence, label).
 - instruction_{train,validation}.jsonl: small instruction / input / output tasks whose answers
   are computed here, so they are correct by construction (same fields as Alpaca).
+- preference_{train,validation}.jsonl: prompt / chosen / rejected pairs on the same kind of
+  tasks: the computed answer is chosen; the rejected one is computed wrong on purpose or evasive.
 Every sentence and instruction is written by this project; no external data is used.
 """
 
@@ -148,6 +150,46 @@ def instructions(n_train: int = 120, n_val: int = 30) -> None:
     write("instruction_validation.jsonl", rows[n_train:])
 
 
+EVASIVE = ["I'm not sure, you could look that up yourself.", "That is not something I can help with.",
+           "Sorry, I cannot answer that.", "Why do you want to know?", "I would rather not say."]
+
+
+def worse_answer(r: dict) -> str:
+    """A wrong answer to an instruction row: computed wrong on purpose, or an evasive reply."""
+    if rng.random() < 0.5:
+        return rng.choice(EVASIVE)
+    out, inp = r["output"], r["input"]
+    if r["instruction"].startswith("Add up") or r["instruction"].startswith("How many"):
+        return str(int(out) + rng.choice([-3, -2, -1, 1, 2, 5]))
+    if r["instruction"].startswith("What is the capital"):
+        country = r["instruction"].removeprefix("What is the capital of ").rstrip("?")
+        other = rng.choice(sorted(c for k, c in CAPITALS.items() if k != country))
+        return f"The capital of {country} is {other}."
+    if "Celsius" in r["instruction"]:
+        c = float(inp.split()[0])
+        return f"{c + 32:g} °F"
+    if "upper case" in r["instruction"]:
+        return inp.lower()
+    words = out.replace(",", "").split()
+    wrong = words[:]
+    while wrong == words:  # another order of the same words
+        rng.shuffle(wrong)
+    return (", " if "," in out else " ").join(wrong)
+
+
+def preferences(n_train: int = 120, n_val: int = 40) -> None:
+    """prompt / chosen / rejected pairs: the computed answer is chosen, a wrong or evasive one rejected."""
+    rows, seen = [], set()
+    while len(rows) < n_train + n_val:
+        r = instruction_row()
+        prompt = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        if prompt.lower() not in seen:
+            seen.add(prompt.lower())
+            rows.append({"prompt": prompt, "chosen": r["output"], "rejected": worse_answer(r)})
+    write("preference_train.jsonl", rows[:n_train])
+    write("preference_validation.jsonl", rows[n_train:])
+
+
 def write(name: str, rows: list[dict]) -> None:
     with open(HERE / name, "w", encoding="utf-8") as f:
         for r in rows:
@@ -158,3 +200,4 @@ def write(name: str, rows: list[dict]) -> None:
 if __name__ == "__main__":
     sentiment()
     instructions()
+    preferences()  # last: the files above stay as they were

@@ -1,0 +1,106 @@
+"""Preference tuning (task `preference`): DPO on a LoRA adapter, and the reward metrics.
+
+DPO (Rafailov et al., 2023) raises the log-probability of the chosen answer relative to the
+rejected one, measured against a reference model: here the base model itself, reached by
+disabling the adapter, so no second copy of the weights is loaded. The policy starts from the
+adapter the SFT steps made (train on the chosen answers first, then DPO on the pairs).
+`train.dpo.nll_weight` adds the chosen answers' per-token negative log-likelihood to the loss
+(as TRL's `rpo_alpha` does): measured on SmolLM2, plain DPO at lr 5e-4 raised the reward
+accuracy while the chosen answers' loss rose from 1.63 to 4.87 and generations stopped ending.
+
+Used by train (`dpo`, after the SFT steps) and evaluate (`pair_logprobs`, `reward_metrics`).
+Rows are tokenized pairs: `input_ids` / `labels` (prompt + chosen) and `rejected_input_ids` /
+`rejected_labels` (prompt + rejected).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.modeling import autocast, batches, left_pad, response_width, token_logprobs
+from pipeline.params import Dpo
+
+
+def sequence_logprobs(model, rows: list[dict], prompt_learning: bool = False) -> torch.Tensor:
+    """Summed log-probability of each row's labelled (response) tokens; keeps the graph."""
+    dev = next(model.parameters()).device
+    logp, _ = token_logprobs(model, left_pad(rows, 0, dev), response_width(rows), prompt_learning)
+    return logp.sum(-1)
+
+
+def sides(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pairs]
+    rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in pairs]
+    return chosen, rejected
+
+
+def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float):
+    """(loss, implicit rewards of chosen and rejected): policy p, reference r, chosen c, rejected r."""
+    chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+    return -F.logsigmoid(chosen_reward - rejected_reward).mean(), chosen_reward, rejected_reward
+
+
+def token_count(rows: list[dict]) -> int:
+    return sum(sum(t != -100 for t in r["labels"]) for r in rows)
+
+
+def dpo(d: Dpo, model, pairs: list[dict], precision: str, seed: int, log, first_step: int) -> dict:
+    """`d.steps` DPO steps of `d.batch_size` pairs on the trainable adapter; `log(step, metrics)` is
+    called after each. Returns the last step's metrics."""
+    dev = next(model.parameters()).device
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=d.lr)
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    last: dict = {}
+    model.train()
+    for k in range(d.steps):
+        while len(order) < d.batch_size:
+            order += rng.permutation(len(pairs)).tolist()
+        batch, order = [pairs[i] for i in order[: d.batch_size]], order[d.batch_size :]
+        chosen, rejected = sides(batch)
+        with torch.no_grad(), model.disable_adapter(), autocast(precision, dev):
+            rc, rr = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
+        with autocast(precision, dev):
+            pc, pr = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
+        loss, cw, rw = dpo_loss(pc.float(), pr.float(), rc.float(), rr.float(), d.beta)
+        if d.nll_weight:  # DPO alone can lower both answers' likelihood and wreck generation; this holds chosen up
+            loss = loss - d.nll_weight * pc.float().sum() / token_count(chosen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        cw, rw = cw.detach(), rw.detach()
+        last = {"loss": float(loss.detach()), "reward_accuracy": float((cw > rw).float().mean()),
+                "reward_margin": float((cw - rw).mean())}
+        log(first_step + k + 1, last)
+    return last
+
+
+@torch.no_grad()
+def pair_logprobs(model, pairs: list[dict], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response log-probabilities of every pair's chosen and rejected answers."""
+    out = []
+    for side in sides(pairs):
+        scores = np.zeros(len(side))
+        order = sorted(range(len(side)), key=lambda i: len(side[i]["input_ids"]))
+        for idx in batches(order, batch_size):
+            scores[idx] = sequence_logprobs(model, [side[i] for i in idx]).float().cpu().numpy()
+        out.append(scores)
+    return out[0], out[1]
+
+
+def reward_metrics(policy: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+                   beta: float) -> dict:
+    """DPO's implicit reward against the reference: how often chosen beats rejected, and by how much."""
+    chosen = beta * (policy[0] - reference[0])
+    rejected = beta * (policy[1] - reference[1])
+    return {"reward_accuracy": round(float((chosen > rejected).mean()), 4),
+            "reward_margin": round(float((chosen - rejected).mean()), 4)}
+
+
+def preference_accuracy(scores: tuple[np.ndarray, np.ndarray]) -> float:
+    """How often a model gives the chosen answer more probability than the rejected one."""
+    return round(float((scores[0] > scores[1]).mean()), 4)

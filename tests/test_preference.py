@@ -1,0 +1,77 @@
+"""Preference pairs (task `preference`): schema, templates, tokenized pairs, SFT then DPO on the
+tiny model with the base as reference, and the reward metrics of evaluate."""
+
+import json
+import math
+
+import numpy as np
+import torch
+from conftest import prepare
+
+from pipeline import evaluate, train, validate
+from pipeline.modeling import load_adapter
+from pipeline.preference import dpo_loss, pair_logprobs, reward_metrics
+
+
+def test_dpo_loss_known_values():
+    one = torch.tensor([1.0])
+    loss, c, r = dpo_loss(pc=one * 3, pr=one * 1, rc=one * 2, rr=one * 2, beta=0.5)  # chosen +1, rejected -1
+    assert math.isclose(float(loss), -math.log(1 / (1 + math.exp(-1.0))), rel_tol=1e-6)
+    assert float(c) == 0.5 and float(r) == -0.5
+    a = np.array
+    assert reward_metrics((a([3.0, 0.0]), a([1.0, 1.0])), (a([2.0, 0.0]), a([2.0, 0.0])), 0.5) == \
+        {"reward_accuracy": 0.5, "reward_margin": 0.25}
+
+
+def test_bad_pairs_are_quarantined_with_file_row_and_field(tmp_path):
+    from conftest import make_params
+
+    p = make_params(**{"task": "preference", "validate.max_reject_ratio": 1.0})
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "5"}\n'
+                 '{"prompt": "Add 3 and 3.", "chosen": "6", "rejected": "6"}\n'
+                 '{"prompt": "Add 4 and 4.", "chosen": "8"}\n')
+    v = tmp_path / "val.jsonl"
+    v.write_text('{"prompt": "Add 5 and 5.", "chosen": "10", "rejected": "I would rather not say."}\n')
+    validate.run(p, f, v, tmp_path / "out", tmp_path / "m.json")
+    q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert {(r["row"], r["field"]) for r in q} == {(2, "rejected"), (3, "rejected")}
+    assert any("same as chosen" in r["reason"] for r in q) and any("missing" in r["reason"] for r in q)
+
+
+def test_sft_then_dpo_raises_the_reward_of_chosen_answers(tiny_base, tmp_path):
+    prep = prepare(tmp_path, tiny_base, task="preference", rows=None)
+    p = prep["params"]
+    pair = json.loads((prep["formatted"] / "train.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "response", "rejected"} <= set(pair) and pair["response"] != pair["rejected"]
+    from datasets import load_from_disk
+
+    tokenized = load_from_disk(str(prep["tokenized"] / "train"))
+    assert {"rejected_input_ids", "rejected_labels"} <= set(tokenized.column_names)
+
+    p = p.__class__(**{**vars(p), "train": p.train.__class__(**{
+        **vars(p.train), "epochs": 1.0, "dpo": p.train.dpo.__class__(beta=0.5, steps=24, lr=2e-2, batch_size=8)})})
+    metrics = train.run(p, prep["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    assert (tmp_path / "a" / "sft" / "adapter_model.safetensors").exists() and metrics["dpo"]["seconds"] > 0
+    curve = [float(x.split("\t")[1]) for x in
+             (tmp_path / "live" / "plots" / "metrics" / "dpo" / "loss.tsv").read_text().splitlines()[1:]]
+    assert len(curve) == 24 and sum(curve[-6:]) / 6 < sum(curve[:6]) / 6
+
+    # on the training pairs the DPO adapter's implicit reward ranks chosen over rejected more often than SFT's
+    model = load_adapter(tiny_base, tmp_path / "a")
+    pairs = list(tokenized)
+    with model.disable_adapter():
+        base = pair_logprobs(model, pairs, 16)
+    dpo_rewards = reward_metrics(pair_logprobs(model, pairs, 16), base, 0.5)
+    model.load_adapter(str(tmp_path / "a" / "sft"), adapter_name="sft")
+    model.set_adapter("sft")
+    sft_rewards = reward_metrics(pair_logprobs(model, pairs, 16), base, 0.5)
+    assert dpo_rewards["reward_accuracy"] > sft_rewards["reward_accuracy"], (dpo_rewards, sft_rewards)
+    assert dpo_rewards["reward_margin"] > sft_rewards["reward_margin"]
+
+    r = evaluate.run(p, tiny_base, tmp_path / "a", prep["formatted"], prep["tokenized"], tmp_path / "ev",
+                     prep["validated"])
+    assert r["rows"] == 40 and set(r) >= {"base", "sft", "adapter", "gain"}
+    for name in ("sft", "adapter"):
+        assert 0 <= r[name]["reward_accuracy"] <= 1 and "reward_margin" in r[name]
+    assert r["gain"]["reward_accuracy"] == round(r["adapter"]["reward_accuracy"] - r["sft"]["reward_accuracy"], 4)
