@@ -86,7 +86,7 @@ class Dpo:
 
     beta: float = 0.1
     steps: int = 40
-    lr: float = 5e-5
+    lr: float = 1e-4
     batch_size: int = 8
     nll_weight: float = 1.0  # + this x the chosen answers' per-token NLL (keeps their likelihood up; 0: plain DPO)
 
