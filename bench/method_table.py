@@ -183,12 +183,16 @@ def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, f
                      f"{fmt_int(t['peak_rss_mb']) + ' MB' if t.get('peak_rss_mb') else '–'} | "
                      f"{ref if ref is not None else '–'} |")
         bars.append((row, m["accuracy"], ref))
-    head = (f"{entry['description']}; measured {entry['date']} on {entry['machine']}. Validation accuracy and "
+    head = (f"{measured(entry)} Validation accuracy and "
             "macro-F1 (label scoring), training time of the train stage's loop, peak RSS of the train process. "
             "Each row: `dvc exp apply " + name + "-<row>`; overrides in bench/methods.yaml.")
     if mismatch:
         head += f" Note: base-model scores differ in rows {mismatch}."
     return head + "\n\n" + "\n".join(lines) + "\n", bars
+
+
+def measured(entry: dict) -> str:
+    return f"{entry['description']}; measured {entry['date']} on {entry['machine']}."
 
 
 def instruction_table(name: str, entry: dict) -> str:
@@ -205,8 +209,8 @@ def instruction_table(name: str, entry: dict) -> str:
             samples.append(f"**{row}, validation row {s['row']}**: {prompt}\n\n"
                            f"- base: {one_line(s['base'])}\n- adapter: {one_line(s['adapter'])}\n"
                            f"- reference: {one_line(s['reference'])}\n")
-    head = f"{entry['description']}; measured {entry['date']} on {entry['machine']}."
-    return head + "\n\n" + "\n".join(lines) + "\n\nGreedy generations, side by side:\n\n" + "\n".join(samples)
+    return (measured(entry) + "\n\n" + "\n".join(lines) + "\n\nGreedy generations, side by side:\n\n"
+            + "\n".join(samples))
 
 
 def preference_table(name: str, entry: dict) -> str:
@@ -224,8 +228,7 @@ def preference_table(name: str, entry: dict) -> str:
                      f"({x['overrides'].get('train.dpo', {})}) in {dpo.get('seconds', 0):.0f} s; last DPO step: "
                      f"loss {dpo.get('loss')}, batch reward accuracy {dpo.get('reward_accuracy')}; "
                      f"{e['rows']} held-out pairs.")
-    head = f"{entry['description']}; measured {entry['date']} on {entry['machine']}."
-    return head + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return measured(entry) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def one_line(text: str, limit: int = 240) -> str:

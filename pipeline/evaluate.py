@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import typer
 
-from pipeline.format import Renderer, label_choices, pick_shots
+from pipeline.format import Renderer, format_rows, pick_shots
 from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, write_jsonl
 from pipeline.modeling import (
     IGNORE,
@@ -176,16 +176,10 @@ def fewshot_rows(p: Params, tok, formatted: Path, validated: Path) -> list[dict]
     fmt = json.loads((formatted / "format.json").read_text())
     renderer = Renderer(fmt["template_text"], fmt["template"], tokenizer=tok, chat_template=fmt["chat_template"],
                         system_prompt=fmt["system_prompt"])
-    f = p.validate.label_field
-    shots = pick_shots(read_jsonl(validated / "train.jsonl"), f, list(p.labels), p.evaluate.shots, p.seed)
+    shots = pick_shots(read_jsonl(validated / "train.jsonl"), p.validate.label_field, list(p.labels),
+                       p.evaluate.shots, p.seed)
     src = validated / "validation.jsonl"
-    out = []
-    for row in read_jsonl(src):
-        row = {**row, "labels": list(p.labels)}
-        where = f"{src} row {row.get('row', '?')}"
-        out.append({"row": row.get("row"), "label": row[f], "prompt": renderer.prompt(row, where, shots),
-                    "choices": label_choices(renderer, row, f, list(p.labels), where)})
-    return out
+    return format_rows(p, renderer, read_jsonl(src), src, shots)
 
 
 def evaluate_classification(p: Params, model, tok, rows: list[dict], tmp: Path, fewshot: list[dict] = ()) -> dict:
@@ -269,24 +263,26 @@ def evaluate_preference(p: Params, model, tok, rows: list[dict], pairs: list[dic
                         tmp: Path) -> dict:
     """Held-out pairs: how often each model prefers the chosen answer (base, SFT adapter, DPO adapter),
     and DPO's implicit reward against the base (reward accuracy and margin) for both adapters."""
-    from pipeline.preference import pair_logprobs, preference_accuracy, reward_metrics
+    from pipeline.preference import pair_logprobs, preference_accuracy, reward_metrics, sides, token_count
 
     bs, beta = p.evaluate.batch_size, p.train.dpo.beta
-    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pairs]
+    tokens = token_count(sides(pairs)[0])
+
+    def loss(scores) -> float:  # mean NLL per chosen-answer token, as eval_loss computes it
+        return round(float(-scores[0].sum() / tokens), 4)
+
     with model.disable_adapter():
         base = pair_logprobs(model, pairs, bs)
-        results = {"base": {"preference_accuracy": preference_accuracy(base),
-                            "eval_loss": round(eval_loss(model, chosen, bs), 4)}}
+    results = {"base": {"preference_accuracy": preference_accuracy(base), "eval_loss": loss(base)}}
     scored = {"adapter": pair_logprobs(model, pairs, bs)}
-    results["adapter"] = {"eval_loss": round(eval_loss(model, chosen, bs), 4)}
     if (adapter_dir / "sft").exists():  # the SFT adapter DPO started from, on the same base weights
         model.load_adapter(str(adapter_dir / "sft"), adapter_name="sft", is_trainable=False)
         model.set_adapter("sft")
         scored["sft"] = pair_logprobs(model, pairs, bs)
-        results["sft"] = {"eval_loss": round(eval_loss(model, chosen, bs), 4)}
         model.set_adapter("default")
     for name, s in scored.items():
-        results[name] |= {"preference_accuracy": preference_accuracy(s), **reward_metrics(s, base, beta)}
+        results[name] = {"eval_loss": loss(s), "preference_accuracy": preference_accuracy(s),
+                         **reward_metrics(s, base, beta)}
     if "sft" in results:
         results["gain"] = {k: round(results["adapter"][k] - results["sft"][k], 4)
                            for k in ("reward_accuracy", "reward_margin", "preference_accuracy")}

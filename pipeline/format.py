@@ -114,7 +114,8 @@ def renderer_for(p: Params, template: Path, tokenizer_dir: Path | None) -> Rende
                               system_prompt=p.format.system_prompt)
 
 
-def format_rows(p: Params, r: Renderer, rows: list[dict], src: Path) -> list[dict]:
+def format_rows(p: Params, r: Renderer, rows: list[dict], src: Path, shots: list[dict] = ()) -> list[dict]:
+    """Rendered rows; with `shots`, every prompt starts with those solved examples (see Renderer.prompt)."""
     out = []
     for row in rows:
         row = {**row, "labels": list(p.labels)}
@@ -124,7 +125,7 @@ def format_rows(p: Params, r: Renderer, rows: list[dict], src: Path) -> list[dic
                         "response": r.response({**row, "response": row["chosen"]}, f"{where} chosen"),
                         "rejected": r.response({**row, "response": row["rejected"]}, f"{where} rejected")})
             continue
-        item = {"row": row.get("row"), "prompt": r.prompt(row, where), "response": r.response(row, where)}
+        item = {"row": row.get("row"), "prompt": r.prompt(row, where, shots), "response": r.response(row, where)}
         if p.task == "classification":
             label = row[p.validate.label_field]
             item["label"] = label

@@ -154,9 +154,6 @@ def own_method(adapter_dir: Path) -> str | None:
     return method if method in WEIGHTS else None
 
 
-def is_full(adapter_dir: Path) -> bool:
-    return own_method(adapter_dir) is not None
-
 
 def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
     """An adapter folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.evaluate import choice_scores, generate
 from pipeline.format import Renderer, label_choices
-from pipeline.modeling import check_adapter, is_full, load_adapter, load_tokenizer
+from pipeline.modeling import check_adapter, load_adapter, load_tokenizer, own_method
 from pipeline.stage import PipelineError
 
 
@@ -41,9 +41,10 @@ class Predictor:
         self.model = None
         for name, path in adapters.items():
             path = Path(path)
-            if is_full(path) and len(adapters) > 1:
-                raise PipelineError(f"predict: {path} is a fully fine-tuned model (train.method: full), not an "
-                                    "adapter; it cannot share a base with other adapters: predict with it alone")
+            if own_method(path) and len(adapters) > 1:
+                raise PipelineError(f"predict: {path} holds the base model's own weights trained (train.method: "
+                                    f"{own_method(path)}), not a PEFT adapter; it cannot share a base with other "
+                                    "adapters: predict with it alone")
             if self.model is None:
                 self.model = load_adapter(base_dir, path, adapter_name=name, allow_other_base=allow_other_base)
             else:

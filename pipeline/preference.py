@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.modeling import autocast, batches, left_pad, response_width, token_logprobs
+from pipeline.modeling import IGNORE, autocast, batches, left_pad, response_width, token_logprobs
 from pipeline.params import Dpo
 
 
@@ -43,7 +43,7 @@ def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
 
 
 def token_count(rows: list[dict]) -> int:
-    return sum(sum(t != -100 for t in r["labels"]) for r in rows)
+    return sum(sum(t != IGNORE for t in r["labels"]) for r in rows)
 
 
 def dpo(d: Dpo, model, pairs: list[dict], precision: str, seed: int, log, first_step: int) -> dict:

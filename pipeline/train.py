@@ -351,7 +351,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         if procs.main:
             core.save_pretrained(str(ckpt / "sft"), safe_serialization=True)
         t1 = time.time()
-        dpo_metrics = {**run_dpo(p, core, data, live, steps), "seconds": time.time() - t1}
+        dpo_metrics = {**run_dpo(p, core, list(train_ds), live, steps), "seconds": time.time() - t1}
 
     # report
     metrics = {
@@ -372,13 +372,10 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     return core, metrics
 
 
-def run_dpo(p: Params, model, data: Path, live, sft_steps: int) -> dict:
+def run_dpo(p: Params, model, pairs: list[dict], live, sft_steps: int) -> dict:
     """DPO steps on the training pairs (pipeline/preference.py), logged after the SFT steps."""
-    from datasets import load_from_disk
-
     from pipeline.preference import dpo
 
-    pairs = list(load_from_disk(str(data / "train")))
     console = Console(stderr=True)
 
     def log(step: int, m: dict) -> None:
