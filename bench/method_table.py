@@ -108,8 +108,9 @@ def run_row(profile: str, spec: dict, row: str) -> dict:
               "train": {k: v for k, v in train.items() if k != "train"}, "evaluate": ev,
               "commit": sh("git", "rev-parse", "--short", "HEAD").stdout.strip()}
     samples = ROOT / "reports/evaluate/samples.jsonl"
-    if samples.exists():
-        record["samples"] = read_jsonl(samples)
+    if samples.exists():  # model outputs only: the data's own text stays in ../shared, not in this repo
+        record["samples"] = [{k: x[k] for k in ("row", "base", "adapter", "base_stopped", "adapter_stopped")}
+                             for x in read_jsonl(samples)]
     typer.echo(f"  {name}: " + ", ".join(f"{k} {ev['adapter'][k]}" for k in ("accuracy", "macro_f1", "eval_loss")
                                          if k in ev["adapter"]) + f", train {train['seconds']} s")
     return record
@@ -204,11 +205,9 @@ def instruction_table(name: str, entry: dict) -> str:
         lines.append(f"| `{row}` | {e['base']['eval_loss']:.3f} | {e['adapter']['eval_loss']:.3f} | "
                      f"{e['base']['perplexity']:.2f} | {e['adapter']['perplexity']:.2f} | {t['steps']} | "
                      f"{t['seconds'] / 60:.1f} min |")
-        for s in x.get("samples", [])[:3]:
-            prompt = one_line(s["prompt"].split("<|im_start|>user")[-1])
-            samples.append(f"**{row}, validation row {s['row']}**: {prompt}\n\n"
-                           f"- base: {one_line(s['base'])}\n- adapter: {one_line(s['adapter'])}\n"
-                           f"- reference: {one_line(s['reference'])}\n")
+        for s in x.get("samples", [])[:3]:  # the prompt and reference are that row of the validation file
+            samples.append(f"**{row}, validation row {s['row']}** (`{x['overrides']['data.validation']}`)\n\n"
+                           f"- base: {one_line(s['base'])}\n- adapter: {one_line(s['adapter'])}\n")
     return (measured(entry) + "\n\n" + "\n".join(lines) + "\n\nGreedy generations, side by side:\n\n"
             + "\n".join(samples))
 
