@@ -247,6 +247,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def end_processes() -> None:
+    """Every process waits for the main one's save, then leaves the process group (a process that exits
+    inside it can abort in gloo's threads)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     """Train; returns the PEFT model and the run's metrics (nothing is saved but checkpoints and the curve)."""
     # load
@@ -338,7 +346,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
                 live.log_metric("train/lr", scheduler.get_last_lr()[0])
                 live.make_summary()
             bar.update(task, advance=1, loss=f"{loss_ema:.4f}")
-            if step % t.log_every == 0 or step == steps:
+            if procs.main and (step % t.log_every == 0 or step == steps):
                 bar.console.log(f"step {step}/{steps} loss {step_loss:.4f} (avg {loss_ema:.4f})")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
                 if procs.main:
@@ -384,7 +392,7 @@ def run_dpo(p: Params, model, pairs: list[dict], live, sft_steps: int) -> dict:
             for k, v in m.items():
                 live.log_metric(f"dpo/{k}", v)
             live.make_summary()
-        if (step - sft_steps) % p.train.log_every == 0 or step == sft_steps + p.train.dpo.steps:
+        if live and ((step - sft_steps) % p.train.log_every == 0 or step == sft_steps + p.train.dpo.steps):
             console.log(f"dpo step {step - sft_steps}/{p.train.dpo.steps} loss {m['loss']:.4f} "
                         f"reward accuracy {m['reward_accuracy']:.2f} margin {m['reward_margin']:.3f}")
 
@@ -432,6 +440,7 @@ def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: 
     if is_main_process():  # one adapter, saved once
         save(p, model, metrics, data, base_dir, out, ckpt)
         shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
+    end_processes()
     return metrics
 
 
