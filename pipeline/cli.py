@@ -54,6 +54,15 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
         merged = x.get("merged")
         detail = f"max |merged - adapter| {x['max_abs_diff_vs_adapter']:.1e}" if merged else x.get("reason", "")
         table.add_row("export", "merged" if x.get("merged") else "adapter only", "", detail, "")
+    g = _load(reports / "gguf.json")
+    if g:
+        detail = (f"{g['file']}, {g['bytes'] / 2**20:.0f} MiB, logits re-read within "
+                  f"{g['max_abs_logit_diff_reread']:.2g}" if g.get("written") else g.get("reason", ""))
+        table.add_row("gguf", "written" if g.get("written") else "not written", "", detail, "")
+        if "llama_cpp" in g:
+            c = g["llama_cpp"]
+            table.add_row("gguf", f"llama.cpp agreement ({c['rows']} rows)", "",
+                          str(c.get("label_agreement", c["answer_agreement"])), "")
     if not table.rows:
         console.print(f"no metrics under {reports}/ yet: run `dvc repro` first")
         raise typer.Exit(1)

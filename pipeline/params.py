@@ -139,6 +139,16 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Gguf:
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name; null: the base's source GGUF's
+    check_rows: int = 4  # validation rows whose logits must match after transformers reads the file back
+    llama_cpp_rows: int = 0  # validation rows answered by llama.cpp and PyTorch and compared (needs .[gguf])
+    min_agreement: float = 0.9
+    max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     task: Literal["classification", "instruction", "preference"]
@@ -151,6 +161,7 @@ class Params:
     evaluate: Evaluate
     export: Export
     labels: list = field(default_factory=list)
+    gguf: Gguf = field(default_factory=Gguf)
 
 
 def peft_methods() -> dict[str, type]:

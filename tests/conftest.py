@@ -158,6 +158,7 @@ def repo(tmp_path, tiny_base) -> Path:
     for f in (ROOT / "data" / "example").glob("sentiment_*.jsonl"):
         shutil.copy(f, r / "data" / "example" / f.name)
     params = raw_params(**{**TINY_TRAIN, "base.model": str(tiny_base), "base.gguf_file": None,
+                           "gguf.tokenizer_pre": "gpt-2",
                            "train.epochs": 1, "data.train": "data/example/sentiment_train.jsonl",
                            "data.validation": "data/example/sentiment_validation.jsonl"})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -209,7 +209,7 @@ def test_kill_9_during_training_then_repro_resumes(repo):
     assert not (repo / "models" / "adapter").exists()
 
     out = sh(repo, sys.executable, "-m", "dvc", "repro")
-    assert ran(out) == ["train", "evaluate", "export"]
+    assert ran(out) == ["train", "evaluate", "export", "gguf"]
     metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= step_at_kill and metrics["steps"] == 360
     losses = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]

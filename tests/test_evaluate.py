@@ -27,6 +27,10 @@ def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
     assert len(preds) == 32 and {"actual", "predicted"} <= set(preds[0])
     assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == json.loads(json.dumps(r))
+    # the model stops: the trained adapter ends every sampled answer at EOS; the random base runs on
+    samples = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert r["adapter"]["stopped_ratio"] == 1.0 and all(s["adapter_stopped"] for s in samples)
+    assert not any(s["base_stopped"] for s in samples)
 
 
 def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):

@@ -18,7 +18,7 @@ from conftest import ROOT
 from pipeline import flow
 from pipeline.params import ParamsError
 
-STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export"]
+STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export", "gguf"]
 
 
 def test_stage_order_is_dvc_yaml_dag():
@@ -162,7 +162,7 @@ def test_scheduled_deployment_runs_then_skips_everything(server, repo, tmp_path)
 
             # a params override run as a DVC experiment: only train onwards reruns, and the experiment is saved
             states = flow.pipeline(root=str(repo), overrides=["train.lr=0.001"], experiment="lr-1e-3")
-            assert [s for s, v in states.items() if v == "ran"] == ["train", "evaluate", "export"]
+            assert [s for s, v in states.items() if v == "ran"] == ["train", "evaluate", "export", "gguf"]
             assert "lr-1e-3" in sh_dvc(repo, "exp", "list")
     finally:
         serve.terminate()

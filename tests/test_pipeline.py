@@ -7,7 +7,7 @@ import sys
 import yaml
 from conftest import TINY_TRAIN, sh
 
-STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export"]
+STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export", "gguf"]
 
 
 def ran(output: str) -> list[str]:
@@ -32,7 +32,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(repo):
     params["train"]["lr"] = 1e-3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(repo, sys.executable, "-m", "dvc", "repro")
-    assert ran(out) == ["train", "evaluate", "export"]
+    assert ran(out) == ["train", "evaluate", "export", "gguf"]
 
 
 def test_bad_params_fail_with_one_line(repo):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, make_params
 
-from pipeline import base, evaluate, export, tokenize, train, validate
+from pipeline import base, evaluate, export, gguf, tokenize, train, validate
 from pipeline import format as fmt
 from pipeline.modeling import load_base_model, load_tokenizer
 from pipeline.params import Base
@@ -46,3 +46,10 @@ def test_smollm2_from_gguf_through_all_stages(tmp_path):
     assert r["rows"] == 30 and 0 <= r["base_5shot"]["accuracy"] <= 1
     x = export.run(p.export, b, tmp_path / "a", tmp_path / "t", tmp_path / "x")
     assert x["merged"] and x["max_abs_diff_vs_adapter"] < p.export.atol < x["max_abs_diff_vs_base"]
+    # GGUF for llama.cpp: the tokenizer's llama.cpp name comes from the source GGUF; llama.cpp tokenizes the
+    # 30 prompts as training did and answers like the PyTorch merged model
+    g = gguf.run(make_params(**{"gguf.llama_cpp_rows": 30}), tmp_path / "x", tmp_path / "f", tmp_path / "v",
+                 tmp_path / "g")
+    assert g["written"] and g["tokenizer_pre"] == "smollm" and g["max_abs_logit_diff_reread"] < 0.5
+    assert g["modelfile_rows_checked"] == 30
+    assert g["llama_cpp"]["token_agreement"] == 1.0 and g["llama_cpp"]["label_agreement"] >= 0.9
