@@ -256,6 +256,7 @@ def llama_cpp_parity(path: Path, model_dir: Path, prompts: list[str], tok, label
         if labels:
             same_label += label_of(cpp, labels) == label_of(torch_text, labels)
         answers.append({"llama_cpp": cpp, "pytorch": torch_text})
+    llm.close()
     n = len(prompts)
     result = {"rows": n, "token_agreement": round(same_tokens / n, 4), "answer_agreement": round(same_text / n, 4)}
     if labels:
@@ -272,7 +273,7 @@ def label_of(text: str, labels: list[str]) -> str | None:
 def modelfile_parity(go: str, field: str, source_rows: list[dict], formatted_rows: list[dict]) -> int:
     """Fill the Modelfile template with each validation row's text and compare with that row's training
     prompt; rows with other prompt fields set (an Alpaca `input`) cannot be sent that way and are left out.
-    Returns the number of rows compared; any difference is an error."""
+    Returns the number of rows compared (recorded in the metrics); any difference is an error."""
     prompts = {r["row"]: r["prompt"] for r in formatted_rows}
     checked = 0
     for r in source_rows:
@@ -282,8 +283,6 @@ def modelfile_parity(go: str, field: str, source_rows: list[dict], formatted_row
             raise GgufError(f"gguf: validation row {r['row']}: the Modelfile template filled with its '{field}' "
                             "is not the prompt the adapter was trained with")
         checked += 1
-    if not checked:
-        raise GgufError("gguf: no validation row could be sent through the Modelfile template to check it")
     return checked
 
 
