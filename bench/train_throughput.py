@@ -13,7 +13,9 @@ free generation, batched vs per-row tokenization, and `dvc repro` with nothing t
 
 Inputs: the base model folder (`dvc repro base`), ../shared/datasets/financial_phrasebank.
 Outputs: bench/results/train_throughput.{json,md}.
-Run: `make bench` (or `python bench/train_throughput.py --steps 12`).
+Run: `make bench` (or `python bench/train_throughput.py --steps 12`). `--seeds 1,2,3` trains every
+variant once per seed (data order, dropout and LoRA init) and reports the mean and spread: one seed
+cannot tell a better recipe from a luckier data order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,7 @@ from pipeline.modeling import IGNORE, batches, left_pad, load_tokenizer, respons
 from pipeline.params import parse_params  # noqa: E402
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
-LR, WARMUP, SEED = 1e-3, 0.1, 42
+LR, WARMUP = 1e-3, 0.1
 NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic padding + group_by_length",
          "c": "TRL SFTTrainer (completion only)", "d": "peftflow train stage", "q": "peftflow train stage, QLoRA 4-bit"}
 
@@ -61,7 +64,7 @@ def bench_params(args, quantization: dict | None = None):
                      "grad_accum": 1, "lr": LR, "warmup_ratio": WARMUP, "lr_scheduler": "linear",
                      "precision": "bf16", "checkpoint_every": 0, "log_every": max(1, args.steps // 4),
                      "quantization": quantization, "loraplus_lr_ratio": None}
-    raw["seed"] = SEED
+    raw["seed"] = args.seed
     return parse_params(raw)
 
 
@@ -100,8 +103,8 @@ def train_args(args, out: Path, bf16: bool, **extra) -> dict:
     return dict(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                 learning_rate=LR, warmup_steps=int(WARMUP * args.steps), lr_scheduler_type="linear",
                 weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
-                seed=SEED, bf16=bf16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-                disable_tqdm=True, **extra)
+                seed=args.seed, data_seed=args.seed, bf16=bf16, use_cpu=not torch.cuda.is_available(),
+                dataloader_num_workers=0, disable_tqdm=True, **extra)
 
 
 def run_trainer(trainer, counter) -> dict:
@@ -203,11 +206,12 @@ def flops_per_token(model, rows: list[dict]) -> float:
 def worker(name: str, args, work: Path) -> None:
     from datasets import load_from_disk
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     model, result = globals()[f"worker_{name}"](args, work)
     result["peak_rss_mb"] = round(rss_mb())
+    validation = load_from_disk(str(work / "tokenized" / "validation"))
     held = [{"input_ids": r["input_ids"], "labels": r["labels"]}
-            for r in load_from_disk(str(work / "tokenized" / "validation")).select(range(args.heldout))]
+            for r in validation.select(range(min(args.heldout, len(validation))))]
     result["heldout_loss"] = heldout_loss(model, held)
     if name == "d":
         result["flops_per_token"] = flops_per_token(model, held[: args.batch_size])
@@ -309,17 +313,31 @@ def bench_dvc() -> dict:
 
 def table(res: dict) -> str:
     d = res["train"]["d"]
+    seeds = res.get("seeds", [42])
+    many = len(seeds) > 1
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}; SmolLM2-135M, Financial PhraseBank "
-             f"train, LoRA r=16 alpha=32 q/v, batch {res['batch_size']}, {res['steps']} steps each.", "",
+             f"train, LoRA r=16 alpha=32 q/v, batch {res['batch_size']}, {res['steps']} steps each"
+             + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation)."
+                if many else "."), "",
              "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def loss(r: dict, k: str) -> str:
+        return f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" if many else f"{r[k]:.3f}"
+
     for k, r in res["train"].items():
         if "error" in r:
             lines.append(f"| {k}: {NAMES[k]} | failed: {r['error']} | | | | | |")
             continue
         ratio = d["tokens_per_second"] / r["tokens_per_second"]
         lines.append(f"| {k}: {NAMES[k]} | {r['tokens_per_second']:.0f} | {r['seconds_per_epoch']:.0f} | "
-                     f"{r['peak_rss_mb']} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.3f} | {ratio:.2f}x |")
+                     f"{r['peak_rss_mb']} | {loss(r, 'final_train_loss')} | {loss(r, 'heldout_loss')} | {ratio:.2f}x |")
+    if many:
+        lines += ["", "Per seed, held-out loss: " + "; ".join(
+            f"{k}: " + ", ".join(f"{x['heldout_loss']:.3f}" for x in r["per_seed"].values())
+            for k, r in res["train"].items() if "per_seed" in r) + "."]
+    if "mfu" not in res:
+        return "\n".join(lines) + "\n"
     m, t, v = res["mfu"], res["tokenize"], res["dvc"]
     lines += ["", f"- MFU of d: {m['achieved_gflops']:.0f} GFLOP/s achieved (torch-counted FLOPs) = "
               f"{m['mfu_bf16']:.1%} of the measured bf16 matmul peak ({m['peak_bf16_gflops']:.0f} GFLOP/s; "
@@ -348,6 +366,10 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", default="42", help="comma-separated; each variant trains once per seed")
+    ap.add_argument("--only-train", action="store_true", 
+                    help="training variants only (no MFU, evaluate, tokenize, dvc)")
     ap.add_argument("--dvc-only", action="store_true", help="only redo the no-op `dvc repro` timing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -368,23 +390,25 @@ def main() -> None:
                f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
                "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "train": {}}
         epoch_tokens = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]["tokens"]
+        seeds = [int(x) for x in args.seeds.split(",")]
+        res["seeds"] = seeds
         for name in args.variants:
-            print(f"bench: training variant {name} ({NAMES[name]})", file=sys.stderr, flush=True)
-            forward = {k: v for k, v in vars(args).items() if k not in ("worker", "work", "dvc_only")}
-            cmd = [sys.executable, __file__, "--worker", name, "--work", str(work)] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in forward.items()]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                res["train"][name] = {"error": proc.stderr.strip().splitlines()[-1][:200]}
-                continue
-            r = json.loads((work / f"{name}.json").read_text())
-            r["tokens_per_second"] = r["tokens"] / r["seconds"]
-            r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
-            res["train"][name] = r
+            runs = {}
+            for seed in seeds:
+                print(f"bench: training variant {name} ({NAMES[name]}), seed {seed}", file=sys.stderr, flush=True)
+                r = run_worker(name, args, work, seed)
+                if "error" in r:
+                    runs = r
+                    break
+                r["tokens_per_second"] = r["tokens"] / r["seconds"]
+                r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
+                runs[seed] = r
+            res["train"][name] = runs if "error" in runs else summarize(runs)
         d = res["train"].get("d", {})
         if "tokens_per_second" not in d:
             raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
+        if args.only_train:
+            return finish(args, res, "train_throughput_seeds" if len(seeds) > 1 else "train_throughput")
         peak16, peak32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
         achieved = d["flops_per_token"] * d["tokens_per_second"]
         res["mfu"] = {"achieved_gflops": achieved / 1e9, "peak_bf16_gflops": peak16 / 1e9,
@@ -393,9 +417,38 @@ def main() -> None:
         res["evaluate"] = bench_evaluate(args, work)
         res["tokenize"] = bench_tokenize(args, work)
     res["dvc"] = bench_dvc()
+    finish(args, res, "train_throughput")
+
+
+def run_worker(name: str, args, work: Path, seed: int) -> dict:
+    """One training variant in its own process (its own peak RSS); its result, or the error it ended with."""
+    forward = {k: v for k, v in vars(args).items() if k not in ("worker", "work", "dvc_only", "only_train", "seeds")}
+    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), f"--seed={seed}"] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in forward.items() if k != "seed"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": proc.stderr.strip().splitlines()[-1][:200]}
+    return json.loads((work / f"{name}.json").read_text())
+
+
+def summarize(runs: dict[int, dict]) -> dict:
+    """Mean of each figure over the seeds, the per-seed results kept; sample standard deviation of the losses."""
+    keys = ("seconds", "tokens", "tokens_per_second", "seconds_per_epoch", "final_train_loss", "heldout_loss")
+    out = {k: statistics.fmean(r[k] for r in runs.values()) for k in keys}
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs.values())
+    for k in ("final_train_loss", "heldout_loss"):
+        out[f"{k}_sd"] = statistics.stdev(r[k] for r in runs.values()) if len(runs) > 1 else 0.0
+    if all("flops_per_token" in r for r in runs.values()):
+        out["flops_per_token"] = statistics.fmean(r["flops_per_token"] for r in runs.values())
+    out["per_seed"] = runs
+    return out
+
+
+def finish(args, res: dict, stem: str) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_throughput.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "train_throughput.md").write_text(table(res))
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table(res))
     print(table(res))
 
 

@@ -220,9 +220,22 @@ class Processes:
         self.rank = self.acc.process_index if self.acc else 0
         self.world = self.acc.num_processes if self.acc else 1
         self.main = self.rank == 0
+        asked = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
+        if self.acc and asked and self.acc.distributed_type.value != asked[0] and self.main:
+            print(f"train: warning: the accelerate config asks for {asked[0]} but accelerate runs it as "
+                  f"{self.acc.distributed_type.value} on {dev.type}: every process holds the whole model "
+                  "(FSDP and DeepSpeed shard only on GPUs)", file=sys.stderr, flush=True)
 
     def wrap(self, model):
         return self.acc.prepare_model(model) if self.acc else model
+
+    def kind(self, model) -> str:
+        """How the run was spread: "single", or accelerate's distributed type, marked "sharded" when
+        the parameters became DTensors (FSDP2)."""
+        if not self.acc:
+            return "single"
+        sharded = any(type(q).__name__ == "DTensor" for q in model.parameters())
+        return f"{self.acc.distributed_type.value}{', sharded' if sharded else ''}"
 
     def share(self, rows: list) -> tuple[list, int]:
         """This process's rows of a micro-batch and the loss scale (a batch smaller than the number
@@ -367,7 +380,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         "final_loss_avg": round(loss_ema, 4) if loss_ema is not None else None,
         "trainable_params": trainable, "total_params": total, "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
-        "peak_rss_mb": peak_rss_mb(), "processes": procs.world,
+        "peak_rss_mb": peak_rss_mb(), "processes": procs.world, "distributed": procs.kind(core),
     }
     if dpo_metrics:
         metrics["dpo"] = {k: round(v, 4) for k, v in dpo_metrics.items()}

@@ -93,10 +93,8 @@ def test_unknown_peft_argument_is_caught_before_training():
         make_params(**{"train.lora": {"r": 4, "alpha": 8}})
 
 
-def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(trained, tiny_base, tmp_path):
-    """`train.num_processes: 2`: the stage relaunches itself under `accelerate launch` (DDP over gloo on
-    this CPU); each process takes half of every batch, the curve follows the one-process run (same
-    data order, same steps), and only the main process writes the adapter."""
+def launch_train(trained: dict, tiny_base, tmp_path, **overrides):
+    """The train stage as DVC runs it (`python -m pipeline.train ...`) with these params overrides."""
     import subprocess
     import sys
 
@@ -104,13 +102,15 @@ def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(traine
     from conftest import ROOT, TINY_TRAIN, raw_params
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw_params(**{**TINY_TRAIN, "train.num_processes": 2})))
-    out = tmp_path / "adapter"
-    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--data", str(trained["tokenized"]), "--base",
-                        str(tiny_base), "--out", str(out), "--live", str(tmp_path / "live"), "--checkpoints",
-                        str(tmp_path / "ckpt"), "--params", str(params)], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "accelerate.commands.launch" in r.stdout and r.stdout.count(f"-> {out}") == 1  # one process reports
+    params.write_text(yaml.safe_dump(raw_params(**{**TINY_TRAIN, **overrides})))
+    return subprocess.run([sys.executable, "-m", "pipeline.train", "--data", str(trained["tokenized"]), "--base",
+                           str(tiny_base), "--out", str(tmp_path / "adapter"), "--live", str(tmp_path / "live"),
+                           "--checkpoints", str(tmp_path / "ckpt"), "--params", str(params)],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def assert_same_run(trained: dict, tmp_path, processes: int, distributed: str) -> None:
+    """Same steps, a loss curve within 2% of the one-process run, adapter weights within 1e-2."""
 
     def curve(live):
         return [float(x.split("\t")[1]) for x in
@@ -119,9 +119,34 @@ def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(traine
     one, two = curve(trained["live"]), curve(tmp_path / "live")
     assert len(one) == len(two) == 16
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 0.02 * max(one), (one, two)
-    record = json.loads((out / "peftflow.json").read_text())
-    assert record["metrics"]["processes"] == 2 and record["metrics"]["steps"] == trained["metrics"]["steps"]
-    assert record["metrics"]["tokens_per_second"] > 0
+    out = tmp_path / "adapter"
+    m = json.loads((out / "peftflow.json").read_text())["metrics"]
+    assert (m["processes"], m["distributed"], m["steps"]) == (processes, distributed, trained["metrics"]["steps"])
+    assert m["tokens_per_second"] > 0
     a, b = load_file(str(trained["adapter"] / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(trained, tiny_base, tmp_path):
+    """`train.num_processes: 2`: the stage relaunches itself under `accelerate launch` (DDP over gloo on
+    this CPU); each process takes half of every batch, the curve follows the one-process run (same
+    data order, same steps), and only the main process writes the adapter."""
+    r = launch_train(trained, tiny_base, tmp_path, **{"train.num_processes": 2})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "accelerate.commands.launch" in r.stdout and r.stdout.count(f"-> {tmp_path / 'adapter'}") == 1
+    assert_same_run(trained, tmp_path, 2, "MULTI_CPU")
+
+
+def test_an_fsdp_config_on_cpu_runs_as_ddp_and_says_so(trained, tiny_base, tmp_path):
+    """docs/scaling.md's FSDP config given as `train.accelerate_config`: accelerate cannot shard on a CPU
+    and runs the processes as plain multi-CPU DDP; the stage says so, records it, and trains the same."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_state_dict_type: FULL_STATE_DICT\n")
+    r = launch_train(trained, tiny_base, tmp_path, **{"train.num_processes": 2, "train.accelerate_config": str(config)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "asks for FSDP but accelerate runs it as MULTI_CPU" in r.stderr
+    assert_same_run(trained, tmp_path, 2, "MULTI_CPU")
