@@ -366,9 +366,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)  # one worker's seed (from --seeds)
     ap.add_argument("--seeds", default="42", help="comma-separated; each variant trains once per seed")
-    ap.add_argument("--only-train", action="store_true", 
+    ap.add_argument("--only-train", action="store_true",
                     help="training variants only (no MFU, evaluate, tokenize, dvc)")
     ap.add_argument("--dvc-only", action="store_true", help="only redo the no-op `dvc repro` timing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -398,12 +398,13 @@ def main() -> None:
                 print(f"bench: training variant {name} ({NAMES[name]}), seed {seed}", file=sys.stderr, flush=True)
                 r = run_worker(name, args, work, seed)
                 if "error" in r:
-                    runs = r
+                    res["train"][name] = r
                     break
                 r["tokens_per_second"] = r["tokens"] / r["seconds"]
                 r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
                 runs[seed] = r
-            res["train"][name] = runs if "error" in runs else summarize(runs)
+            else:
+                res["train"][name] = summarize(runs)
         d = res["train"].get("d", {})
         if "tokens_per_second" not in d:
             raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
