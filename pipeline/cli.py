@@ -42,7 +42,9 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
     t = _load(reports / "train" / "metrics.json")
     if t:
         table.add_row("train", f"{t['method']}: final loss, {t['steps']} steps", "", str(t["final_loss"]), "")
-        table.add_row("train", "trainable params / seconds", "", f"{t['trainable_params']:,} / {t['seconds']}", "")
+        run = _load(reports / "train" / "run.json") or {}  # the run facts: timings differ run to run
+        table.add_row("train", "trainable params / seconds", "", f"{t['trainable_params']:,} / {run.get('seconds', '?')}",
+                      "")
     e = _load(reports / "evaluate" / "metrics.json")
     if e:
         for k in ("accuracy", "macro_f1", "eval_loss", "perplexity"):
@@ -165,12 +167,13 @@ def lineage(
         raise typer.Exit(2) from None
     rec = r["record"]
     made = rec.get("adapter", rec)
-    g = made.get("git", {})
-    console.print(f"[bold]{path}[/bold] made by stage {rec.get('stage')} at git {g.get('commit')}"
-                  + (f" [yellow](uncommitted changes: {', '.join(g.get('dirty_files', []))})[/yellow]"
-                     if g.get("dirty") else ""))
-    if r["found_in"]:
-        console.print(f"recorded in dvc.lock at commit {r['found_in']}")
+    console.print(f"[bold]{path}[/bold] made by stage {rec.get('stage')}")
+    console.print(f"recorded in dvc.lock at commit {r['found_in']}" if r["found_in"]
+                  else "[yellow]no commit's dvc.lock records this folder[/yellow]")
+    env, hw = rec.get("env", {}), rec.get("hardware", {})
+    console.print(f"environment: requirements.lock sha256 {str(env.get('lock_sha256'))[:16]}, "
+                  f"Python {env.get('python')}")
+    console.print(f"hardware class: {lin.hardware_class(hw)}")
     b = made.get("base", {})
     console.print(f"base model: {b.get('source')} revision {b.get('revision')} gguf {b.get('gguf_file')} "
                   f"weights sha256 {str(b.get('weights_sha256'))[:16]}")
@@ -193,10 +196,64 @@ def lineage(
             row(c["stage"], "input", v)
     console.print(table)
     console.print("reproduce with:\n  " + "\n  ".join(r["commands"]))
-    if r["mismatches"]:
-        console.print(f"[red]{len(r['mismatches'])} recorded hash(es) differ from the workspace[/red]")
+    here = lin.hardware()
+    if lin.hardware_class(here) != lin.hardware_class(hw):
+        console.print(f"[yellow]this machine is another hardware class ({lin.hardware_class(here)}): "
+                      "floating-point results may differ from the record[/yellow]")
+    for name, recorded, installed in r["env"]:
+        console.print(f"[red]environment mismatch: {name} recorded {recorded or 'absent'}, "
+                      f"installed {installed or 'absent'}[/red]")
+    if r["mismatches"] or r["env"]:
+        console.print(f"[red]{len(r['mismatches'])} recorded hash(es) and {len(r['env'])} package version(s) "
+                      "differ from the workspace[/red] (make setup installs the locked versions)")
         raise typer.Exit(1)
-    console.print("every recorded hash matches the workspace")
+    console.print("every recorded hash and package version matches the workspace")
+
+
+@app.command()
+def verify(
+    stages: list[str] = typer.Argument(None, help="stages to rerun (default: all)"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+    keep: Path = typer.Option(None, help="rerun in this folder and keep it (default: a temporary one)"),
+) -> None:
+    """Rerun stages in a scratch copy of the workspace and compare every output hash with dvc.lock: one
+    row per output (same / differs, with the files inside a folder that differ). Exit code 1 on any
+    difference."""
+    from pipeline.verify import missing_deps
+    from pipeline.verify import verify as run_verify
+
+    console = Console()
+    undeclared = missing_deps(root)
+    for stage, files in undeclared.items():
+        console.print(f"[red]stage {stage} imports {', '.join(files)}, not in its dvc.yaml deps[/red]")
+    try:
+        rows = run_verify(root, stages or None, keep, log=lambda m: console.print(m, style="dim"))
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    table = Table("stage", "output", "result", "files that differ", title="outputs against dvc.lock")
+    for r in rows:
+        result = "same" if r.same else f"[red]differs[/red] {r.detail}"
+        table.add_row(r.stage, r.path, result, "\n".join(r.files[:10]) + (" …" if len(r.files) > 10 else ""))
+    console.print(table)
+    bad = [r for r in rows if not r.same]
+    if bad or undeclared:
+        console.print(f"[red]{len(bad)} of {len(rows)} outputs differ from dvc.lock[/red]")
+        raise typer.Exit(1)
+    console.print(f"all {len(rows)} outputs are the same as in dvc.lock")
+
+
+@app.command()
+def deps(root: Path = typer.Option(Path("."), help="the DVC project folder")) -> None:
+    """Check that every stage's dvc.yaml deps cover the project modules it imports. Exit code 1 if not."""
+    from pipeline.verify import missing_deps
+
+    undeclared = missing_deps(root)
+    for stage, files in undeclared.items():
+        typer.echo(f"stage {stage}: imports {', '.join(files)}, not in its deps")
+    if undeclared:
+        raise typer.Exit(1)
+    typer.echo("every stage's deps cover its imports")
 
 
 @app.command()

@@ -6,12 +6,14 @@ base + adapter: they must agree within `export.atol` and must differ from the ba
 the stage fails. Methods that cannot be merged (prompt learning: prefix, prompt, P-tuning)
 export the adapter alone, with a note saying why.
 
-Every export carries its lineage (`lineage.json` and the safetensors metadata: this stage's
-record plus the adapter's, see pipeline/lineage.py) and a model card (`README.md`, rendered
-with jinja2 from that record, the evaluation metrics and the data license).
+Every export carries one record (`peftflow.json`, also in the safetensors metadata): the serving
+facts of its adapter (task, labels, fields, method), this stage's lineage, the adapter's whole
+record and the metrics (see pipeline/lineage.py); and a model card (`README.md`, rendered with
+jinja2 from that record, the evaluation metrics and the data license). Nothing in the folder
+depends on when or where it was made: the same inputs give the same bytes.
 
 Inputs: base model folder, adapter folder, tokenized validation data, evaluation metrics.
-Outputs: `<out>/` (merged model or adapter, tokenizer, `peftflow.json`, `lineage.json`,
+Outputs: `<out>/` (merged model or adapter, tokenizer, `peftflow.json`, `format.json`,
 `README.md`) and a metrics file.
 """
 
@@ -26,9 +28,14 @@ import typer
 
 from pipeline import lineage
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.methods import save as save_model
 from pipeline.modeling import device, is_prompt_learning, left_pad, load_adapter, load_tokenizer
 from pipeline.params import Export, Params, load_params, params_dict
 from pipeline.stage import PipelineError, entry
+
+
+# the adapter record's keys that serving (predict, gguf) reads from an export folder
+SERVING = ("seed", "task", "labels", "text_field", "label_field", "train", "fingerprint", "base", "template")
 
 
 class ExportError(PipelineError, RuntimeError):
@@ -87,7 +94,7 @@ def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path
     record = json.loads((adapter_dir / "peftflow.json").read_text())
     with atomic_dir(out) as tmp:
         if is_prompt_learning(model):
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            save_model(model, tmp)
             metrics = {"merged": False, "reason": f"{record['train']['method']} adds virtual tokens; "
                        "it cannot be merged into the weights, so the adapter is exported alone"}
         else:
@@ -110,13 +117,15 @@ def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path
                                   f"(max diff {moved:.2e} <= export.atol={p.atol}); nothing was learned")
             merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        for name in ("peftflow.json", "format.json"):
-            shutil.copy(adapter_dir / name, tmp / name)
-        if params is not None:
+        shutil.copy(adapter_dir / "format.json", tmp / "format.json")
+        if params is None:  # the adapter's record as it is (what predict and gguf read)
+            shutil.copy(adapter_dir / lineage.RECORD, tmp / lineage.RECORD)
+        else:
             ev = json.loads(evaluation.read_text()) if evaluation and evaluation.exists() else None
-            lin = {**lineage.record("export", params_dict(params)), "adapter": lineage.read(adapter_dir),
+            serving = {k: v for k, v in record.items() if k in SERVING}
+            lin = {**serving, **lineage.record("export", params_dict(params)), "adapter": record,
                    "metrics": {"export": metrics, "evaluate": ev}}
-            atomic_write_json(tmp / "lineage.json", lin)
+            atomic_write_json(tmp / lineage.RECORD, lin)
             for f in tmp.glob("*.safetensors"):
                 lineage.write_into_safetensors(f, lin)
             atomic_write_text(tmp / "README.md", model_card(params, lin, metrics, ev))

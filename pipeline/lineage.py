@@ -1,16 +1,20 @@
 """Lineage: what made an adapter or an export, recorded when it is made and checked later.
 
 `record(stage, params)` is called by the train and export stages (which DVC runs from the project
-root): git commit and dirty flag, the dvc.lock entries of every upstream stage (hashes of data,
-templates, base model and code, and the params they ran with), the md5 of this stage's own code
-and inputs, base model id + revision + weights sha256, template and tokenizer sha256, seed,
-library versions and hardware. The stage adds its timings and metrics, writes it as
-`lineage.json` in its output folder and into the safetensors metadata (`peftflow.lineage`).
+root). It holds only what the output's content depends on, so the same inputs give a
+byte-identical record and the folder keeps its hash: the dvc.lock entries of every upstream stage
+(hashes of data, templates, base model and code, and the params they ran with), the md5 of this
+stage's own code and inputs, the environment (sha256 of requirements.lock and every installed
+package's version), the hardware class and the determinism switches. No commit, time, host, path
+or process id: the commit that made an output is found from git history (the commit whose
+dvc.lock first records the folder's hash), timings go to the stage's run facts (`run.json`).
+The stage adds its serving facts and its deterministic metrics and writes it as `peftflow.json`
+in its output folder, also into the safetensors metadata (`peftflow.lineage`).
 
 `check(folder)` (the `peftflow lineage` command) walks that record back: adapter -> train data ->
 raw data -> base model, compares every recorded hash with the workspace (files hashed again,
-folders against dvc.lock and `dvc status`) and with the DVC cache, and gives the commands that
-reproduce the folder.
+folders against dvc.lock and `dvc status`) and with the DVC cache, names every package whose
+installed version differs from the record, and gives the commands that reproduce the folder.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import yaml
 from pipeline.io import file_digest
 
 SAFETENSORS_KEY = "peftflow.lineage"
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "dvc", "jinja2", "pandera")
+RECORD = "peftflow.json"  # the one record of an artifact folder (adapter, export)
+LOCK_FILE = "requirements.lock"
 
 
 @contextlib.contextmanager
@@ -57,10 +62,11 @@ def lock_outs(lock: dict) -> dict[str, str | None]:
 
 
 def reproduce_commands(rec: dict, commit: str | None = None) -> list[str]:
-    """How to get a recorded artifact back: the commit, then DVC's checkout and repro of its stage."""
-    commit = commit or rec.get("git", {}).get("commit")
+    """How to get a recorded artifact back: the commit (when known), the locked environment, then DVC's
+    checkout and repro of its stage (`peftflow verify` checks that the hashes come out the same)."""
     stage = rec.get("stage", "")
-    return ([f"git checkout {commit}"] if commit else []) + ["dvc checkout", f"dvc repro {stage}".strip()]
+    return ([f"git checkout {commit}"] if commit else []) + [
+        "make setup", "dvc checkout", f"dvc repro {stage}".strip(), f"peftflow verify {stage}".strip()]
 
 
 def git(root: Path, *args: str) -> str | None:
@@ -95,26 +101,64 @@ def upstream(lock: dict, paths: list[str]) -> dict:
     return found
 
 
+def cpu_isa() -> str:
+    """The CPU's best matrix instructions (what decides bf16/fp32 matmul results here): amx_bf16,
+    avx512_bf16, avx512f, avx2 or the machine name."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return platform.machine()
+    for isa in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
+        if isa in flags:
+            return isa
+    return platform.machine()
+
+
 def hardware() -> dict:
+    """The hardware class: the same class gives the same floating-point results (and hashes); two
+    machines of one class may differ in everything else (host name, memory, ...)."""
     import torch
 
-    info = {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
-            "system": platform.system()}
+    info = {"machine": platform.machine(), "cpu_isa": cpu_isa(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
-        info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
     return info
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+def hardware_class(hw: dict) -> str:
+    """The hardware class as one short string, e.g. `x86_64 avx512_bf16 2 threads`."""
+    cuda = f" cuda {'+'.join(hw['cuda'])}" if hw.get("cuda") else ""
+    return f"{hw.get('machine')} {hw.get('cpu_isa')} {hw.get('torch_threads')} threads{cuda}"
 
-    out = {"python": sys.version.split()[0]}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = None
-    return out
+
+def environment(root: Path = Path(".")) -> dict:
+    """The locked environment: requirements.lock's sha256 and every installed package's version."""
+    from importlib.metadata import distributions
+
+    lock = root / LOCK_FILE
+    packages = {}
+    for d in distributions():
+        name = (d.metadata["Name"] or "").lower().replace("_", "-")
+        if name and name != "peftflow":
+            packages[name] = d.version
+    return {"lock_sha256": file_digest(lock) if lock.exists() else None, "python": sys.version.split()[0],
+            "packages": dict(sorted(packages.items()))}
+
+
+def env_mismatches(rec: dict) -> list[tuple[str, str | None, str | None]]:
+    """(package, recorded version, installed version) for every package that differs from the record."""
+    recorded = rec.get("env", {}).get("packages", {})
+    installed = environment()["packages"]
+    return [(name, recorded.get(name), installed.get(name)) for name in sorted(set(recorded) | set(installed))
+            if recorded.get(name) != installed.get(name)]
+
+
+def determinism() -> dict:
+    """The determinism switches in force (params `deterministic`, set by modeling.seed_everything)."""
+    import torch
+
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
 def record(stage: str, params: dict, root: Path = Path(".")) -> dict:
@@ -130,48 +174,57 @@ def record(stage: str, params: dict, root: Path = Path(".")) -> dict:
             own[d] = md5_file(root / d)
         else:
             own[d] = produced.get(d)  # a folder made by an upstream stage: its dvc.lock hash
-    commit = git(root, "rev-parse", "HEAD")
-    dirty = git(root, "status", "--porcelain", "--untracked-files=no")
     return {
         "stage": stage,
-        "git": {"commit": commit, "dirty": bool(dirty) if dirty is not None else None,
-                "dirty_files": dirty.splitlines() if dirty else []},
         "deps": own,
         "upstream": upstream(lock, deps),
         "params": params,
-        "versions": versions(),
+        "env": environment(root),
         "hardware": hardware(),
+        "determinism": determinism(),
     }
 
 
 def write_into_safetensors(path: Path, lineage: dict) -> None:
-    """Rewrite a safetensors file with the lineage JSON in its metadata (atomically)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Put the lineage JSON into a safetensors file's metadata, rewriting only its header (atomically).
 
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    The header is written in one canonical form (keys sorted, padded with spaces to 8 bytes): the
+    safetensors library writes metadata from a hash map, in an order that changes from process to
+    process, so two identical runs would otherwise write different bytes."""
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        data_start = 8 + size
+    meta = dict(header.get("__metadata__") or {})
     meta[SAFETENSORS_KEY] = json.dumps(lineage, sort_keys=True, default=str)
+    header["__metadata__"] = meta
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(struct.pack("<Q", len(text)) + text)
+        src.seek(data_start)
+        while block := src.read(1 << 24):
+            dst.write(block)
     tmp.replace(path)
 
 
 def read(folder: Path) -> dict:
-    """The lineage record of an adapter or export folder (lineage.json, else the safetensors metadata)."""
+    """The record of an adapter or export folder (peftflow.json, else the safetensors metadata)."""
     from safetensors import safe_open
 
     from pipeline.stage import PipelineError
 
-    if (folder / "lineage.json").exists():
-        return json.loads((folder / "lineage.json").read_text())
+    if (folder / RECORD).exists():
+        return json.loads((folder / RECORD).read_text())
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             meta = st.metadata() or {}
         if SAFETENSORS_KEY in meta:
             return json.loads(meta[SAFETENSORS_KEY])
-    raise PipelineError(f"{folder}: no lineage record (lineage.json or safetensors metadata); "
+    raise PipelineError(f"{folder}: no lineage record ({RECORD} or safetensors metadata); "
                         "it was not made by this pipeline's train or export stage")
 
 
@@ -226,8 +279,7 @@ def check(folder: Path, root: Path = Path(".")) -> dict:
     own_md5 = now_outs.get(rel) if rel not in modified else None
     found = git(root, "log", "--format=%H", f"-S{own_md5}", "--", "dvc.lock") if own_md5 else None
     found_in = found.splitlines()[-1] if found else None
-    commit = found_in or rec.get("adapter", rec).get("git", {}).get("commit")
-    commands = reproduce_commands(rec, commit)
+    commands = reproduce_commands(rec, found_in)
     mismatches = [v for v in own + [x for c in chain for x in c["outs"] + c["deps"]] if v["workspace"] != "ok"]
     return {"record": rec, "own": own, "chain": chain, "mismatches": mismatches, "commands": commands,
-            "found_in": found_in}
+            "found_in": found_in, "env": env_mismatches(rec)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,3 +115,20 @@ def optimizer(model, lr: float, weight_decay: float, loraplus_lr_ratio: float | 
                                          weight_decay=weight_decay)
     params = [q for q in model.parameters() if q.requires_grad]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def save(model, folder: str | Path) -> None:
+    """`save_pretrained` in safetensors, with byte-stable PEFT configs: PEFT keeps some arguments
+    (`target_modules`, ...) as sets and writes them in Python's per-process hash order, so two
+    identical runs would write different `adapter_config.json` files; they are written sorted."""
+    import json
+
+    folder = Path(folder)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        f = folder / ("" if name == "default" else name) / "adapter_config.json"
+        sets = {k: sorted(v) for k, v in vars(config).items() if isinstance(v, set)}
+        if sets and f.exists():
+            saved = json.loads(f.read_text())
+            saved.update({k: v for k, v in sets.items() if k in saved})
+            f.write_text(json.dumps(saved, indent=2, sort_keys=True))

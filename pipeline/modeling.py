@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,45 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def seed_everything(seed: int) -> None:
+_NONDETERMINISTIC: list[str] = []
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed every generator; with `deterministic` (params), also ask PyTorch for deterministic kernels
+    (cuBLAS needs a fixed workspace for that, set before CUDA starts). A kernel that has no
+    deterministic version warns instead of failing; `nondeterministic_ops()` names those that ran."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        _record_nondeterministic_warnings()
+
+
+def _record_nondeterministic_warnings() -> None:
+    show = warnings.showwarning
+    if getattr(show, "_peftflow", False):
+        return
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "does not have a deterministic implementation" in text:
+            op = text.split(" does not have")[0].strip()
+            if op not in _NONDETERMINISTIC:
+                _NONDETERMINISTIC.append(op)
+        show(message, category, filename, lineno, file, line)
+
+    record._peftflow = True
+    warnings.showwarning = record
+    warnings.filterwarnings("always", message=".*does not have a deterministic implementation.*")
+
+
+def nondeterministic_ops() -> list[str]:
+    """The operations that ran without a deterministic kernel since `seed_everything` (usually none on CPU)."""
+    return list(_NONDETERMINISTIC)
 
 
 def autocast(precision: str, dev: torch.device):

@@ -151,6 +151,7 @@ class Gguf:
 @dataclass(frozen=True)
 class Params:
     seed: int
+    deterministic: bool
     task: Literal["classification", "instruction", "preference"]
     base: Base
     data: Data

@@ -15,10 +15,13 @@ Task `preference`: after these (SFT) steps on the chosen answers, `train.dpo.ste
 the pairs continue the same adapter, against the base model as reference (pipeline/preference.py);
 the SFT adapter is kept in `<out>/sft/`.
 
-Outputs: `<out>/` the adapter (safetensors + adapter_config.json + peftflow.json record of
-params, data and base hashes, and the prompt template used; lineage.json, also in the
-safetensors metadata: see pipeline/lineage.py), `<live>/` dvclive metrics and the
-loss curve, and `<checkpoints>/` (kept between runs for resuming).
+Outputs: `<out>/` the adapter (safetensors + adapter_config.json + peftflow.json, the one record:
+params, data and base hashes, the prompt template, the environment and hardware class; also in the
+safetensors metadata, see pipeline/lineage.py), `<live>/` dvclive metrics (deterministic ones only)
+and the loss curve, `<live>/run.json` the run facts (seconds, tokens/s, peak memory, resumed step:
+what differs between two runs of the same inputs, so kept out of every hashed output), and
+`<checkpoints>/` (kept between runs for resuming). The same inputs on the same hardware class give
+a byte-identical `<out>/`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pipeline import lineage
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.methods import hooks, resolve_targets
 from pipeline.methods import optimizer as make_optimizer
+from pipeline.methods import save as save_model
 from pipeline.modeling import (
     IGNORE,
     autocast,
@@ -49,6 +53,7 @@ from pipeline.modeling import (
     is_prompt_learning,
     left_pad,
     load_base_model,
+    nondeterministic_ops,
     response_width,
     seed_everything,
     token_logprobs,
@@ -269,14 +274,15 @@ def end_processes() -> None:
 
 
 def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
-    """Train; returns the PEFT model and the run's metrics (nothing is saved but checkpoints and the curve)."""
+    """Train; returns the PEFT model, the run's deterministic metrics and its run facts (timings, memory);
+    nothing is saved but checkpoints and the curve."""
     # load
     from datasets import load_from_disk
     from dvclive import Live
     from transformers import get_scheduler
 
     t = p.train
-    seed_everything(p.seed)
+    seed_everything(p.seed, p.deterministic)
     dev = device()
     procs = Processes(dev)
     train_ds = load_from_disk(str(data / "train"))
@@ -367,30 +373,34 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
                 procs.wait()
     seconds = time.time() - t0
     tokens = int(procs.total(tokens))
-    dpo_metrics = None
+    dpo_metrics, dpo_seconds = None, 0.0
     if p.task == "preference":  # SFT done: keep that adapter, then DPO on the pairs from it
         if procs.main:
-            core.save_pretrained(str(ckpt / "sft"), safe_serialization=True)
+            save_model(core, ckpt / "sft")
         t1 = time.time()
-        dpo_metrics = {**run_dpo(p, core, list(train_ds), live, steps), "seconds": time.time() - t1}
+        dpo_metrics = run_dpo(p, core, list(train_ds), live, steps)
+        dpo_seconds = time.time() - t1
 
-    # report
+    # report: what the same inputs always give (hashed by DVC), and what differs run to run (run.json)
     metrics = {
-        "method": t.method, "steps": steps, "resumed_from_step": start, "final_loss": round(last_loss, 4),
+        "method": t.method, "steps": steps, "final_loss": round(last_loss, 4),
         "final_loss_avg": round(loss_ema, 4) if loss_ema is not None else None,
-        "trainable_params": trainable, "total_params": total, "seconds": round(seconds, 1),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
-        "peak_rss_mb": peak_rss_mb(), "processes": procs.world, "distributed": procs.kind(core),
+        "trainable_params": trainable, "total_params": total,
     }
+    facts = {"seconds": round(seconds, 1), "tokens": tokens,
+             "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "device": dev.type,
+             "peak_rss_mb": peak_rss_mb(), "processes": procs.world, "distributed": procs.kind(core),
+             "resumed_from_step": start, "nondeterministic_ops": nondeterministic_ops()}
     if dpo_metrics:
         metrics["dpo"] = {k: round(v, 4) for k, v in dpo_metrics.items()}
+        facts["dpo_seconds"] = round(dpo_seconds, 1)
     if dev.type == "cuda":
-        metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        facts["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if live:
         live.summary.update(metrics)
         live.make_summary()
         live.end()
-    return core, metrics
+    return core, metrics, facts
 
 
 def run_dpo(p: Params, model, pairs: list[dict], live, sft_steps: int) -> dict:
@@ -413,7 +423,8 @@ def run_dpo(p: Params, model, pairs: list[dict], live, sft_steps: int) -> dict:
 
 
 def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path, ckpt: Path | None = None) -> None:
-    """The adapter (safetensors), its record and the template it was trained with, atomically."""
+    """The adapter (safetensors), its one record and the template it was trained with, atomically. Nothing
+    here depends on when, where or how fast the run was: the same inputs give the same bytes."""
     t = p.train
     fp = fingerprint(p, data, base_dir)
     base = json.loads((base_dir / "base.json").read_text())
@@ -427,34 +438,34 @@ def save(p: Params, model, metrics: dict, data: Path, base_dir: Path, out: Path,
             save_file({n: q.detach().cpu().contiguous() for n, q in model.named_parameters() if q.requires_grad},
                       str(weights), metadata={"format": "pt"})
         else:  # a PEFT adapter, or (full) a plain transformers checkpoint
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            save_model(model, tmp)
         for name in ("format.json", "tokenize.json"):
             shutil.copy(data / name, tmp / name)
         if p.task == "preference" and ckpt is not None and (ckpt / "sft").exists():
             shutil.copytree(ckpt / "sft", tmp / "sft")  # the SFT adapter DPO started from (evaluate compares)
-        lin = {**lineage.record("train", params_dict(p)), "seed": p.seed,
-               "base": {k: base.get(k) for k in ("source", "revision", "gguf_file", "gguf_sha256", "weights_sha256")},
-               "template": {"path": fmt.get("template"), "sha256": fmt.get("template_sha256")},
-               "tokenizer_sha256": tok.get("tokenizer_sha256"), "data_rows": {k: tok[k]["kept"] for k in tok
-                                                                              if isinstance(tok[k], dict)},
-               "metrics": metrics}
-        atomic_write_json(tmp / "lineage.json", lin)
-        lineage.write_into_safetensors(weights, lin)
-        atomic_write_json(tmp / "peftflow.json", {
+        rec = {  # what serving needs (task, labels, fields, method), then the lineage
             "seed": p.seed, "task": p.task, "labels": list(p.labels), "text_field": p.validate.text_field,
-            "label_field": p.validate.label_field, "train": section_dict(t),
-            "fingerprint": fp, "base": {k: base[k] for k in ("source", "revision", "gguf_file", "weights_sha256")},
+            "label_field": p.validate.label_field, "train": section_dict(t), "fingerprint": fp,
+            **lineage.record("train", params_dict(p)),
+            "base": {k: base.get(k) for k in ("source", "revision", "gguf_file", "gguf_sha256", "weights_sha256")},
+            "template": {"path": fmt.get("template"), "sha256": fmt.get("template_sha256")},
+            "tokenizer_sha256": tok.get("tokenizer_sha256"),
+            "data_rows": {k: tok[k]["kept"] for k in tok if isinstance(tok[k], dict)},
             "metrics": metrics,
-        })
+        }
+        lineage.write_into_safetensors(weights, rec)
+        atomic_write_json(tmp / lineage.RECORD, rec)
 
 
 def run(p: Params, data: Path, base_dir: Path, out: Path, live_dir: Path, ckpt: Path) -> dict:
-    model, metrics = fit(p, data, base_dir, live_dir, ckpt)
+    """Train and save; returns the metrics and the run facts together (the facts also go to `<live>/run.json`)."""
+    model, metrics, facts = fit(p, data, base_dir, live_dir, ckpt)
     if is_main_process():  # one adapter, saved once
         save(p, model, metrics, data, base_dir, out, ckpt)
+        atomic_write_json(live_dir / "run.json", {**facts, "hardware": lineage.hardware()})
         shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
     end_processes()
-    return metrics
+    return {**metrics, **facts}
 
 
 def launch_command(t: Train, argv: list[str]) -> list[str] | None:

@@ -150,7 +150,7 @@ def repo(tmp_path, tiny_base) -> Path:
     """A temporary git + DVC repository holding this project's pipeline, on the tiny model."""
     r = tmp_path / "repo"
     r.mkdir()
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", "requirements.lock"):
         shutil.copy(ROOT / name, r / name)
     shutil.copytree(ROOT / "pipeline", r / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "prompts", r / "prompts")

@@ -3,23 +3,40 @@
 import json
 import shutil
 
+import torch
+from conftest import ROOT
+
 from pipeline import export, lineage
+from pipeline.io import file_digest
 from pipeline.params import Export
 
 
-def test_adapter_carries_lineage_in_folder_and_safetensors(trained, tmp_path):
-    rec = json.loads((trained["adapter"] / "lineage.json").read_text())
-    assert rec["stage"] == "train" and rec["seed"] == trained["params"].seed
+def test_adapter_carries_one_content_only_record_in_folder_and_safetensors(trained, tmp_path):
+    rec = json.loads((trained["adapter"] / "peftflow.json").read_text())
+    assert rec["stage"] == "train" and rec["seed"] == trained["params"].seed and rec["task"] == "classification"
     assert rec["params"]["train"]["method"] == "lora" and rec["params"]["train"]["lora"]["r"] == 8
     assert len(rec["base"]["weights_sha256"]) == 64 and rec["template"]["sha256"]
-    assert rec["versions"]["torch"] and rec["versions"]["peft"] and rec["hardware"]["cpus"] >= 1
+    assert rec["env"]["packages"]["torch"].startswith("2.13.0") and rec["env"]["packages"]["peft"]
+    assert rec["env"]["lock_sha256"] == file_digest(ROOT / "requirements.lock")
+    assert rec["hardware"]["cpu_isa"] and rec["hardware"]["torch_threads"] >= 1
+    assert rec["determinism"]["deterministic_algorithms"] is True
     assert rec["metrics"]["steps"] == trained["metrics"]["steps"]
-    assert set(rec["git"]) == {"commit", "dirty", "dirty_files"}
-    # the same record travels inside the weights file: a copy without lineage.json still has it
+    # nothing that differs between two runs of the same inputs: no commit, time, host, speed or memory
+    assert not {"git", "seconds", "tokens_per_second", "peak_rss_mb", "resumed_from_step"} & (set(rec) | set(rec["metrics"]))
+    assert not (trained["adapter"] / "lineage.json").exists()
+    # the same record travels inside the weights file: a copy without peftflow.json still has it
     copy = tmp_path / "copy"
     shutil.copytree(trained["adapter"], copy)
-    (copy / "lineage.json").unlink()
+    (copy / "peftflow.json").unlink()
     assert lineage.read(copy) == json.loads(json.dumps(rec, sort_keys=True, default=str))
+
+
+def test_an_installed_version_other_than_the_recorded_one_is_named(trained):
+    rec = json.loads((trained["adapter"] / "peftflow.json").read_text())
+    assert lineage.env_mismatches(rec) == []
+    rec["env"]["packages"]["torch"] = "1.0.0"
+    rec["env"]["packages"]["no-such-package"] = "0.1"
+    assert lineage.env_mismatches(rec) == [("no-such-package", "0.1", None), ("torch", "1.0.0", torch.__version__)]
 
 
 def test_export_model_card_and_lineage(trained, tiny_base, tmp_path):

@@ -43,7 +43,7 @@ def test_report_and_lineage_across_two_commits(repo):
     r = cli(repo, "lineage", "models/adapter")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"recorded in dvc.lock at commit {second}" in r.stdout
-    assert f"git checkout {second}" in r.stdout and "every recorded hash matches" in r.stdout
+    assert f"git checkout {second}" in r.stdout and "every recorded hash and package version matches" in r.stdout
     r = cli(repo, "lineage", "models/export")
     assert r.returncode == 0 and f"recorded in dvc.lock at commit {second}" in r.stdout
 
@@ -55,4 +55,4 @@ def test_report_and_lineage_across_two_commits(repo):
     r = cli(repo, "lineage", "models/adapter")
     assert r.returncode == 1
     assert re.search(r"data/example/sentiment_train\.jsonl.*MISMATCH", r.stdout), r.stdout
-    assert "1 recorded hash(es) differ" in r.stdout
+    assert "1 recorded hash(es) and 0 package version(s) differ" in r.stdout

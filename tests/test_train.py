@@ -120,7 +120,7 @@ def assert_same_run(trained: dict, tmp_path, processes: int, distributed: str) -
     assert len(one) == len(two) == 16
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 0.02 * max(one), (one, two)
     out = tmp_path / "adapter"
-    m = json.loads((out / "peftflow.json").read_text())["metrics"]
+    m = {**json.loads((out / "peftflow.json").read_text())["metrics"], **json.loads((tmp_path / "live" / "run.json").read_text())}
     assert (m["processes"], m["distributed"], m["steps"]) == (processes, distributed, trained["metrics"]["steps"])
     assert m["tokens_per_second"] > 0
     a, b = load_file(str(trained["adapter"] / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))

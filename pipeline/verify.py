@@ -1,0 +1,235 @@
+"""Reproducibility checks: complete code deps, and `peftflow verify` (rerun stages, compare hashes).
+
+Job:
+- `missing_deps(root)`: for every stage in dvc.yaml, the project modules its `python -m` module
+  imports (the whole closure, lazy imports inside functions included) that its `deps` do not list.
+  An undeclared import means an edit to that file would rerun nothing: the test suite fails on it.
+- `verify(root, stages)`: copies the workspace's git-tracked files into a scratch folder that shares
+  the DVC cache, checks out the recorded inputs there, reruns the named stages with `dvc repro
+  --force`, and compares every output hash with the committed `dvc.lock`. For a folder that
+  differs it names the files inside; where the hardware class differs from the one recorded in an
+  artifact, it compares the safetensors weights numerically instead of stopping at the hash.
+
+Inputs: the project folder (dvc.yaml, dvc.lock, the DVC cache). Outputs: rows to print; nothing in
+the workspace is changed (the reruns' outputs enter the shared, content-addressed cache).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PACKAGE = "pipeline"
+
+
+def module_file(root: Path, module: str) -> Path | None:
+    """The file of a project module (`pipeline.io` -> pipeline/io.py), or None if it is not one."""
+    f = root / (module.replace(".", "/") + ".py")
+    if f.exists():
+        return f
+    f = root / module.replace(".", "/") / "__init__.py"
+    return f if f.exists() else None
+
+
+def imports(root: Path, path: Path) -> set[str]:
+    """The project modules a file imports, anywhere in it (functions' lazy imports too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] == PACKAGE and module_file(root, n)}
+    return found
+
+
+def import_closure(root: Path, module: str) -> set[str]:
+    """Every project file (relative paths) that running `python -m module` can import."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        f = module_file(root, m)
+        if f is None or m in seen:
+            continue
+        seen.add(m)
+        todo += imports(root, f)
+    return {module_file(root, m).relative_to(root).as_posix() for m in seen}
+
+
+def stage_module(cmd: str) -> str | None:
+    """`python -m pipeline.train --data ...` -> `pipeline.train`."""
+    words = cmd.split()
+    if "-m" in words and words.index("-m") + 1 < len(words):
+        return words[words.index("-m") + 1]
+    return None
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    """Whether a file is a dep, or inside a folder that is one."""
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def missing_deps(root: Path = Path(".")) -> dict[str, list[str]]:
+    """Stage -> the project files its module imports that its dvc.yaml deps do not cover."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in spec.items():
+        module = stage_module(" ".join(stage["cmd"]) if isinstance(stage["cmd"], list) else stage["cmd"])
+        if not module or module.split(".")[0] != PACKAGE:
+            continue
+        deps = [d for d in stage.get("deps", []) if isinstance(d, str)]
+        missing = sorted(f for f in import_closure(root, module) if not covered(f, deps))
+        if missing:
+            out[name] = missing
+    return out
+
+
+# ---- verify ---------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    stage: str
+    path: str
+    same: bool
+    detail: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def lock_outs(lock: dict, stages: list[str]) -> dict[tuple[str, str], str | None]:
+    """(stage, out path) -> md5 for the named stages of a dvc.lock mapping."""
+    return {(s, o["path"]): o.get("md5") for s in stages for o in lock.get(s, {}).get("outs", [])}
+
+
+def dir_manifest(cache: Path, md5: str | None) -> dict[str, str] | None:
+    """A DVC folder hash's file list (relpath -> md5) from the cache, or None if it is not there."""
+    if not md5 or not md5.endswith(".dir"):
+        return None
+    f = cache / "files" / "md5" / md5[:2] / md5[2:]
+    if not f.exists():
+        return None
+    return {e["relpath"]: e["md5"] for e in json.loads(f.read_text())}
+
+
+def cache_file(cache: Path, md5: str) -> Path:
+    return cache / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def weights_diff(old: Path, new: Path) -> float | None:
+    """Max abs difference between two safetensors files with the same tensors (None if they don't match)."""
+    from safetensors import safe_open
+
+    with safe_open(str(old), "pt") as a, safe_open(str(new), "pt") as b:
+        if set(a.keys()) != set(b.keys()):
+            return None
+        worst = 0.0
+        for k in a.keys():  # noqa: SIM118 - safe_open has no __iter__
+            x, y = a.get_tensor(k).float(), b.get_tensor(k).float()
+            if x.shape != y.shape:
+                return None
+            worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
+    return worst
+
+
+def explain(cache: Path, old_md5: str | None, new_md5: str | None) -> tuple[list[str], str]:
+    """Which files inside a folder output differ, and for weights on another hardware class how much."""
+    old, new = dir_manifest(cache, old_md5), dir_manifest(cache, new_md5)
+    if old is None or new is None:
+        folder = str(old_md5 or new_md5 or "").endswith(".dir")
+        return [], "(the recorded folder's file list is not in the DVC cache)" if folder else ""
+    files = sorted(f for f in set(old) | set(new) if old.get(f) != new.get(f))
+    notes = []
+    record = "peftflow.json"
+    if record in old and record in new:
+        hw_old = json.loads(cache_file(cache, old[record]).read_text()).get("hardware")
+        hw_new = json.loads(cache_file(cache, new[record]).read_text()).get("hardware")
+        if hw_old != hw_new:
+            from pipeline.lineage import hardware_class
+
+            notes.append(f"hardware class differs: recorded {hardware_class(hw_old or {})}, "
+                         f"here {hardware_class(hw_new or {})}")
+            for f in files:
+                if f.endswith(".safetensors") and f in old and f in new:
+                    d = weights_diff(cache_file(cache, old[f]), cache_file(cache, new[f]))
+                    notes.append(f"{f}: max |Δ| {d:.3g}" if d is not None else f"{f}: other tensors")
+    return files, "; ".join(notes)
+
+
+def scratch_copy(root: Path, dest: Path) -> list[str]:
+    """The workspace's git-tracked files (as they are now) in `dest`, as a git + DVC repo sharing the
+    workspace's DVC cache. Returns the tracked files that differ from HEAD (verified as they are)."""
+    listed = _run(["git", "ls-files", "-z"], root)
+    if listed.returncode:
+        raise RuntimeError(f"verify: {root} is not a git repository: {listed.stderr.strip()}")
+    for name in filter(None, listed.stdout.split("\0")):
+        src = root / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], root).stdout.split("\n")
+    cache = (root / ".dvc" / "cache").resolve()
+    _run(["git", "init", "-q"], dest)
+    _run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(cache)], dest)
+    _run(["git", "add", "-A"], dest)  # a commit, as a clone has (dvclive reads it)
+    _run(["git", "-c", "user.name=peftflow verify", "-c", "user.email=verify@localhost", "commit", "-qm",
+          "peftflow verify: the workspace as it is"], dest)
+    return [line[3:] for line in dirty if line.strip()]
+
+
+def verify(root: Path = Path("."), stages: list[str] | None = None, keep: Path | None = None,
+           log=print) -> list[Row]:
+    """Rerun `stages` (all when empty) in a scratch copy and compare their outputs with dvc.lock."""
+    root = root.resolve()
+    lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    names = stages or list(spec)
+    unknown = [s for s in names if s not in spec]
+    if unknown:
+        raise ValueError(f"verify: no stage {', '.join(unknown)} in dvc.yaml (stages: {', '.join(spec)})")
+    recorded = lock_outs(lock, names)
+    work = Path(tempfile.mkdtemp(prefix="peftflow-verify-")) if keep is None else keep
+    try:
+        dirty = scratch_copy(root, work)
+        if dirty:
+            log(f"verify: uncommitted changes are verified as they are: {', '.join(dirty)}")
+        # the inputs the named stages read: every recorded output, from the cache (missing ones are rebuilt)
+        _run([sys.executable, "-m", "dvc", "checkout", "--quiet"], work)
+        runs = [[]] if set(names) == set(spec) else [["--single-item", n] for n in names]  # all: one repro
+        for extra in runs:
+            log(f"verify: rerunning {'stage ' + extra[-1] if extra else 'every stage'}")
+            r = _run([sys.executable, "-m", "dvc", "repro", "--force", *extra], work)
+            if r.returncode:
+                raise RuntimeError(f"verify: dvc repro {' '.join(extra)} failed in {work}:\n"
+                                   f"{(r.stdout + r.stderr)[-3000:]}")
+        now = lock_outs((yaml.safe_load((work / "dvc.lock").read_text()) or {}).get("stages", {}), names)
+        cache = root / ".dvc" / "cache"
+        rows = []
+        for key in sorted(set(recorded) | set(now), key=lambda k: (names.index(k[0]), k[1])):
+            old, new = recorded.get(key), now.get(key)
+            if old == new:
+                rows.append(Row(key[0], key[1], True))
+                continue
+            files, detail = explain(cache, old, new)
+            if old is None:
+                detail = "not in the committed dvc.lock"
+            rows.append(Row(key[0], key[1], False, detail or f"md5 {str(old)[:12]} -> {str(new)[:12]}", files))
+        return rows
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
