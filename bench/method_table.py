@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 # The reference table (financial news sentiment, 1,200 training rows, an 8B model, 4 A100s).
@@ -224,8 +224,9 @@ def preference_table(name: str, entry: dict) -> str:
             cells = [m.get(k, "–") for k in ("preference_accuracy", "reward_accuracy", "reward_margin", "eval_loss")]
             lines.append(f"| `{row}` | {label} | " + " | ".join(map(str, cells)) + " |")
         dpo = t.get("dpo", {})
+        dpo_s = t.get("dpo_seconds", dpo.get("seconds", 0))
         notes.append(f"`{row}`: SFT {t['steps']} steps in {t['seconds']:.0f} s, then DPO "
-                     f"({x['overrides'].get('train.dpo', {})}) in {t.get('dpo_seconds', dpo.get('seconds', 0)):.0f} s; last DPO step: "
+                     f"({x['overrides'].get('train.dpo', {})}) in {dpo_s:.0f} s; last DPO step: "
                      f"loss {dpo.get('loss')}, batch reward accuracy {dpo.get('reward_accuracy')}; "
                      f"{e['rows']} held-out pairs.")
     return measured(entry) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -27,9 +27,9 @@ def one(variant: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipeline.format import Renderer
-    from pipeline.modeling import autocast, left_pad, load_tokenizer, response_width, token_logprobs
-    from pipeline.tokenize import encode_many
+    from pipeline.core.encoding import encode_many
+    from pipeline.core.modeling import autocast, left_pad, load_tokenizer, response_width, token_logprobs
+    from pipeline.core.prompting import Renderer
 
     base = ROOT / "models" / "base"
     tok = load_tokenizer(base)

@@ -5,7 +5,7 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   a  tutorial recipe: HF Trainer, every row padded to 512 (`padding="max_length"`), loss on all tokens, fp32
   b  well-set HF Trainer: dynamic padding, `group_by_length`, loss on the response only, bf16
   c  TRL SFTTrainer with its defaults for prompt/completion data (completion-only loss), bf16
-  d  this project's train stage (`pipeline.train.fit`), bf16
+  d  this project's train stage (`pipeline.stages.train.fit`), bf16
   q  d with QLoRA (4-bit NF4), for memory
 Every trained adapter is then scored the same way: mean response-token loss on held-out rows.
 Also: MFU of d against a matmul peak measured in the same run, evaluation by label scoring vs
@@ -38,12 +38,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import format as fmt  # noqa: E402
-from pipeline import tokenize as tkz  # noqa: E402
-from pipeline import validate  # noqa: E402
-from pipeline.io import read_jsonl  # noqa: E402
-from pipeline.modeling import IGNORE, batches, left_pad, load_tokenizer, response_width, token_logprobs  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.core.io import read_jsonl  # noqa: E402
+from pipeline.core.modeling import IGNORE, batches, left_pad, load_tokenizer, response_width, token_logprobs  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
+from pipeline.stages import format as fmt  # noqa: E402
+from pipeline.stages import tokenize as tkz  # noqa: E402
+from pipeline.stages import validate  # noqa: E402
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 LR, WARMUP = 1e-3, 0.1
@@ -161,13 +161,12 @@ def worker_c(args, work: Path) -> tuple:
 
 
 def worker_d(args, work: Path, quantization: dict | None = None) -> tuple:
-    from pipeline.train import fit
+    from pipeline.stages.train import fit
 
     name = "q" if quantization else "d"
     p = bench_params(args, quantization)
-    model, m = fit(p, work / "tokenized", args.base, work / name / "live", work / name / "ckpt")
-    return model, {"seconds": m["seconds"], "tokens": round(m["tokens_per_second"] * m["seconds"]),
-                   "final_train_loss": m["final_loss"]}
+    model, m, facts = fit(p, work / "tokenized", args.base, work / name / "live", work / name / "ckpt")
+    return model, {"seconds": facts["seconds"], "tokens": facts["tokens"], "final_train_loss": m["final_loss"]}
 
 
 def worker_q(args, work: Path) -> tuple:
@@ -191,7 +190,7 @@ def flops_per_token(model, rows: list[dict]) -> float:
     """FLOPs of one forward + backward of the train stage's step, counted by torch, per non-pad token."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.modeling import autocast
+    from pipeline.core.modeling import autocast
 
     model.train()
     batch = left_pad(rows, 0, next(model.parameters()).device)
@@ -234,7 +233,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 @torch.no_grad()
 def generate_labels(model, tok, rows: list[dict], labels: list[str], batch_size: int) -> list[str | None]:
     """The baseline: greedy generation, the first word of the answer taken as the label."""
-    from pipeline.tokenize import encode_prompt
+    from pipeline.core.encoding import encode_prompt
 
     out = []
     for chunk in batches(rows, batch_size):
@@ -251,7 +250,7 @@ def bench_evaluate(args, work: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.evaluate import choice_scores
+    from pipeline.core.scoring import choice_scores
 
     tok = load_tokenizer(args.base)
     labels = ["negative", "neutral", "positive"]

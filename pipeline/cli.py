@@ -43,8 +43,8 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
     if t:
         table.add_row("train", f"{t['method']}: final loss, {t['steps']} steps", "", str(t["final_loss"]), "")
         run = _load(reports / "train" / "run.json") or {}  # the run facts: timings differ run to run
-        table.add_row("train", "trainable params / seconds", "", f"{t['trainable_params']:,} / {run.get('seconds', '?')}",
-                      "")
+        table.add_row("train", "trainable params / seconds", "",
+                      f"{t['trainable_params']:,} / {run.get('seconds', '?')}", "")
     e = _load(reports / "evaluate" / "metrics.json")
     if e:
         for k in ("accuracy", "macro_f1", "eval_loss", "perplexity"):
@@ -89,18 +89,18 @@ def predict(
 
     from transformers.utils import logging as hf_logging
 
-    from pipeline.io import read_jsonl
+    from pipeline.core.io import read_jsonl
+    from pipeline.core.stage import PipelineError
     from pipeline.predict import Predictor
-    from pipeline.stage import PipelineError
 
     hf_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         named = dict(_split_adapter(a) for a in adapter)
         p = Predictor(base, named, max_new_tokens=max_new_tokens, allow_other_base=allow_other_base)
-        text_field = next(iter(p.records.values())).get("text_field", "sentence")
+        record = next(iter(p.records.values()))
         if input == "-":
-            rows = [_stdin_row(line, text_field) for line in sys.stdin if line.strip()]
+            rows = [_stdin_row(line, record) for line in sys.stdin if line.strip()]
         else:
             rows = read_jsonl(input)
         answers = {name: p.predict(rows, name) for name in p.adapters}
@@ -156,8 +156,8 @@ def lineage(
     """Print the chain adapter -> train data -> raw data -> base model with every hash checked
     against the workspace and the DVC cache, and the commands that reproduce it. Exit code 1 if
     anything differs."""
-    from pipeline import lineage as lin
-    from pipeline.stage import PipelineError
+    from pipeline.core import lineage as lin
+    from pipeline.core.stage import PipelineError
 
     console = Console()
     try:
@@ -274,11 +274,14 @@ def _split_adapter(spec: str) -> tuple[str, Path]:
     return (name, Path(path)) if sep else (Path(spec).name, Path(spec))
 
 
-def _stdin_row(line: str, text_field: str) -> dict:
+def _stdin_row(line: str, record: dict) -> dict:
+    """A JSON object as it is, or a plain line of text as the row its task expects."""
+    from pipeline.tasks import get as get_task
+
     line = line.strip()
     if line.startswith("{"):
         return json.loads(line)
-    return {text_field: line, "input": "", "instruction": line}
+    return get_task(record["task"]).row_from_text(line, record.get("text_field", "sentence"))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.io import atomic_write_json
-from pipeline.lineage import dvc_repo
-from pipeline.stage import PipelineError
+from pipeline.core.io import atomic_write_json
+from pipeline.core.lineage import dvc_repo
+from pipeline.core.stage import PipelineError
 
 LAST_METRICS = Path(".dvc") / "tmp" / "peftflow-flow-metrics.json"
 
@@ -71,7 +71,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> None:
     that makes the params invalid (a typo, a wrong type) is refused and params.yaml is kept."""
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     path = root / "params.yaml"
     with tempfile.TemporaryDirectory() as tmp:

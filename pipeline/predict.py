@@ -18,13 +18,12 @@ import contextlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipeline.evaluate import choice_scores, generate
-from pipeline.format import Renderer, label_choices
-from pipeline.modeling import check_adapter, load_adapter, load_tokenizer, own_method
-from pipeline.stage import PipelineError
+from pipeline.core.modeling import check_adapter, load_adapter, load_tokenizer, record_method
+from pipeline.core.prompting import Renderer
+from pipeline.core.stage import PipelineError
+from pipeline.tasks import get as get_task
 
 
 class Predictor:
@@ -41,9 +40,10 @@ class Predictor:
         self.model = None
         for name, path in adapters.items():
             path = Path(path)
-            if own_method(path) and len(adapters) > 1:
+            method = record_method(path)
+            if not method.peft and len(adapters) > 1:
                 raise PipelineError(f"predict: {path} holds the base model's own weights trained (train.method: "
-                                    f"{own_method(path)}), not a PEFT adapter; it cannot share a base with other "
+                                    f"{method.name}), not a PEFT adapter; it cannot share a base with other "
                                     "adapters: predict with it alone")
             if self.model is None:
                 self.model = load_adapter(base_dir, path, adapter_name=name, allow_other_base=allow_other_base)
@@ -77,12 +77,6 @@ class Predictor:
         prompts = [renderer.prompt({**r, "labels": record["labels"]}, where=f"input row {i + 1}")
                    for i, r in enumerate(rows)]
         with self._use(adapter):
-            if record["task"] == "classification":
-                labels = record["labels"]
-                items = [{"prompt": p, "choices": label_choices(renderer, {**r, "labels": labels},
-                                                                record.get("label_field", "label"), labels)}
-                         for p, r in zip(prompts, rows, strict=True)]
-                scores = choice_scores(self.model, self.tokenizer, items, batch_size=16)
-                return [record["labels"][k] for k in np.argmax(scores, axis=1)]
-            return [generate(self.model, self.tokenizer, p, self.max_new_tokens)[0] for p in prompts]
+            return get_task(record["task"]).answer(self.model, self.tokenizer, renderer, record, rows, prompts,
+                                               self.max_new_tokens)
 

@@ -62,7 +62,7 @@ def fmt(v) -> str:
 
 def build(root: Path, base: str, out: Path) -> str:
     """Write `<out>/report.md` (and images) comparing the working tree with `base`; returns the markdown."""
-    from pipeline.lineage import dvc_repo
+    from pipeline.core.lineage import dvc_repo
 
     out.mkdir(parents=True, exist_ok=True)
     with dvc_repo(root) as repo:

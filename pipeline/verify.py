@@ -32,7 +32,7 @@ PACKAGE = "pipeline"
 
 
 def module_file(root: Path, module: str) -> Path | None:
-    """The file of a project module (`pipeline.io` -> pipeline/io.py), or None if it is not one."""
+    """The file of a project module (`pipeline.core.io` -> pipeline/io.py), or None if it is not one."""
     f = root / (module.replace(".", "/") + ".py")
     if f.exists():
         return f
@@ -69,7 +69,7 @@ def import_closure(root: Path, module: str) -> set[str]:
 
 
 def stage_module(cmd: str) -> str | None:
-    """`python -m pipeline.train --data ...` -> `pipeline.train`."""
+    """`python -m pipeline.stages.train --data ...` -> `pipeline.train`."""
     words = cmd.split()
     if "-m" in words and words.index("-m") + 1 < len(words):
         return words[words.index("-m") + 1]
@@ -160,7 +160,7 @@ def explain(cache: Path, old_md5: str | None, new_md5: str | None) -> tuple[list
         hw_old = json.loads(cache_file(cache, old[record]).read_text()).get("hardware")
         hw_new = json.loads(cache_file(cache, new[record]).read_text()).get("hardware")
         if hw_old != hw_new:
-            from pipeline.lineage import hardware_class
+            from pipeline.core.lineage import hardware_class
 
             notes.append(f"hardware class differs: recorded {hardware_class(hw_old or {})}, "
                          f"here {hardware_class(hw_new or {})}")

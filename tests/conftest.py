@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "data" / "example"
 SHARED = ROOT.parent / "shared" / "datasets"
 
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # in the DAG's order
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -31,8 +33,8 @@ def build_tiny_base(out: Path, seed: int = 0, bias: bool = False) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from pipeline.base import weights_digest
-    from pipeline.io import atomic_write_json, sha256_file
+    from pipeline.core.io import atomic_write_json, sha256_file
+    from pipeline.stages.base import weights_digest
 
     corpus = []
     for f in EXAMPLE.glob("*.jsonl"):
@@ -92,15 +94,20 @@ TINY_TRAIN = {
 
 
 def make_params(**overrides):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     return parse_params(raw_params(**{**TINY_TRAIN, **overrides}))
 
 
+def section(name: str, **values):
+    """One params section (`section("export", atol=1e-4)`): params.yaml's values with these overrides, checked."""
+    return getattr(make_params(**{f"{name}.{k}": v for k, v in values.items()}), name)
+
+
 def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | None = 64) -> dict[str, Path]:
     """validate -> format -> tokenize on the example data into `tmp`; returns the folders."""
-    from pipeline import format as fmt
-    from pipeline import tokenize, validate
+    from pipeline.stages import format as fmt
+    from pipeline.stages import tokenize, validate
 
     name = {"classification": "sentiment"}.get(task, task)
     template = ROOT / "prompts" / {"classification": "sentiment.jinja", "instruction": "alpaca.jinja",
@@ -128,7 +135,7 @@ def prepared(tiny_base, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def trained(tiny_base, prepared, tmp_path_factory) -> dict:
     """A LoRA adapter trained on the tiny model (shared by evaluate and export tests)."""
-    from pipeline import train
+    from pipeline.stages import train
 
     tmp = tmp_path_factory.mktemp("trained")
     metrics = train.run(prepared["params"], prepared["tokenized"], tiny_base, tmp / "adapter", tmp / "live",

@@ -1,6 +1,6 @@
 """Every kind of bad input gives one line on stderr naming the file, row and field (or the params
 key), a non-zero exit code, and no output written. Each case runs the stage as DVC runs it:
-`python -m pipeline.<stage> ...` in a workspace prepared on the tiny model. Last, a fault test:
+`python -m pipeline.stages.<stage> ...` in a workspace prepared on the tiny model. Last, a fault test:
 SIGKILL during training, then `dvc repro` resumes from the checkpoint."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ VAL = [json.loads(x) for x in (EXAMPLE / "sentiment_validation.jsonl").read_text
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory, tiny_base):
     """A workspace with params, data and every stage's output, made once for all cases."""
-    from pipeline import format as fmt
-    from pipeline import tokenize, train, validate
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
+    from pipeline.stages import format as fmt
+    from pipeline.stages import tokenize, train, validate
 
     w = tmp_path_factory.mktemp("ws")
     shutil.copytree(tiny_base, w / "base")
@@ -52,7 +52,7 @@ def write(path: Path, rows: list) -> Path:
 
 
 def stage(w: Path, name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"pipeline.{name}", *args], cwd=w, capture_output=True,
+    return subprocess.run([sys.executable, "-m", f"pipeline.stages.{name}", *args], cwd=w, capture_output=True,
                           text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
@@ -198,7 +198,7 @@ def test_kill_9_during_training_then_repro_resumes(repo):
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert ckpt.exists(), "no checkpoint was written"
-    killed = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pipeline.train" in " ".join(c.cmdline())]
+    killed = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pipeline.stages.train" in " ".join(c.cmdline())]
     assert killed, "train process not found"
     for c in killed:
         c.kill()  # SIGKILL
@@ -211,7 +211,8 @@ def test_kill_9_during_training_then_repro_resumes(repo):
     out = sh(repo, sys.executable, "-m", "dvc", "repro")
     assert ran(out) == ["train", "evaluate", "export", "gguf"]
     metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= step_at_kill and metrics["steps"] == 360
+    facts = json.loads((repo / "reports" / "train" / "run.json").read_text())  # run facts: outside dvc.lock
+    assert facts["resumed_from_step"] >= step_at_kill and metrics["steps"] == 360
     losses = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
     assert [int(x.split("\t")[0]) for x in losses] == list(range(1, 361))  # one point per step, none twice
     assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")

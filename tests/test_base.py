@@ -1,16 +1,15 @@
 import json
 
 import pytest
-from conftest import build_tiny_base
+from conftest import build_tiny_base, section
 
-from pipeline import base
-from pipeline.io import sha256_file
-from pipeline.params import Base
-from pipeline.stage import PipelineError
+from pipeline.core.io import sha256_file
+from pipeline.core.stage import PipelineError
+from pipeline.stages import base
 
 
 def test_local_checkpoint_becomes_recorded_safetensors(tiny_base, tmp_path):
-    record = base.run(Base(model=str(tiny_base)), tmp_path / "out")
+    record = base.run(section("base", model=str(tiny_base), gguf_file=None), tmp_path / "out")
     out = tmp_path / "out"
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert record["weights_sha256"] == sha256_file(out / "model.safetensors")
@@ -26,9 +25,9 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")  # a pickle checkpoint
     (src / "model.safetensors").unlink()
     with pytest.raises(PipelineError, match="pickle checkpoints are refused .set base.allow_pickle"):
-        base.run(Base(model=str(src)), tmp_path / "out")
+        base.run(section("base", model=str(src), gguf_file=None), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    record = base.run(Base(model=str(src), allow_pickle=True), tmp_path / "out")  # explicit opt-in
+    record = base.run(section("base", model=str(src), gguf_file=None, allow_pickle=True), tmp_path / "out")  # explicit opt-in
     assert (tmp_path / "out" / "model.safetensors").exists() and record["weights_sha256"]
 
 

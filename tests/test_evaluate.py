@@ -3,28 +3,35 @@ import json
 import numpy as np
 from conftest import prepare
 
-from pipeline import evaluate, train
-from pipeline.modeling import load_adapter, load_tokenizer
+from pipeline.core import scoring
+from pipeline.core.encoding import encode_prompt
+from pipeline.core.modeling import load_adapter, load_tokenizer
+from pipeline.stages import evaluate, train
+from pipeline.tasks import TASKS
+from pipeline.tasks.classification import classification_metrics
 
 
 def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
     r = evaluate.run(trained["params"], tiny_base, trained["adapter"], trained["formatted"], trained["tokenized"],
                      tmp_path / "ev", trained["validated"])
-    assert trained["params"].evaluate.shots == 5  # the base model is also scored 5-shot
+    assert set(r) == {"base", f"base_{trained['params'].evaluate.shots}shot", "adapter", "gain", "rows"}
     for name in ("base", "base_5shot", "adapter"):
-        assert 0 <= r[name]["accuracy"] <= 1 and set(r[name]["per_class"]) == {"negative", "neutral", "positive"}
+        assert set(r[name]["per_class"]) == {"negative", "neutral", "positive"}
         assert np.sum(r[name]["confusion"]) == r["rows"] == 32
+        assert r[name]["accuracy"] == round(np.trace(r[name]["confusion"]) / 32, 4)
     assert r["gain"]["accuracy"] == round(r["adapter"]["accuracy"] - r["base"]["accuracy"], 4)
     # the trained adapter gives the true labels more probability than the random base does
     tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
     rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()]
     truth = [trained["params"].labels.index(x["label"]) for x in rows]
-    adapter = evaluate.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
+    adapter = scoring.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
     with model.disable_adapter():
-        base = evaluate.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
+        base = scoring.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
     assert adapter > base + 1.0
     preds = json.loads((tmp_path / "ev" / "predictions.json").read_text())
-    assert len(preds) == 32 and {"actual", "predicted"} <= set(preds[0])
+    assert len(preds) == 32
+    for key, name in (("predicted", "adapter"), ("base_predicted", "base")):  # the plot's data is the metrics' data
+        assert round(np.mean([x["actual"] == x[key] for x in preds]), 4) == r[name]["accuracy"]
     assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == json.loads(json.dumps(r))
     # the model stops: the trained adapter ends every sampled answer at EOS; the random base runs on
@@ -37,15 +44,15 @@ def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):
     tok = load_tokenizer(tiny_base)
     model = load_adapter(tiny_base, trained["adapter"])
     rows = [{"prompt": "Sentence: x", "choices": ["negative", "neutral", "positive"]}]
-    scores = evaluate.choice_scores(model, tok, rows, batch_size=2)
+    scores = scoring.choice_scores(model, tok, rows, batch_size=2)
     # scoring one choice at a time gives the same numbers as the batched pass
     for j, c in enumerate(rows[0]["choices"]):
-        single = evaluate.choice_scores(model, tok, [{"prompt": "Sentence: x", "choices": [c]}], batch_size=1)
+        single = scoring.choice_scores(model, tok, [{"prompt": "Sentence: x", "choices": [c]}], batch_size=1)
         assert abs(single[0, 0] - scores[0, j]) < 1e-4
 
 
 def test_classification_metrics_known_values():
-    m = evaluate.classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"], ["a", "b", "c"])
+    m = classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"], ["a", "b", "c"])
     assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
 
@@ -67,20 +74,20 @@ def test_cached_choice_scores_equal_scoring_each_choice_in_full(trained, tiny_ba
     tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
     rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()][:10]
     rows = [{"prompt": r["prompt"], "choices": ["a much longer answer", "no", r["choices"][0]]} for r in rows]
-    prompts = [evaluate.encode_prompt(tok, r["prompt"]) for r in rows]
-    assert evaluate.shared_prefix(model, prompts, "cpu")[0] >= 8  # the template's instructions are shared
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
+    assert scoring.shared_prefix(model, prompts, "cpu")[0] >= 8  # the template's instructions are shared
     unshared = rows + [{"prompt": "short", "choices": ["a much longer answer than the others", "no", "maybe"]}]
-    assert evaluate.shared_prefix(model, prompts + [evaluate.encode_prompt(tok, "short")], "cpu")[0] == 0
+    assert scoring.shared_prefix(model, prompts + [encode_prompt(tok, "short")], "cpu")[0] == 0
     for case in (rows, unshared):
-        cached, full = evaluate.choice_scores(model, tok, case, 4), evaluate.full_scores(model, tok, case, 4)
+        cached, full = scoring.choice_scores(model, tok, case, 4), scoring.full_scores(model, tok, case, 4)
         assert np.isfinite(cached).all() and np.abs(cached - full).max() < 1e-3
         with model.disable_adapter():
-            assert np.abs(evaluate.choice_scores(model, tok, case, 4) - evaluate.full_scores(model, tok, case, 4)).max() < 1e-3
+            assert np.abs(scoring.choice_scores(model, tok, case, 4) - scoring.full_scores(model, tok, case, 4)).max() < 1e-3
 
 
 def test_fewshot_prompts_hold_solved_examples_of_every_label(prepared, tiny_base):
     p = prepared["params"]
-    rows = evaluate.fewshot_rows(p, load_tokenizer(tiny_base), prepared["formatted"], prepared["validated"])
+    rows = TASKS["classification"].fewshot_rows(p, load_tokenizer(tiny_base), prepared["formatted"], prepared["validated"])
     plain = [json.loads(x) for x in (prepared["formatted"] / "validation.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rows] == [r["row"] for r in plain] and rows[0]["choices"] == plain[0]["choices"]
     first = rows[0]["prompt"]

@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
+from conftest import make_params
 
-from pipeline import export
-from pipeline.modeling import left_pad, load_base_model
-from pipeline.params import Export
+from pipeline.core.modeling import left_pad, load_base_model
+from pipeline.stages import export
 
 
 def test_merged_model_matches_adapter(trained, tiny_base, tmp_path):
-    m = export.run(Export(atol=1e-4, check_rows=4), tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "x")
+    m = export.run(make_params(**{"export.atol": 1e-4, "export.check_rows": 4}), tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "x")
     assert m["merged"] and m["max_abs_diff_vs_adapter"] <= 1e-4 < m["max_abs_diff_vs_base"]
     out = tmp_path / "x"
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
@@ -30,7 +30,7 @@ def test_untrained_adapter_fails_loudly(trained, tiny_base, tmp_path):
     for name in ("peftflow.json", "format.json"):
         (tmp_path / "noop" / name).write_text((trained["adapter"] / name).read_text())
     with pytest.raises(export.ExportError, match="does not change the base model"):
-        export.run(Export(), tiny_base, tmp_path / "noop", trained["tokenized"], tmp_path / "x")
+        export.run(make_params(), tiny_base, tmp_path / "noop", trained["tokenized"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -38,7 +38,7 @@ def test_untrained_adapter_fails_loudly(trained, tiny_base, tmp_path):
 def test_full_fine_tune_is_evaluated_against_its_base_and_exported_whole(trained, tiny_base, tmp_path):
     from conftest import make_params
 
-    from pipeline import evaluate, train
+    from pipeline.stages import evaluate, train
 
     p = make_params(**{"train.method": "full", "train.lr": 2e-3, "train.epochs": 1})
     train.run(p, trained["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
@@ -48,6 +48,6 @@ def test_full_fine_tune_is_evaluated_against_its_base_and_exported_whole(trained
     lora = evaluate.run(trained["params"], tiny_base, trained["adapter"], *args, tmp_path / "ev2", trained["validated"])
     # the base rows are the untouched base model's (the same as under a LoRA adapter); the tune differs
     assert full["base"] == lora["base"] and full["base_5shot"] == lora["base_5shot"]
-    m = export.run(Export(atol=1e-4, check_rows=4), tiny_base, tmp_path / "a", trained["tokenized"], tmp_path / "x")
+    m = export.run(make_params(**{"export.atol": 1e-4, "export.check_rows": 4}), tiny_base, tmp_path / "a", trained["tokenized"], tmp_path / "x")
     assert m["merged"] and m["max_abs_diff_vs_adapter"] == 0.0 and m["max_abs_diff_vs_base"] > 1e-4
     assert (tmp_path / "x" / "model.safetensors").exists() and not (tmp_path / "x" / "adapter_config.json").exists()

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, STAGES
 
 from pipeline import flow
-from pipeline.params import ParamsError
-
-STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export", "gguf"]
+from pipeline.core.params import ParamsError
 
 
 def test_stage_order_is_dvc_yaml_dag():

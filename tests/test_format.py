@@ -1,8 +1,9 @@
 import pytest
 from conftest import ROOT, make_params
 
-from pipeline.format import Renderer, TemplateError, format_rows, pick_shots
-from pipeline.modeling import load_tokenizer
+from pipeline.core.modeling import load_tokenizer
+from pipeline.core.prompting import Renderer, TemplateError, pick_shots
+from pipeline.stages.format import format_rows
 
 
 def test_sentiment_template_renders_prompt_response_and_choices(tiny_base):

@@ -8,14 +8,13 @@ import pytest
 import torch
 from conftest import make_params
 
-from pipeline import export, gguf
-from pipeline.params import Export
+from pipeline.stages import export, gguf
 
 
 @pytest.fixture(scope="module")
 def merged(trained, tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged") / "x"
-    export.run(Export(atol=1e-4, check_rows=4), tiny_base, trained["adapter"], trained["tokenized"], out)
+    export.run(make_params(**{"export.atol": 1e-4, "export.check_rows": 4}), tiny_base, trained["adapter"], trained["tokenized"], out)
     return out
 
 
@@ -69,10 +68,11 @@ def test_modelfile_sends_the_training_prompt(trained, merged, tmp_path):
     # a template that uses the text twice has no single place for the user's message
     fmt = json.loads((merged / "format.json").read_text())
     fmt["template_text"] = fmt["template_text"].replace("Sentence: {{ sentence }}", "{{ sentence }} / {{ sentence }}")
-    from pipeline.modeling import load_tokenizer
+    from pipeline.core.modeling import load_tokenizer
 
     with pytest.raises(gguf.GgufError, match="exactly once"):
-        gguf.modelfile("m.gguf", fmt, load_tokenizer(merged), "sentence", ["<|im_end|>"], ["a", "b"])
+        gguf.modelfile("m.gguf", fmt, load_tokenizer(merged), {"sentence": gguf.SENTINEL, "labels": ["a", "b"]},
+                       "sentence", ["<|im_end|>"])
 
 
 def test_modelfile_parity_names_the_row_that_differs():

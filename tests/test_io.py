@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipeline.io import atomic_dir, atomic_write_json, read_records
-from pipeline.stage import PipelineError
+from pipeline.core.io import atomic_dir, atomic_write_json, read_records
+from pipeline.core.stage import PipelineError
 
 
 def test_jsonl_rows_keep_line_numbers_and_errors(tmp_path):

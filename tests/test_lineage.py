@@ -4,11 +4,11 @@ import json
 import shutil
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, section
 
-from pipeline import export, lineage
-from pipeline.io import file_digest
-from pipeline.params import Export
+from pipeline.core import lineage
+from pipeline.core.io import file_digest
+from pipeline.stages import export
 
 
 def test_adapter_carries_one_content_only_record_in_folder_and_safetensors(trained, tmp_path):
@@ -43,9 +43,8 @@ def test_export_model_card_and_lineage(trained, tiny_base, tmp_path):
     evaluation = tmp_path / "metrics.json"
     evaluation.write_text(json.dumps({"rows": 32, "base": {"accuracy": 0.25, "macro_f1": 0.1},
                                       "adapter": {"accuracy": 0.875, "macro_f1": 0.8}}))
-    p = trained["params"]
-    export.run(Export(atol=1e-4, check_rows=4), tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "x",
-               params=p, evaluation=evaluation)
+    p = trained["params"].model_copy(update={"export": section("export", atol=1e-4, check_rows=4)})
+    export.run(p, tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "x", evaluation=evaluation)
     rec = lineage.read(tmp_path / "x")
     assert rec["stage"] == "export" and rec["adapter"]["stage"] == "train"
     assert rec["metrics"]["evaluate"]["adapter"]["accuracy"] == 0.875

@@ -8,10 +8,11 @@ import torch
 from conftest import make_params
 from datasets import load_from_disk
 
-from pipeline import train
-from pipeline.evaluate import eval_loss
-from pipeline.modeling import device, left_pad, load_adapter, load_base_model
-from pipeline.params import ParamsError
+from pipeline import methods
+from pipeline.core.modeling import device, left_pad, load_adapter, load_base_model
+from pipeline.core.params import ParamsError
+from pipeline.core.scoring import eval_loss
+from pipeline.stages import train
 
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
@@ -46,7 +47,7 @@ METHODS = {
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
     p = make_params(**{"train.epochs": 3, **METHODS[name]})
-    model, metrics = train.fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
+    model, metrics, _ = train.fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
     train.save(p, model, metrics, prepared["tokenized"], tiny_base, tmp_path / "adapter")
     losses = [float(x.split("\t")[1]) for x in
               (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
@@ -80,7 +81,7 @@ def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
 
 def test_adalora_total_step_comes_from_the_run():
     p = make_params(**METHODS["adalora"])
-    assert train.peft_config(p.train, steps=123).total_step == 123
+    assert methods.get("adalora").config(p.train, 123, "llama").total_step == 123
 
 
 def test_quantization_keys_are_checked():
@@ -89,8 +90,8 @@ def test_quantization_keys_are_checked():
 
 
 def test_target_presets_per_architecture():
-    from pipeline.methods import resolve_targets
-    from pipeline.stage import PipelineError
+    from pipeline.core.stage import PipelineError
+    from pipeline.methods.peft import resolve_targets
 
     assert resolve_targets({"target_modules": "attention"}, "llama")["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert resolve_targets({"target_modules": "attention+mlp"}, "gpt2")["target_modules"] == ["c_attn", "c_proj", "c_fc", "mlp.c_proj"]
@@ -98,27 +99,26 @@ def test_target_presets_per_architecture():
     with pytest.raises(PipelineError, match="preset 'mlp' is not defined for model type 'bloom'"):
         resolve_targets({"target_modules": "mlp"}, "bloom")
     p = make_params(**{"train.lora": {"r": 4, "target_modules": "attention+mlp"}})
-    assert sorted(train.peft_config(p.train, 10, "llama").target_modules) == sorted(
+    assert sorted(methods.get("lora").config(p.train, 10, "llama").target_modules) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @pytest.mark.parametrize("name", ["prompt_tuning", "qlora-4bit"])
 def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path):
-    from pipeline import export
-    from pipeline.params import Export
+    from pipeline.stages import export
 
     p = make_params(**{"train.epochs": 1, **METHODS[name]})
     train.run(p, prepared["tokenized"], tiny_base, tmp_path / "adapter", tmp_path / "live", tmp_path / "ckpt")
-    m = export.run(Export(atol=1e-4), tiny_base, tmp_path / "adapter", prepared["tokenized"], tmp_path / "x")
+    m = export.run(make_params(**{"export.atol": 1e-4}), tiny_base, tmp_path / "adapter", prepared["tokenized"], tmp_path / "x")
     if name == "prompt_tuning":
         assert not m["merged"] and "cannot be merged" in m["reason"]
         assert (tmp_path / "x" / "adapter_model.safetensors").exists()
         # with the adapter disabled the base answers: scored from a KV cache, as the full scoring does
         import numpy as np
 
-        from pipeline.evaluate import choice_scores, full_scores
-        from pipeline.io import read_jsonl
-        from pipeline.modeling import is_prompt_learning, load_tokenizer
+        from pipeline.core.io import read_jsonl
+        from pipeline.core.modeling import is_prompt_learning, load_tokenizer
+        from pipeline.core.scoring import choice_scores, full_scores
 
         model, tok = load_adapter(tiny_base, tmp_path / "adapter"), load_tokenizer(tiny_base)
         rows = read_jsonl(prepared["formatted"] / "validation.jsonl")[:8]
@@ -136,7 +136,7 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
 def test_optimizer_is_chosen_by_params():
     import bitsandbytes as bnb
 
-    from pipeline.methods import optimizer_class
+    from pipeline.core.training import optimizer_class
 
     assert optimizer_class(make_params(**{"train.optimizer": "adamw_8bit"}).train.optimizer) is bnb.optim.AdamW8bit
     assert optimizer_class("paged_adamw_32bit") is bnb.optim.PagedAdamW32bit
@@ -148,7 +148,7 @@ def test_optimizer_is_chosen_by_params():
 def test_bitfit_trains_only_biases_and_says_when_there_are_none(prepared, tiny_base, tmp_path):
     from conftest import build_tiny_base
 
-    from pipeline.stage import PipelineError
+    from pipeline.core.stage import PipelineError
 
     p = make_params(**{"train.method": "bitfit", "train.lr": 5e-2, "train.epochs": 1})
     with pytest.raises(PipelineError, match="LlamaForCausalLM has no bias parameters.*train.bitfit.norms: true"):
@@ -156,7 +156,7 @@ def test_bitfit_trains_only_biases_and_says_when_there_are_none(prepared, tiny_b
     with pytest.raises(ParamsError, match="unknown key 'train.bitfit.norm'.*Did you mean 'norms'"):
         make_params(**{"train.method": "bitfit", "train.bitfit": {"norm": True}})
     biased = build_tiny_base(tmp_path / "biased", bias=True)  # same tokenizer, so the tokenized data fits
-    model, metrics = train.fit(p, prepared["tokenized"], biased, tmp_path / "live", tmp_path / "ckpt")
+    model, metrics, _ = train.fit(p, prepared["tokenized"], biased, tmp_path / "live", tmp_path / "ckpt")
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     assert trained and all(n.endswith(".bias") for n in trained)
     assert metrics["trainable_params"] == sum(q.numel() for n, q in model.named_parameters() if n in trained)

@@ -1,7 +1,7 @@
 import pytest
 from conftest import ROOT, raw_params
 
-from pipeline.params import ParamsError, load_params, parse_params
+from pipeline.core.params import ParamsError, load_params, parse_params
 
 
 def test_repository_params_load():

@@ -5,9 +5,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import TINY_TRAIN, sh
-
-STAGES = ["base", "validate", "format", "tokenize", "train", "evaluate", "export", "gguf"]
+from conftest import STAGES, TINY_TRAIN, sh
 
 
 def ran(output: str) -> list[str]:
@@ -64,7 +62,7 @@ def test_bad_params_fail_with_one_line(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["validate"]["max_reject"] = 0.1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    r = subprocess.run([sys.executable, "-m", "pipeline.validate", "--train", "data/example/sentiment_train.jsonl",
+    r = subprocess.run([sys.executable, "-m", "pipeline.stages.validate", "--train", "data/example/sentiment_train.jsonl",
                         "--validation", "data/example/sentiment_validation.jsonl", "--out", "v", "--metrics", "m.json"],
                        cwd=repo, capture_output=True, text=True)
     assert r.returncode == 2

@@ -7,11 +7,11 @@ import shutil
 from conftest import make_params
 from typer.testing import CliRunner
 
-from pipeline import train
 from pipeline.cli import app
-from pipeline.modeling import load_tokenizer
+from pipeline.core.encoding import encode, encode_prompt
+from pipeline.core.modeling import load_tokenizer
 from pipeline.predict import Predictor
-from pipeline.tokenize import encode, encode_prompt
+from pipeline.stages import train
 
 
 def test_serving_renders_the_same_tokens_as_training(trained, tiny_base):
@@ -50,16 +50,19 @@ def test_two_adapters_one_base_switch_without_reload(trained, prepared, tiny_bas
 
     import peft
 
+    rows = [{"sentence": "Kestrel Steel will cut 40 jobs at its Oulu plant ."},
+            {"sentence": "Nordvik Paper is headquartered in Oulu ."}]
+    alone = Predictor(tiny_base, {"task": trained["adapter"]})  # the adapter loaded alone: its own answers
+    alone_task, alone_base = alone.predict(rows, "task"), alone.predict(rows, None)
     p = Predictor(tiny_base, {"task": trained["adapter"], "positive": tmp_path / "pos"})
     loads = []
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: loads.append(a))
-    rows = [{"sentence": "Kestrel Steel will cut 40 jobs at its Oulu plant ."},
-            {"sentence": "Nordvik Paper is headquartered in Oulu ."}]
     always = p.predict(rows, "positive")
     task = p.predict(rows, "task")
     base = p.predict(rows, None)
     assert always == ["positive", "positive"]
-    assert task != always or base != always  # each adapter gives its own answers
+    # each name answers as that adapter (or the base) loaded alone: switching mixes nothing up
+    assert (task, base) == (alone_task, alone_base)
     assert p.predict(rows, "positive") == always  # switching back is deterministic
     assert loads == []  # switching loaded nothing
     assert len([n for n, _ in p.model.named_modules() if n.endswith("q_proj.lora_A.positive")]) == 2
@@ -82,7 +85,7 @@ def test_cli_predict_bad_adapter_is_one_line(tiny_base, tmp_path):
 def test_adapter_for_another_base_is_refused_unless_forced(trained, tiny_base, tmp_path):
     import pytest
 
-    from pipeline.stage import PipelineError
+    from pipeline.core.stage import PipelineError
 
     other = tmp_path / "other"
     shutil.copytree(trained["adapter"], other)

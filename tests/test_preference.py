@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from conftest import prepare
 
-from pipeline import evaluate, train, validate
-from pipeline.modeling import load_adapter
-from pipeline.preference import dpo_loss, pair_logprobs, reward_metrics
+from pipeline.core.modeling import load_adapter
+from pipeline.core.preference import dpo_loss, pair_logprobs, reward_metrics
+from pipeline.stages import evaluate, train, validate
 
 
 def test_dpo_loss_known_values():
@@ -49,10 +49,10 @@ def test_sft_then_dpo_raises_the_reward_of_chosen_answers(tiny_base, tmp_path):
     tokenized = load_from_disk(str(prep["tokenized"] / "train"))
     assert {"rejected_input_ids", "rejected_labels"} <= set(tokenized.column_names)
 
-    p = p.__class__(**{**vars(p), "train": p.train.__class__(**{
-        **vars(p.train), "epochs": 1.0, "dpo": p.train.dpo.__class__(beta=0.5, steps=24, lr=2e-2, batch_size=8)})})
+    dpo = p.train.dpo.model_copy(update={"beta": 0.5, "steps": 24, "lr": 2e-2, "batch_size": 8})
+    p = p.model_copy(update={"train": p.train.model_copy(update={"epochs": 1.0, "dpo": dpo})})
     metrics = train.run(p, prep["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
-    assert (tmp_path / "a" / "sft" / "adapter_model.safetensors").exists() and metrics["dpo"]["seconds"] > 0
+    assert (tmp_path / "a" / "sft" / "adapter_model.safetensors").exists() and metrics["dpo_seconds"] > 0
     curve = [float(x.split("\t")[1]) for x in
              (tmp_path / "live" / "plots" / "metrics" / "dpo" / "loss.tsv").read_text().splitlines()[1:]]
     assert len(curve) == 24 and sum(curve[-6:]) / 6 < sum(curve[:6]) / 6
@@ -72,6 +72,13 @@ def test_sft_then_dpo_raises_the_reward_of_chosen_answers(tiny_base, tmp_path):
     r = evaluate.run(p, tiny_base, tmp_path / "a", prep["formatted"], prep["tokenized"], tmp_path / "ev",
                      prep["validated"])
     assert r["rows"] == 40 and set(r) >= {"base", "sft", "adapter", "gain"}
-    for name in ("sft", "adapter"):
-        assert 0 <= r[name]["reward_accuracy"] <= 1 and "reward_margin" in r[name]
+    # the stage's reward metrics are those of each adapter against the base on the held-out pairs
+    held_out = list(load_from_disk(str(prep["tokenized"] / "validation")))
+    with model.disable_adapter():
+        held_base = pair_logprobs(model, held_out, 16)
+    for adapter, name in (("sft", "sft"), ("default", "adapter")):
+        model.set_adapter(adapter)
+        want = reward_metrics(pair_logprobs(model, held_out, 16), held_base, 0.5)
+        assert abs(r[name]["reward_accuracy"] - want["reward_accuracy"]) <= 1 / 40 + 1e-9, (name, r[name], want)
+        assert abs(r[name]["reward_margin"] - want["reward_margin"]) < 1e-3, (name, r[name], want)
     assert r["gain"]["reward_accuracy"] == round(r["adapter"]["reward_accuracy"] - r["sft"]["reward_accuracy"], 4)

@@ -1,8 +1,8 @@
 import pytest
 from datasets import load_from_disk
 
-from pipeline.modeling import IGNORE, load_tokenizer
-from pipeline.tokenize import encode, encode_prompt
+from pipeline.core.encoding import encode, encode_prompt
+from pipeline.core.modeling import IGNORE, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 from conftest import make_params
 from safetensors.torch import load_file
 
-from pipeline import train
-from pipeline.modeling import left_pad, load_adapter
+from pipeline.core.modeling import left_pad, load_adapter
+from pipeline.stages import train
 
 
 def test_loss_goes_down_and_adapter_is_saved(trained):
@@ -25,7 +25,7 @@ def test_reloaded_adapter_gives_identical_logits(trained, tiny_base):
     import torch
     from datasets import load_from_disk
 
-    from pipeline.modeling import device
+    from pipeline.core.modeling import device
 
     rows = [{"input_ids": r["input_ids"]} for r in load_from_disk(str(trained["tokenized"] / "validation"))][:4]
     a = load_adapter(tiny_base, trained["adapter"])
@@ -87,14 +87,14 @@ def test_checkpoint_from_other_params_is_refused(prepared, tiny_base, tmp_path):
 
 
 def test_unknown_peft_argument_is_caught_before_training():
-    from pipeline.params import ParamsError
+    from pipeline.core.params import ParamsError
 
     with pytest.raises(ParamsError, match="train.lora.alpha"):
         make_params(**{"train.lora": {"r": 4, "alpha": 8}})
 
 
 def launch_train(trained: dict, tiny_base, tmp_path, **overrides):
-    """The train stage as DVC runs it (`python -m pipeline.train ...`) with these params overrides."""
+    """The train stage as DVC runs it (`python -m pipeline.stages.train ...`) with these params overrides."""
     import subprocess
     import sys
 
@@ -103,7 +103,7 @@ def launch_train(trained: dict, tiny_base, tmp_path, **overrides):
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw_params(**{**TINY_TRAIN, **overrides})))
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "--data", str(trained["tokenized"]), "--base",
+    return subprocess.run([sys.executable, "-m", "pipeline.stages.train", "--data", str(trained["tokenized"]), "--base",
                            str(tiny_base), "--out", str(tmp_path / "adapter"), "--live", str(tmp_path / "live"),
                            "--checkpoints", str(tmp_path / "ckpt"), "--params", str(params)],
                           cwd=ROOT, capture_output=True, text=True)

@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import EXAMPLE, make_params
 
-from pipeline.validate import DataError, run
+from pipeline.stages.validate import DataError, run
 
 
 def write(path, rows):

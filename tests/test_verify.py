@@ -15,18 +15,18 @@ from pipeline.verify import import_closure, missing_deps, verify
 def test_every_stage_declares_its_whole_import_closure():
     assert missing_deps(ROOT) == {}
     # the closure follows lazy imports inside functions, not only the module's top
-    assert "pipeline/lineage.py" in import_closure(ROOT, "pipeline.train")
+    assert "pipeline/core/lineage.py" in import_closure(ROOT, "pipeline.stages.train")
 
 
 def test_an_undeclared_project_import_fails_the_deps_check(tmp_path):
     shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     assert missing_deps(tmp_path) == {}
-    validate = tmp_path / "pipeline" / "validate.py"
+    validate = tmp_path / "pipeline" / "stages" / "validate.py"
     validate.write_text(validate.read_text().replace(
-        "def run(", "def _unused():\n    from pipeline import lineage  # noqa: F401\n\n\ndef run(", 1))
+        "def run(", "def _unused():\n    from pipeline import report  # noqa: F401\n\n\ndef run(", 1))
     missing = missing_deps(tmp_path)
-    assert list(missing) == ["validate"] and "pipeline/lineage.py" in missing["validate"]
+    assert missing == {"validate": ["pipeline/report.py"]}
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "deps", "--root", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "stage validate: imports" in r.stdout
@@ -65,3 +65,46 @@ def test_two_fresh_clones_give_the_same_dvc_lock_and_verify_names_a_changed_byte
     assert r.returncode == 1, r.stdout + r.stderr
     assert "validate" in r.stdout and "data/validated" in r.stdout and "differs" in r.stdout
     assert "train.jsonl" in r.stdout and "validation.jsonl" not in r.stdout
+
+
+def test_no_stage_imports_another_stage():
+    stages = sorted(f.stem for f in (ROOT / "pipeline" / "stages").glob("*.py") if f.stem != "__init__")
+    assert len(stages) == 8
+    for stage in stages:
+        others = {f for f in import_closure(ROOT, f"pipeline.stages.{stage}")
+                  if f.startswith("pipeline/stages/") and f not in (f"pipeline/stages/{stage}.py", "pipeline/stages/__init__.py")}
+        assert not others, f"stage {stage} imports {others}"
+
+
+def test_on_another_hardware_class_verify_compares_the_weights_numerically(tmp_path):
+    """A folder that differs because it was made on another hardware class (AMX vs avx512_bf16, a GPU)
+    is explained by the class and the weights' largest difference, not left a bare mismatch."""
+    import hashlib
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.verify import explain
+
+    cache = tmp_path / "cache"
+
+    def put(data: bytes, suffix: str = "") -> str:  # as DVC's cache keeps an object (a folder's list: .dir)
+        md5 = hashlib.md5(data).hexdigest() + suffix
+        f = cache / "files" / "md5" / md5[:2] / md5[2:]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+        return md5
+
+    def folder(weight: float, isa: str) -> str:
+        st = tmp_path / f"{isa}.safetensors"
+        save_file({"w": torch.full((2, 2), weight)}, str(st))
+        record = json.dumps({"hardware": {"machine": "x86_64", "cpu_isa": isa, "torch_threads": 2}}).encode()
+        entries = [{"md5": put(st.read_bytes()), "relpath": "adapter_model.safetensors"},
+                   {"md5": put(record), "relpath": "peftflow.json"}]
+        return put(json.dumps(entries, sort_keys=True).encode(), ".dir")
+
+    files, detail = explain(cache, folder(1.0, "amx_bf16"), folder(1.25, "avx512_bf16"))
+    assert files == ["adapter_model.safetensors", "peftflow.json"]
+    assert "hardware class differs: recorded x86_64 amx_bf16 2 threads, here x86_64 avx512_bf16 2 threads" in detail
+    assert "adapter_model.safetensors: max |Δ| 0.25" in detail

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 import typer
 
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
-from pipeline.modeling import left_pad, load_tokenizer
-from pipeline.params import Gguf, Params, load_params
-from pipeline.stage import PipelineError, entry
+from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from pipeline.core.modeling import left_pad, load_tokenizer
+from pipeline.core.params import Gguf, Params, load_params
+from pipeline.core.stage import PipelineError, entry
+from pipeline.tasks import get as get_task
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SENTINEL = "\x00PROMPT\x00"
@@ -78,7 +79,7 @@ def tokenizer_pre(params: Params) -> str:
     if params.base.gguf_file:
         from gguf import GGUFReader
 
-        from pipeline.base import resolve_source
+        from pipeline.core.modeling import resolve_source
 
         field = GGUFReader(Path(resolve_source(params.base.model)) / params.base.gguf_file).get_field(
             "tokenizer.ggml.pre")
@@ -182,7 +183,7 @@ def reread_logit_diff(model_dir: Path, path: Path, prompts: list[str], tok) -> f
     """Max |logits| difference between the merged model and the GGUF read back by transformers."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tokenize import encode_prompt
+    from pipeline.core.encoding import encode_prompt
 
     merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -194,14 +195,13 @@ def reread_logit_diff(model_dir: Path, path: Path, prompts: list[str], tok) -> f
     return float(((merged(**kw).logits - back(**kw).logits) * mask).abs().max())
 
 
-def modelfile(gguf_name: str, fmt: dict, tok, field: str, eos: list[str], labels: list[str]) -> tuple[str, str]:
-    """(Modelfile text, its Go template) for Ollama: the training prompt with `field` as {{ .Prompt }}."""
-    from pipeline.format import Renderer
+def modelfile(gguf_name: str, fmt: dict, tok, row: dict, field: str, eos: list[str]) -> tuple[str, str]:
+    """(Modelfile text, its Go template) for Ollama: the training prompt of `row` (the task's row for one
+    line of text, that text a sentinel) with its `field` as {{ .Prompt }}."""
+    from pipeline.core.prompting import Renderer
 
     r = Renderer(fmt["template_text"], "format.json", tokenizer=tok, chat_template=fmt["chat_template"],
                  system_prompt=fmt["system_prompt"])
-    row = {field: SENTINEL, "labels": list(labels), "input": "", "instruction": "", "prompt": ""}
-    row[field] = SENTINEL
     text = r.prompt(row, "the Modelfile template")
     if text.count(SENTINEL) != 1:
         raise GgufError(f"gguf: the template {fmt.get('template')} does not use '{field}' exactly once; "
@@ -231,8 +231,8 @@ def llama_cpp_parity(path: Path, model_dir: Path, prompts: list[str], tok, label
                         "see README); set gguf.llama_cpp_rows: 0 to skip the llama.cpp check") from None
     from transformers import AutoModelForCausalLM
 
-    from pipeline.evaluate import generate
-    from pipeline.tokenize import encode_prompt
+    from pipeline.core.encoding import encode_prompt
+    from pipeline.core.scoring import generate
 
     merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=max(1, torch.get_num_threads()), verbose=False,
@@ -286,11 +286,6 @@ def modelfile_parity(go: str, field: str, source_rows: list[dict], formatted_row
     return checked
 
 
-def prompt_field(params: Params) -> str:
-    return {"classification": params.validate.text_field, "instruction": "instruction",
-            "preference": "prompt"}[params.task]
-
-
 def run(params: Params, export_dir: Path, formatted: Path, validated: Path, out: Path) -> dict:
     p = params.gguf
     record = json.loads((export_dir / "peftflow.json").read_text())
@@ -311,8 +306,10 @@ def run(params: Params, export_dir: Path, formatted: Path, validated: Path, out:
             raise GgufError(f"gguf: {name} read back by transformers differs from the merged model by {diff:.3g} "
                             f"in the logits (> {TOLERANCE[p.outtype]} allowed for {p.outtype})")
         eos = [t for t in dict.fromkeys([tok.eos_token, tok.pad_token]) if t]
-        field = prompt_field(params)
-        text, go = modelfile(name, fmt, tok, field, eos, params.labels)
+        t = get_task(params.task)
+        field = t.prompt_field(params.validate.text_field)
+        row = {**t.row_from_text(SENTINEL, params.validate.text_field), "labels": list(params.labels)}
+        text, go = modelfile(name, fmt, tok, row, field, eos)
         checked = modelfile_parity(go, field, read_jsonl(validated / "validation.jsonl"), rows)
         atomic_write_text(tmp / "Modelfile", text)
         atomic_write_text(tmp / "Modelfile", text)
@@ -320,7 +317,7 @@ def run(params: Params, export_dir: Path, formatted: Path, validated: Path, out:
                    "max_abs_logit_diff_reread": diff, "rows_checked": min(p.check_rows, len(prompts)),
                    "modelfile_rows_checked": checked}
         if p.llama_cpp_rows:
-            labels = params.labels if params.task == "classification" else []
+            labels = get_task(params.task).serving_labels(params.labels)
             parity = llama_cpp_parity(tmp / name, export_dir, prompts[: p.llama_cpp_rows], tok, labels,
                                       p.max_new_tokens)
             metrics["llama_cpp"] = parity

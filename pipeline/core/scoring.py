@@ -1,0 +1,149 @@
+"""Scoring and generation shared by evaluate, predict and gguf.
+
+Label scoring: each label's rendered response (with EOS) is scored as a continuation of the prompt;
+the tokens every prompt shares (system prompt, instructions) run once, as a KV cache. Eval loss is
+the mean NLL of the response tokens; generation is greedy and reports whether it stopped at EOS.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from pipeline.core.encoding import encode_many, encode_prompt
+from pipeline.core.modeling import (
+    IGNORE,
+    batches,
+    is_prompt_learning,
+    left_pad,
+    response_width,
+    token_logprobs,
+)
+
+
+def shared_prefix(model, prompts: list[list[int]], dev: torch.device, min_tokens: int = 8):
+    """(length, KV cache) of the tokens every prompt starts with (system prompt, instructions), run
+    once for all rows; (0, None) when they share fewer than `min_tokens`."""
+    first, common = prompts[0], min(len(p) for p in prompts) - 1  # every row keeps a token of its own
+    for p in prompts[1:]:
+        common = next((k for k in range(common) if p[k] != first[k]), common)
+    if common < min_tokens:
+        return 0, None
+    out = model(input_ids=torch.tensor([first[:common]], device=dev), use_cache=True, logits_to_keep=1)
+    return common, out.past_key_values
+
+
+@torch.no_grad()
+def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
+    """Summed log-probability of every choice (with EOS) after its prompt: (rows, choices).
+
+    The tokens all prompts share (system prompt, instructions) run once; each row's own part of
+    the prompt runs once from that cache, and its choices continue from the row's cache: a row
+    costs its own tokens plus a few choice tokens (measured against free generation in bench/).
+    Prompt-learning adapters bring their own cache: they score prompt + choice in full.
+    """
+    if is_prompt_learning(model):
+        return full_scores(model, tok, rows, batch_size)
+    dev = next(model.parameters()).device
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
+    n = len(rows[0]["choices"])
+    scores = np.full((len(rows), n), -np.inf)
+    common, shared = shared_prefix(model, prompts, dev)
+    for idx in batches(sorted(range(len(rows)), key=lambda i: len(prompts[i])), batch_size):
+        batch = left_pad([{"input_ids": prompts[i][common:]} for i in idx], 0, dev)
+        prompt_mask = batch["attention_mask"]
+        cache = None
+        if common:
+            cache = copy.deepcopy(shared)
+            cache.batch_repeat_interleave(len(idx))
+            prompt_mask = torch.cat([torch.ones_like(prompt_mask[:, :1]).expand(-1, common), prompt_mask], -1)
+        out = model(input_ids=batch["input_ids"], attention_mask=prompt_mask,
+                    position_ids=batch["position_ids"] + common, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n, 0)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        # each choice's tokens (+ EOS), right-padded: position k predicts token k + 1
+        choices = [tok(rows[i]["choices"], add_special_tokens=False)["input_ids"] for i in idx]
+        targets = [c + [tok.eos_token_id] for cs in choices for c in cs]
+        width = max(len(t) for t in targets) - 1
+        feed = torch.zeros((len(targets), width), dtype=torch.long)
+        want = torch.full((len(targets), width), IGNORE, dtype=torch.long)
+        for k, t in enumerate(targets):
+            feed[k, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+            want[k, : len(t) - 1] = torch.tensor(t[1:], dtype=torch.long)
+        feed, want = feed.to(dev), want.to(dev)
+        prompt_mask = prompt_mask.repeat_interleave(n, 0)
+        start = prompt_mask.sum(-1, keepdim=True)
+        total = first.gather(-1, torch.tensor([t[0] for t in targets], device=dev)[:, None]).squeeze(-1)
+        if width:
+            logits = model(input_ids=feed, attention_mask=torch.cat([prompt_mask, torch.ones_like(feed)], -1),
+                           position_ids=start + torch.arange(width, device=dev), past_key_values=cache,
+                           use_cache=False).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, want.clamp(min=0)[..., None]).squeeze(-1)
+            total = total + (logp * (want != IGNORE)).sum(-1)
+        scores[np.repeat(idx, n), np.tile(np.arange(n), len(idx))] = total.cpu().numpy()
+    return scores
+
+
+@torch.no_grad()
+def full_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
+    """`choice_scores` with every prompt + choice as its own row (no shared cache)."""
+    dev = next(model.parameters()).device
+    pairs = [(i, j, r["prompt"], c) for i, r in enumerate(rows) for j, c in enumerate(r["choices"])]
+    encoded = encode_many(tok, [p for *_, p, _ in pairs], [c for *_, c in pairs], 10**9, "response")
+    items = sorted(((i, j, e) for (i, j, _, _), e in zip(pairs, encoded, strict=True)),
+                   key=lambda x: len(x[2]["input_ids"]))
+    scores = np.full((len(rows), len(rows[0]["choices"])), -np.inf)
+    pl = is_prompt_learning(model)
+    for chunk in batches(items, batch_size):
+        enc = [e for _, _, e in chunk]
+        logp, _ = token_logprobs(model, left_pad(enc, 0, dev), response_width(enc), pl)
+        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist(), strict=True):
+            scores[i, j] = s
+    return scores
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], batch_size: int) -> float:
+    dev = next(model.parameters()).device
+    pl = is_prompt_learning(model)
+    total, count = 0.0, 0
+    for chunk in batches(sorted(rows, key=lambda r: len(r["input_ids"])), batch_size):
+        logp, mask = token_logprobs(model, left_pad(chunk, 0, dev), response_width(chunk), pl)
+        total -= float(logp.sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+    """Greedy completion of one prompt; returns (text, stopped at EOS)."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([encode_prompt(tok, prompt)], device=dev)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    stopped = tok.eos_token_id in new
+    if stopped:
+        new = new[: new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True), stopped
+
+
+
+def write_samples(model, tok, rows: list[dict], n: int, max_new_tokens: int, path) -> float:
+    """Greedy generations of base (adapter disabled) and adapter for the first `n` rows, side by side in a
+    jsonl file; returns the adapter's ratio of answers that stopped at EOS."""
+    from pipeline.core.io import write_jsonl
+
+    samples = []
+    for r in rows[:n]:
+        with model.disable_adapter():
+            base_text, base_stop = generate(model, tok, r["prompt"], max_new_tokens)
+        text, stop = generate(model, tok, r["prompt"], max_new_tokens)
+        samples.append({"row": r["row"], "prompt": r["prompt"], "reference": r["response"],
+                        "base": base_text, "adapter": text, "base_stopped": base_stop, "adapter_stopped": stop})
+    write_jsonl(path, samples)
+    return round(sum(s["adapter_stopped"] for s in samples) / max(len(samples), 1), 3)

@@ -1,0 +1,155 @@
+"""Training options shared by the recipes: quantized bases (QLoRA), optimizers, the optimizer step
+(precision, clipping) and the processes of a multi-process run (accelerate).
+
+`train.quantization` holds BitsAndBytesConfig's own arguments (4-bit NF4 or 8-bit bases, trained through
+an adapter); `train.optimizer` picks AdamW or bitsandbytes' 8-bit / paged AdamW; `train.loraplus_lr_ratio`
+gives LoRA's B matrices a larger learning rate (LoRA+). The methods themselves are in pipeline/methods/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def quantization_config(q: dict | None):
+    """`train.quantization` (BitsAndBytesConfig's own arguments) as a config object, or None."""
+    if not q:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    q = dict(q)
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(q.get(key), str):
+            q[key] = getattr(torch, q[key])
+    return BitsAndBytesConfig(**q)
+
+
+OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw_8bit": "bitsandbytes.optim.AdamW8bit",
+              "paged_adamw_8bit": "bitsandbytes.optim.PagedAdamW8bit",
+              "paged_adamw_32bit": "bitsandbytes.optim.PagedAdamW32bit"}
+
+
+def optimizer_class(name: str) -> type:
+    """`train.optimizer`: AdamW, or bitsandbytes' 8-bit / paged AdamW (8-bit states quarter the
+    optimizer memory; paging moves states to CPU memory under GPU memory pressure, CUDA only:
+    on a CPU bitsandbytes uses the same optimizer unpaged)."""
+    import importlib
+
+    module, cls = OPTIMIZERS[name].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
+
+
+def optimizer(model, lr: float, weight_decay: float, loraplus_lr_ratio: float | None, name: str = "adamw"):
+    """The optimizer over the trainable parameters; with LoRA+ the B matrices get `lr * loraplus_lr_ratio`."""
+    cls = optimizer_class(name)
+    if loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+                                         weight_decay=weight_decay)
+    params = [q for q in model.parameters() if q.requires_grad]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+
+
+class Stepper:
+    """One optimizer step as every recipe takes it: fp16 loss scaling (a no-op for fp32 and bf16),
+    gradient clipping at `train.grad_clip`, then the optimizer."""
+
+    def __init__(self, optimizer, params: list, precision: str, grad_clip: float | None, dev) -> None:
+        self.optimizer, self.params, self.grad_clip = optimizer, params, grad_clip
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+
+    def zero(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def stepper(model, lr: float, t, dev, loraplus: bool = True) -> Stepper:
+    """The optimizer over the trainable parameters (`train.optimizer`, LoRA+ when asked) in a Stepper."""
+    opt = optimizer(model, lr, t.weight_decay, t.loraplus_lr_ratio if loraplus else None, t.optimizer)
+    return Stepper(opt, [q for q in model.parameters() if q.requires_grad], t.precision, t.grad_clip, dev)
+
+
+class Processes:
+    """This process's share of a run started by `accelerate launch` (DDP, FSDP, ...); with one
+    process every method is a no-op. Each process takes every `world`-th row of each batch; the
+    loss is scaled so the averaged gradients equal the one-process gradient of the whole batch."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.acc = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.acc = Accelerator(cpu=dev.type == "cpu")
+        self.rank = self.acc.process_index if self.acc else 0
+        self.world = self.acc.num_processes if self.acc else 1
+        self.main = self.rank == 0
+        asked = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
+        if self.acc and asked and self.acc.distributed_type.value != asked[0] and self.main:
+            print(f"train: warning: the accelerate config asks for {asked[0]} but accelerate runs it as "
+                  f"{self.acc.distributed_type.value} on {dev.type}: every process holds the whole model "
+                  "(FSDP and DeepSpeed shard only on GPUs)", file=sys.stderr, flush=True)
+
+    def wrap(self, model):
+        return self.acc.prepare_model(model) if self.acc else model
+
+    def kind(self, model) -> str:
+        """How the run was spread: "single", or accelerate's distributed type, marked "sharded" when
+        the parameters became DTensors (FSDP2)."""
+        if not self.acc:
+            return "single"
+        sharded = any(type(q).__name__ == "DTensor" for q in model.parameters())
+        return f"{self.acc.distributed_type.value}{', sharded' if sharded else ''}"
+
+    def share(self, rows: list) -> tuple[list, int]:
+        """This process's rows of a micro-batch and the loss scale (a batch smaller than the number
+        of processes is run whole by each, unscaled)."""
+        if self.world == 1 or len(rows) < self.world:
+            return rows, 1
+        return rows[self.rank :: self.world], self.world
+
+    def total(self, x: float) -> float:
+        if not self.acc:
+            return x
+        t = torch.tensor([x], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def wait(self) -> None:
+        if self.acc:
+            self.acc.wait_for_everyone()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def end_processes() -> None:
+    """Every process waits for the main one's save, then leaves the process group (a process that exits
+    inside it can abort in gloo's threads)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process so far, in MiB."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (2**20 if sys.platform == "darwin" else 2**10))

@@ -1,0 +1,103 @@
+"""Recipe: supervised fine-tuning, the loss on the response tokens only.
+
+Batches: the rows shuffled with the seed (a new permutation each epoch), grouped by length when
+`train.group_by_length` (similar lengths together, so little padding), left-padded per batch; the
+vocabulary projection is computed only where the loss is (`logits_to_keep`). `train.grad_accum`
+micro-batches make one optimizer step; the loss is the mean over the step's response tokens. Under
+`accelerate launch` each process takes its share of every micro-batch (`Processes.share`), scaled so
+the averaged gradients equal the one-process gradient. A run resumed at step k continues with exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.core.modeling import IGNORE, autocast, is_prompt_learning, left_pad, response_width, token_logprobs
+from pipeline.core.training import Processes, Stepper
+
+
+def plan_epoch(lengths: list[int], batch_size: int, group_by_length: bool, seed: int) -> list[list[int]]:
+    """Row indices of each batch of one epoch: shuffled, and if grouping, similar lengths together."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)).tolist()
+    if group_by_length:
+        chunk = batch_size * 32
+        grouped = []
+        for i in range(0, len(order), chunk):
+            grouped += sorted(order[i : i + chunk], key=lambda j: -lengths[j])
+        order = grouped
+    plan = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        plan = [plan[j] for j in rng.permutation(len(plan))]
+    return plan
+
+
+def micro_batches(rows: list[dict], batch_size: int, group_by_length: bool, seed: int,
+                  skip: int = 0) -> Iterator[list[dict]]:
+    """Every micro-batch of every epoch in order (epoch e shuffled with seed + e), after the first `skip`."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    k, epoch = 0, 0
+    while True:
+        for b in plan_epoch(lengths, batch_size, group_by_length, seed + epoch):
+            if k >= skip:
+                yield [rows[i] for i in b]
+            k += 1
+        epoch += 1
+
+
+@dataclass
+class Loop:
+    """What the steps run on: `model` (DDP-wrapped when launched so), its unwrapped `core`, the stepper,
+    the schedule, the processes, and the method's hook after each step."""
+
+    model: torch.nn.Module
+    core: torch.nn.Module
+    stepper: Stepper
+    scheduler: object
+    procs: Processes
+    precision: str
+    after_step: Callable[[torch.nn.Module, int], None]
+
+
+def step(loop: Loop, micro: list[list[dict]]) -> tuple[float, int]:
+    """One optimizer step over the micro-batches: (the mean loss per response token, tokens run here)."""
+    dev = next(loop.core.parameters()).device
+    prompt_learning = is_prompt_learning(loop.core)
+    n_labels = sum(sum(x != IGNORE for x in r["labels"]) for mb in micro for r in mb)
+    loop.stepper.zero()
+    total, tokens = 0.0, 0
+    for mb in micro:
+        part, scale = loop.procs.share(mb)
+        batch = left_pad(part, 0, dev)
+        with autocast(loop.precision, dev):
+            logp, _ = token_logprobs(loop.model, batch, response_width(part), prompt_learning)
+        loss = -logp.sum() * scale / n_labels
+        loop.stepper.backward(loss)
+        total += loss.item() / loop.procs.world
+        if scale > 1 or loop.procs.main:  # a batch every process ran whole is counted once
+            tokens += int(batch["attention_mask"].sum())
+    loop.stepper.step()
+    return total, tokens
+
+
+def train(loop: Loop, rows: list[dict], t, seed: int, start: int, steps: int,
+          on_step: Callable[[int, float, float], None], checkpoint: Callable[[int], None]) -> int:
+    """Steps `start + 1 .. steps`; `on_step(step, loss, lr)` after each, `checkpoint(step)` every
+    `train.checkpoint_every` steps. Returns the tokens run."""
+    stream = micro_batches(rows, t.batch_size, t.group_by_length, seed, start * t.grad_accum)
+    loop.model.train()
+    tokens = 0
+    for k in range(start + 1, steps + 1):
+        loss, n = step(loop, [next(stream) for _ in range(t.grad_accum)])
+        tokens += n
+        loop.after_step(loop.core, k)
+        loop.scheduler.step()
+        on_step(k, loop.procs.total(loss), loop.scheduler.get_last_lr()[0])
+        if t.checkpoint_every and k % t.checkpoint_every == 0 and k < steps:
+            checkpoint(k)
+    return int(loop.procs.total(tokens))

@@ -1,0 +1,67 @@
+"""Stage `evaluate`: score the adapter and the base model the same way on validation data.
+
+The task (pipeline/tasks/) decides how: classification scores every label's response as a
+continuation of the prompt (accuracy, macro-F1, per class, confusion matrix; `evaluate.shots: k`
+also scores the base model k-shot); instruction reports eval loss and perplexity on the response
+tokens and greedy samples side by side; preference reports how often base, SFT adapter and DPO
+adapter prefer the chosen answer, and DPO's reward accuracy and margin. The base model is the
+adapter disabled: no second copy of the weights.
+
+Inputs: base model folder, adapter folder, formatted and tokenized validation data, validated
+training rows (few-shot examples).
+Outputs: `<out>/metrics.json`, `<out>/samples.jsonl`, and what the task adds (classification:
+`<out>/predictions.json`, a DVC confusion plot, and `<out>/confusion.png`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+
+from pipeline.core.io import atomic_dir, atomic_write_json, read_jsonl
+from pipeline.core.modeling import device, load_adapter, load_tokenizer
+from pipeline.core.params import Params, load_params
+from pipeline.core.stage import entry
+from pipeline.tasks import EvalInputs
+from pipeline.tasks import get as get_task
+
+
+def run(p: Params, base_dir: Path, adapter_dir: Path, formatted: Path, tokenized: Path, out: Path,
+        validated: Path | None = None) -> dict:
+    """The task's metrics of base and adapter, written with its plots and samples into `out` (atomically)."""
+    torch.manual_seed(p.seed)
+    tok = load_tokenizer(base_dir)
+    model = load_adapter(base_dir, adapter_dir, device())
+    rows = read_jsonl(formatted / "validation.jsonl")
+    with atomic_dir(out) as tmp:
+        results = get_task(p.task).evaluate(p, EvalInputs(model, tok, rows, tokenized, formatted, validated,
+                                                      Path(adapter_dir), tmp))
+        atomic_write_json(tmp / "metrics.json", results)
+    return results
+
+
+def main(
+    base: Path = typer.Option(...),
+    adapter: Path = typer.Option(...),
+    formatted: Path = typer.Option(...),
+    tokenized: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+    validated: Path = typer.Option(None, help="validated data folder (few-shot examples, evaluate.shots)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    r = run(load_params(params), base, adapter, formatted, tokenized, out, validated)
+    keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity", "preference_accuracy") if k in r["adapter"]]
+    for k in ("reward_accuracy", "reward_margin"):
+        if k in r["adapter"]:
+            typer.echo(f"evaluate: {k}: sft {r.get('sft', {}).get(k)} -> dpo adapter {r['adapter'][k]}")
+    for k in keys:
+        typer.echo(f"evaluate: {k}: base {r['base'][k]} -> adapter {r['adapter'][k]}")
+        for name in (n for n in r if n.startswith("base_") and k in r[n]):
+            typer.echo(f"evaluate: {k}: {name} {r[name][k]}")
+    typer.echo(f"evaluate: metrics in {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    entry(main)

@@ -1,0 +1,83 @@
+"""Task `preference`: prompt / chosen / rejected pairs (the two answers different).
+
+Rendered with each answer through the template's response block; trained with SFT on the chosen
+answers, then DPO on the pairs against the base model (`dpo = True`, the recipe in
+pipeline/core/preference.py); evaluated on held-out pairs: how often base, SFT adapter and DPO
+adapter prefer the chosen answer, and DPO's reward accuracy and margin (against the base) for
+both adapters; served by greedy generation.
+"""
+
+from __future__ import annotations
+
+from datasets import load_from_disk
+
+from pipeline.core.preference import pair_logprobs, preference_accuracy, reward_metrics, sides, token_count
+from pipeline.core.scoring import write_samples
+from pipeline.tasks.base import EvalInputs, Task
+
+
+class Preference(Task):
+    name = "preference"
+    dpo = True
+
+    def check_params(self, p) -> str | None:
+        from pipeline import methods
+
+        if not methods.get(p.train.method).peft:
+            return (f"params.yaml: task 'preference' trains with DPO against the base model (the adapter disabled): "
+                    f"'train.method' must be a PEFT method, not {p.train.method!r}.")
+        return None
+
+    def fields(self, p) -> tuple[str, ...]:
+        return ("prompt", "chosen", "rejected")
+
+    def columns(self, p, text) -> dict:
+        import pandera.pandas as pa
+
+        return {"prompt": text("prompt", p.validate.min_chars), "chosen": text("chosen", 1),
+                "rejected": pa.Column(object, checks=text("rejected", 1).checks)}
+
+    def row_checks(self, p) -> list:
+        import pandera.pandas as pa
+
+        return [pa.Check(lambda df: df["chosen"].astype(str).str.strip() != df["rejected"].astype(str).str.strip(),
+                         error="rejected is the same as chosen")]
+
+    def key(self, p, row: dict) -> tuple:
+        return (str(row["prompt"]).strip().lower(),)
+
+    def render(self, p, r, row: dict, where: str, shots: list[dict] = ()) -> dict:
+        return {"row": row.get("row"), "prompt": r.prompt(row, where),
+                "response": r.response({**row, "response": row["chosen"]}, f"{where} chosen"),
+                "rejected": r.response({**row, "response": row["rejected"]}, f"{where} rejected")}
+
+    def evaluate(self, p, x: EvalInputs) -> dict:
+        model, bs, beta = x.model, p.evaluate.batch_size, p.train.dpo.beta
+        pairs = list(load_from_disk(str(x.tokenized / "validation")))
+        tokens = token_count(sides(pairs)[0])
+
+        def loss(scores) -> float:  # mean NLL per chosen-answer token, as eval_loss computes it
+            return round(float(-scores[0].sum() / tokens), 4)
+
+        with model.disable_adapter():
+            base = pair_logprobs(model, pairs, bs)
+        results = {"base": {"preference_accuracy": preference_accuracy(base), "eval_loss": loss(base)}}
+        scored = {"adapter": pair_logprobs(model, pairs, bs)}
+        if (x.adapter_dir / "sft").exists():  # the SFT adapter DPO started from, on the same base weights
+            model.load_adapter(str(x.adapter_dir / "sft"), adapter_name="sft", is_trainable=False)
+            model.set_adapter("sft")
+            scored["sft"] = pair_logprobs(model, pairs, bs)
+            model.set_adapter("default")
+        for name, s in scored.items():
+            results[name] = {"eval_loss": loss(s), "preference_accuracy": preference_accuracy(s),
+                             **reward_metrics(s, base, beta)}
+        if "sft" in results:
+            results["gain"] = {k: round(results["adapter"][k] - results["sft"][k], 4)
+                               for k in ("reward_accuracy", "reward_margin", "preference_accuracy")}
+        results["adapter"]["stopped_ratio"] = write_samples(model, x.tok, x.rows, p.evaluate.samples,
+                                                            p.evaluate.max_new_tokens, x.out / "samples.jsonl")
+        results["rows"] = len(pairs)
+        return results
+
+    def prompt_field(self, text_field: str) -> str:
+        return "prompt"
