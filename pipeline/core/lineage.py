@@ -4,8 +4,8 @@
 root). It holds only what the output's content depends on, so the same inputs give a
 byte-identical record and the folder keeps its hash: the dvc.lock entries of every upstream stage
 (hashes of data, templates, base model and code, and the params they ran with), the md5 of this
-stage's own code and inputs, the environment (sha256 of requirements.lock and every installed
-package's version), the hardware class and the determinism switches. No commit, time, host, path
+stage's own code and inputs, the environment (sha256 of requirements.lock and the installed version
+of every runtime package), the hardware class and the determinism switches. No commit, time, host, path
 or process id: the commit that made an output is found from git history (the commit whose
 dvc.lock first records the folder's hash), timings go to the stage's run facts (`run.json`).
 The stage adds its serving facts and its deterministic metrics and writes it as `peftflow.json`
@@ -142,18 +142,37 @@ def hardware_class(hw: dict) -> str:
     return f"{hw.get('machine')} {hw.get('cpu_isa')} {hw.get('torch_threads')} threads{cuda}"
 
 
-def environment(root: Path = Path(".")) -> dict:
-    """The locked environment: requirements.lock's sha256 and every installed package's version."""
-    from importlib.metadata import distributions
+def runtime_packages() -> dict[str, str]:
+    """Installed versions of what this project runs on: peftflow's dependencies and theirs, without the
+    optional extras (pytest, trl, llama-cpp-python), so a test or bench install does not change a record."""
+    from importlib.metadata import PackageNotFoundError, distribution
 
+    from packaging.requirements import Requirement
+
+    found: dict[str, str] = {}
+    todo = ["peftflow"]
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in found:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        found[name] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    found.pop("peftflow", None)
+    return dict(sorted(found.items()))
+
+
+def environment(root: Path = Path(".")) -> dict:
+    """The locked environment: requirements.lock's sha256 and the installed version of every runtime package."""
     lock = root / LOCK_FILE
-    packages = {}
-    for d in distributions():
-        name = (d.metadata["Name"] or "").lower().replace("_", "-")
-        if name and name != "peftflow":
-            packages[name] = d.version
     return {"lock_sha256": file_digest(lock) if lock.exists() else None, "python": sys.version.split()[0],
-            "packages": dict(sorted(packages.items()))}
+            "packages": runtime_packages()}
 
 
 def env_mismatches(rec: dict) -> list[tuple[str, str | None, str | None]]:
