@@ -74,9 +74,10 @@ class Predictor:
         """Answers for `rows` from `adapter` (None: the base model, rendered with the first adapter's template)."""
         name = adapter or self.adapters[0]
         record, renderer = self.records[name], self.renderers[name]
-        prompts = [renderer.prompt({**r, "labels": record["labels"]}, where=f"input row {i + 1}")
+        task = get_task(record["task"])
+        prompts = [task.prompt(renderer, {**r, "labels": record["labels"]}, f"input row {i + 1}")
                    for i, r in enumerate(rows)]
         with self._use(adapter):
-            return get_task(record["task"]).answer(self.model, self.tokenizer, renderer, record, rows, prompts,
+            return task.answer(self.model, self.tokenizer, renderer, record, rows, prompts,
                                                self.max_new_tokens)
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core.lineage import cache_object, hardware_class, lock_outs
+
 PACKAGE = "pipeline"
 
 
@@ -112,23 +114,14 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def lock_outs(lock: dict, stages: list[str]) -> dict[tuple[str, str], str | None]:
-    """(stage, out path) -> md5 for the named stages of a dvc.lock mapping."""
-    return {(s, o["path"]): o.get("md5") for s in stages for o in lock.get(s, {}).get("outs", [])}
-
-
 def dir_manifest(cache: Path, md5: str | None) -> dict[str, str] | None:
     """A DVC folder hash's file list (relpath -> md5) from the cache, or None if it is not there."""
     if not md5 or not md5.endswith(".dir"):
         return None
-    f = cache / "files" / "md5" / md5[:2] / md5[2:]
+    f = cache_object(cache, md5)
     if not f.exists():
         return None
     return {e["relpath"]: e["md5"] for e in json.loads(f.read_text())}
-
-
-def cache_file(cache: Path, md5: str) -> Path:
-    return cache / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def weights_diff(old: Path, new: Path) -> float | None:
@@ -157,16 +150,15 @@ def explain(cache: Path, old_md5: str | None, new_md5: str | None) -> tuple[list
     notes = []
     record = "peftflow.json"
     if record in old and record in new:
-        hw_old = json.loads(cache_file(cache, old[record]).read_text()).get("hardware")
-        hw_new = json.loads(cache_file(cache, new[record]).read_text()).get("hardware")
+        hw_old = json.loads(cache_object(cache, old[record]).read_text()).get("hardware")
+        hw_new = json.loads(cache_object(cache, new[record]).read_text()).get("hardware")
         if hw_old != hw_new:
-            from pipeline.core.lineage import hardware_class
 
             notes.append(f"hardware class differs: recorded {hardware_class(hw_old or {})}, "
                          f"here {hardware_class(hw_new or {})}")
             for f in files:
                 if f.endswith(".safetensors") and f in old and f in new:
-                    d = weights_diff(cache_file(cache, old[f]), cache_file(cache, new[f]))
+                    d = weights_diff(cache_object(cache, old[f]), cache_object(cache, new[f]))
                     notes.append(f"{f}: max |Δ| {d:.3g}" if d is not None else f"{f}: other tensors")
     return files, "; ".join(notes)
 
@@ -202,7 +194,6 @@ def verify(root: Path = Path("."), stages: list[str] | None = None, keep: Path |
     unknown = [s for s in names if s not in spec]
     if unknown:
         raise ValueError(f"verify: no stage {', '.join(unknown)} in dvc.yaml (stages: {', '.join(spec)})")
-    recorded = lock_outs(lock, names)
     work = Path(tempfile.mkdtemp(prefix="peftflow-verify-")) if keep is None else keep
     try:
         dirty = scratch_copy(root, work)
@@ -217,18 +208,20 @@ def verify(root: Path = Path("."), stages: list[str] | None = None, keep: Path |
             if r.returncode:
                 raise RuntimeError(f"verify: dvc repro {' '.join(extra)} failed in {work}:\n"
                                    f"{(r.stdout + r.stderr)[-3000:]}")
-        now = lock_outs((yaml.safe_load((work / "dvc.lock").read_text()) or {}).get("stages", {}), names)
+        relock = (yaml.safe_load((work / "dvc.lock").read_text()) or {}).get("stages", {})
         cache = root / ".dvc" / "cache"
         rows = []
-        for key in sorted(set(recorded) | set(now), key=lambda k: (names.index(k[0]), k[1])):
-            old, new = recorded.get(key), now.get(key)
-            if old == new:
-                rows.append(Row(key[0], key[1], True))
-                continue
-            files, detail = explain(cache, old, new)
-            if old is None:
-                detail = "not in the committed dvc.lock"
-            rows.append(Row(key[0], key[1], False, detail or f"md5 {str(old)[:12]} -> {str(new)[:12]}", files))
+        for stage in names:
+            recorded, now = lock_outs(lock, [stage]), lock_outs(relock, [stage])
+            for path in sorted(set(recorded) | set(now)):
+                old, new = recorded.get(path), now.get(path)
+                if old == new:
+                    rows.append(Row(stage, path, True))
+                    continue
+                files, detail = explain(cache, old, new)
+                if old is None:
+                    detail = "not in the committed dvc.lock"
+                rows.append(Row(stage, path, False, detail or f"md5 {str(old)[:12]} -> {str(new)[:12]}", files))
         return rows
     finally:
         if keep is None:

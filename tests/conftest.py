@@ -38,6 +38,8 @@ def build_tiny_base(out: Path, seed: int = 0, bias: bool = False) -> Path:
 
     corpus = []
     for f in EXAMPLE.glob("*.jsonl"):
+        if f.name.startswith("chat_"):  # the same words as the instruction rows, in lists of turns
+            continue
         for line in f.read_text().splitlines():
             corpus += [str(v) for v in json.loads(line).values()]
     corpus += ["Classify the sentiment Answer with one word negative neutral positive Sentence Input"] * 5
@@ -104,15 +106,15 @@ def section(name: str, **values):
     return getattr(make_params(**{f"{name}.{k}": v for k, v in values.items()}), name)
 
 
-def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | None = 64) -> dict[str, Path]:
+def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | None = 64, **over) -> dict[str, Path]:
     """validate -> format -> tokenize on the example data into `tmp`; returns the folders."""
     from pipeline.stages import format as fmt
     from pipeline.stages import tokenize, validate
 
     name = {"classification": "sentiment"}.get(task, task)
     template = ROOT / "prompts" / {"classification": "sentiment.jinja", "instruction": "alpaca.jinja",
-                                   "preference": "preference.jinja"}[task]
-    over = {"task": task, "format.template": str(template)}
+                                   "preference": "preference.jinja", "chat": "chat.jinja"}[task]
+    over = {"task": task, "format.template": str(template), **over}
     p = make_params(**over)
     src = {}
     for split in ("train", "validation"):
@@ -123,7 +125,7 @@ def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | Non
         src[split] = f
     validate.run(p, src["train"], src["validation"], tmp / "validated", tmp / "validate.json")
     fmt.run(p, tmp / "validated", Path(over["format.template"]), base, tmp / "formatted")
-    tokenize.run(p.tokenize, tmp / "formatted", base, tmp / "tokenized")
+    tokenize.run(p, tmp / "formatted", base, tmp / "tokenized")
     return {"params": p, "validated": tmp / "validated", "formatted": tmp / "formatted", "tokenized": tmp / "tokenized"}
 
 

@@ -39,7 +39,7 @@ def ready(tmp_path_factory, tiny_base):
     p = parse_params(params)
     validate.run(p, w / "train.jsonl", w / "val.jsonl", w / "validated", w / "v.json")
     fmt.run(p, w / "validated", w / "prompts" / "sentiment.jinja", w / "base", w / "formatted")
-    tokenize.run(p.tokenize, w / "formatted", w / "base", w / "tokenized")
+    tokenize.run(p, w / "formatted", w / "base", w / "tokenized")
     train.run(p, w / "tokenized", w / "base", w / "adapter", w / "live", w / "ckpt")
     return w
 
@@ -141,7 +141,7 @@ G = GOOD
 CASES = {
     "malformed jsonl line": (bad_data(G[:2] + [b'{"sentence": "Sales rose", \n'] + G[2:]), ["train.jsonl row 3: malformed JSON"]),
     "missing field": (bad_data(G[:4] + [{"sentence": "Sales rose sharply ."}]), ["row 5 field 'label': missing field"]),
-    "wrong type": (bad_data(G[:1] + [{"sentence": 12345, "label": "neutral"}]), ["row 2 field 'sentence': must be a string"]),
+    "wrong type": (bad_data(G[:1] + [{"sentence": 12345, "label": "neutral"}]), ["row 2 field 'sentence': expected text, got a number"]),
     "unknown label": (bad_data(G[:3] + [{"sentence": "Sales rose .", "label": "bullish"}]), ["row 4 field 'label': unknown label"]),
     "empty text": (bad_data([{"sentence": "  ", "label": "neutral"}] + G), ["row 1 field 'sentence': empty text"]),
     "invalid utf-8": (bad_data(G[:6] + [b'{"sentence": "Caf\xe9 sales", "label": "neutral"}\n']), ["row 7: invalid UTF-8"]),

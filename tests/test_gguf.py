@@ -9,6 +9,7 @@ import torch
 from conftest import make_params
 
 from pipeline.stages import export, gguf
+from pipeline.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_modelfile_sends_the_training_prompt(trained, merged, tmp_path):
 
     with pytest.raises(gguf.GgufError, match="exactly once"):
         gguf.modelfile("m.gguf", fmt, load_tokenizer(merged), {"sentence": gguf.SENTINEL, "labels": ["a", "b"]},
-                       "sentence", ["<|im_end|>"])
+                       "sentence", ["<|im_end|>"], TASKS["classification"])
 
 
 def test_modelfile_parity_names_the_row_that_differs():

@@ -33,13 +33,13 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(repo):
     assert ran(out) == ["train", "evaluate", "export", "gguf"]
 
 
-def test_instruction_and_preference_tasks_run_through_every_stage(repo):
+def test_instruction_preference_and_chat_tasks_run_through_every_stage(repo):
     """The other task kinds through the same dvc.yaml: no stage expects outputs only classification makes."""
     import shutil
 
     from conftest import EXAMPLE
 
-    for task, template in (("instruction", "alpaca"), ("preference", "preference")):
+    for task, template in (("instruction", "alpaca"), ("preference", "preference"), ("chat", "chat")):
         for split in ("train", "validation"):
             shutil.copy(EXAMPLE / f"{task}_{split}.jsonl", repo / "data" / "example" / f"{task}_{split}.jsonl")
         params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -53,9 +53,11 @@ def test_instruction_and_preference_tasks_run_through_every_stage(repo):
         # the first run also converts the base model; the second has it already
         assert ran(out) == (STAGES if task == "instruction" else STAGES[1:]), out[-2000:]
         metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
-        key = "eval_loss" if task == "instruction" else "reward_accuracy"
+        key = "reward_accuracy" if task == "preference" else "eval_loss"
         assert key in metrics["adapter"] and not (repo / "reports" / "evaluate" / "confusion.png").exists()
         assert json.loads((repo / "reports" / "gguf.json").read_text())["written"]
+        audit = json.loads((repo / "reports" / "tokenize.json").read_text())["train"]["mask_audit"]
+        assert audit["checked"] > 0 and audit["failed"] == 0
 
 
 def test_bad_params_fail_with_one_line(repo):

@@ -37,7 +37,7 @@ def test_smollm2_from_gguf_through_all_stages(tmp_path):
     (tmp_path / "validation.jsonl").write_text("\n".join(rows["validation"][:30]) + "\n")
     validate.run(p, tmp_path / "train.jsonl", tmp_path / "validation.jsonl", tmp_path / "v", tmp_path / "v.json")
     fmt.run(p, tmp_path / "v", ROOT / "prompts" / "sentiment.jinja", b, tmp_path / "f")
-    tokenize.run(p.tokenize, tmp_path / "f", b, tmp_path / "t")
+    tokenize.run(p, tmp_path / "f", b, tmp_path / "t")
     m = train.run(p, tmp_path / "t", b, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     losses = [float(x.split("\t")[1]) for x in
               (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]

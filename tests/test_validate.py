@@ -3,6 +3,7 @@ import json
 import pytest
 from conftest import EXAMPLE, make_params
 
+from pipeline.core.stage import PipelineError
 from pipeline.stages.validate import DataError, run
 
 
@@ -41,7 +42,7 @@ def test_bad_rows_are_quarantined_with_file_row_field(tmp_path):
          map(json.loads, (tmp_path / "v" / "quarantine.jsonl").read_text().splitlines())}
     assert q[("train.jsonl", 11)]["field"] == "label" and "unknown label" in q[("train.jsonl", 11)]["reason"]
     assert q[("train.jsonl", 12)]["field"] == "sentence" and "empty" in q[("train.jsonl", 12)]["reason"]
-    assert "must be a string" in q[("train.jsonl", 13)]["reason"]
+    assert q[("train.jsonl", 13)]["reason"] == "expected text, got a number"
     assert q[("train.jsonl", 14)]["reason"] == "missing field" and q[("train.jsonl", 14)]["field"] == "sentence"
     assert "malformed JSON" in q[("train.jsonl", 15)]["reason"]
     assert q[("train.jsonl", 16)]["reason"] == "duplicate of row 1"
@@ -71,3 +72,28 @@ def test_instruction_schema(tmp_path):
     p = make_params(task="instruction", **{"validate.max_reject_ratio": 0.6})
     report = run(p, train, val, tmp_path / "v", tmp_path / "m.json")
     assert report["train"]["rejected"] == 1 and report["train"]["reasons"] == {"empty text": 1}
+
+
+def test_windows_exports_are_read_and_wrong_types_are_named(tmp_path):
+    """A BOM and CRLF line ends (Windows editors, spreadsheets) are accepted in jsonl and csv; a
+    label that is not text says what it is instead of "unknown label"; an empty file says so."""
+    p = make_params(**{"validate.max_reject_ratio": 0.9})
+    rows = [good(i) for i in range(6)] + [{"sentence": "Profit rose again .", "label": 1}]
+    text = "\r\n".join(json.dumps(r) for r in rows) + "\r\n"
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    csv = tmp_path / "val.csv"
+    csv.write_bytes(b"\xef\xbb\xbfsentence,label\r\n" + "".join(
+        f"{good(i)['sentence']},{good(i)['label']}\r\n" for i in range(100, 104)).encode("utf-8"))
+    report = run(p, train, csv, tmp_path / "v", tmp_path / "m.json")
+    assert report["train"]["accepted"] == 6 and report["validation"]["accepted"] == 4
+    q = [json.loads(x) for x in (tmp_path / "v" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"], r["reason"]) for r in q] == [(7, "label", "expected text, got a number")]
+
+    for empty in (b"", b"\xef\xbb\xbf", b"\r\n\r\n"):
+        (tmp_path / "empty.jsonl").write_bytes(empty)
+        with pytest.raises(PipelineError, match=r"empty.jsonl: file is empty"):
+            run(p, tmp_path / "empty.jsonl", csv, tmp_path / "v2", tmp_path / "m2.json")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"empty.csv: file is empty"):
+        run(p, train, tmp_path / "empty.csv", tmp_path / "v2", tmp_path / "m2.json")

@@ -9,6 +9,9 @@ Usage: python data/example/generate.py   (rewrites the .jsonl files beside this 
   are computed here, so they are correct by construction (same fields as Alpaca).
 - preference_{train,validation}.jsonl: prompt / chosen / rejected pairs on the same kind of
   tasks: the computed answer is chosen; the rejected one is computed wrong on purpose or evasive.
+- chat_{train,validation}.jsonl: OpenAI-style `messages` conversations of one to four exchanges on
+  the same tasks, some with a system prompt, with follow-up questions about the previous answer
+  (answers computed here too).
 Every sentence and instruction is written by this project; no external data is used.
 """
 
@@ -190,6 +193,52 @@ def preferences(n_train: int = 120, n_val: int = 40) -> None:
     write("preference_validation.jsonl", rows[n_train:])
 
 
+SYSTEMS = ["You are a careful assistant. Answer with the result only.",
+           "You are a helpful assistant for small text and number tasks. Keep answers short."]
+
+
+def follow_up(r: dict) -> tuple[str, str] | None:
+    """A question about the answer just given, and its computed answer (None: no follow-up for this kind)."""
+    out, ins = r["output"], r["instruction"]
+    if ins.startswith("Add up"):
+        k = rng.randint(2, 9)
+        return f"And if you subtract {k} from that?", str(int(out) - k)
+    if ins.startswith("How many words"):
+        return "Is that an even number?", "Yes." if int(out) % 2 == 0 else "No."
+    if ins.startswith("Sort these words"):
+        return "Now write them in reverse alphabetical order.", ", ".join(sorted(out.split(", "), reverse=True))
+    if ins.startswith("Write the words in upper case"):
+        return "And in lower case?", out.lower()
+    if ins.startswith("Reverse the order"):
+        return "How many words is that?", str(len(out.split()))
+    return None
+
+
+def conversation() -> dict:
+    """One to three tasks in a row, each maybe followed by a question about its answer."""
+    messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.4 else []
+    for _ in range(rng.choice([1, 1, 2, 2, 3])):
+        r = instruction_row()
+        ask = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        messages += [{"role": "user", "content": ask}, {"role": "assistant", "content": r["output"]}]
+        more = follow_up(r)
+        if more and rng.random() < 0.6:
+            messages += [{"role": "user", "content": more[0]}, {"role": "assistant", "content": more[1]}]
+    return {"messages": messages}
+
+
+def chats(n_train: int = 120, n_val: int = 40) -> None:
+    rows, seen = [], set()
+    while len(rows) < n_train + n_val:
+        c = conversation()
+        k = tuple(m["content"].lower() for m in c["messages"] if m["role"] != "assistant")
+        if k not in seen:
+            seen.add(k)
+            rows.append(c)
+    write("chat_train.jsonl", rows[:n_train])
+    write("chat_validation.jsonl", rows[n_train:])
+
+
 def write(name: str, rows: list[dict]) -> None:
     with open(HERE / name, "w", encoding="utf-8") as f:
         for r in rows:
@@ -200,4 +249,5 @@ def write(name: str, rows: list[dict]) -> None:
 if __name__ == "__main__":
     sentiment()
     instructions()
-    preferences()  # last: the files above stay as they were
+    preferences()
+    chats()  # last: the files above stay as they were

@@ -53,3 +53,34 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: s
     """One training row, or None if it is dropped. `truncated` says whether it was cut."""
     return encode_many(tokenizer, [prompt], [response], max_length, truncation)[0]
 
+
+
+def labelled_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive positions that have a label (a loss)."""
+    runs, start = [], None
+    for i, t in enumerate([*labels, IGNORE]):
+        if t != IGNORE and start is None:
+            start = i
+        elif t == IGNORE and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def mask_audit(tokenizer, input_ids: list[int], labels: list[int], expected: list[str], truncated: bool) -> str | None:
+    """Whether the loss falls on exactly the expected texts: each run of labelled tokens, decoded, must be
+    the next expected text (a response and its EOS; an assistant turn's content and end-of-turn) and
+    nothing else may be labelled. A truncated row may lose whole texts or the ends of one at its edges.
+    Returns what is wrong (None when the mask is right)."""
+    if any(lab != IGNORE and lab != i for lab, i in zip(labels, input_ids, strict=True)):
+        return "a label differs from its input token"
+    got = [tokenizer.decode(input_ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+           for a, b in labelled_runs(labels)]
+    if not truncated:
+        return None if got == expected else f"the loss covers {got!r}, expected {expected!r}"
+    for k in range(len(expected) - len(got) + 1):  # the kept runs are consecutive expected texts, cut at the edges
+        want = expected[k : k + len(got)]
+        if all(g == w or (i == 0 and w.endswith(g)) or (i == len(got) - 1 and w.startswith(g.rstrip("\ufffd")))
+               for i, (g, w) in enumerate(zip(got, want, strict=True))):
+            return None
+    return f"the loss covers {got!r}, expected a part of {expected!r}"

@@ -37,24 +37,32 @@ def read_records(path: str | Path) -> list[Record]:
     if not path.exists():
         raise PipelineError(f"{path}: data file not found")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+        raise PipelineError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .csv or .parquet)")
     if suffix in (".jsonl", ".json"):
-        return list(_read_jsonl(path))
-    if suffix in (".csv", ".parquet"):
+        records = list(_read_jsonl(path))
+    elif suffix == ".csv" and not path.read_bytes().lstrip(b"\xef\xbb\xbf").strip():
+        records = []
+    else:
         import pandas as pd
 
-        df = pd.read_csv(path, dtype=str, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        df = (pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if suffix == ".csv"
+              else pd.read_parquet(path))
         first = 2 if suffix == ".csv" else 1  # csv row 1 is the header
-        return [Record(first + i, dict(r)) for i, r in enumerate(df.to_dict(orient="records"))]
-    raise PipelineError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .csv or .parquet)")
+        records = [Record(first + i, dict(r)) for i, r in enumerate(df.to_dict(orient="records"))]
+    if not records:
+        raise PipelineError(f"{path}: file is empty (no rows)")
+    return records
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
     with path.open("rb") as f:
         for i, raw in enumerate(f, start=1):
-            if not raw.strip():
+            if not raw.strip() or (i == 1 and raw.strip() == b"\xef\xbb\xbf"):
                 continue
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+            try:  # a byte-order mark (Windows editors) and CRLF line ends are accepted
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 yield Record(i, None, f"invalid UTF-8 at byte {e.start}")
                 continue

@@ -67,9 +67,15 @@ def md5_dir(path: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
-def lock_outs(lock: dict) -> dict[str, str | None]:
-    """Every output path in dvc.lock's stages -> its md5."""
-    return {o["path"]: o.get("md5") for s in lock.values() for o in s.get("outs", [])}
+def lock_outs(lock: dict, stages: list[str] | None = None) -> dict[str, str | None]:
+    """Output path -> md5 for the named stages of dvc.lock's `stages` mapping (all when None)."""
+    names = lock if stages is None else stages
+    return {o["path"]: o.get("md5") for s in names for o in lock.get(s, {}).get("outs", [])}
+
+
+def cache_object(cache: Path, md5: str) -> Path:
+    """Where the DVC cache folder `cache` keeps the object with this md5 (a file, or a folder's list)."""
+    return cache / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def reproduce_commands(rec: dict, commit: str | None = None) -> list[str]:
@@ -264,7 +270,7 @@ def cache_has(root: Path, md5: str | None) -> bool | None:
     """Whether the DVC cache holds an object (None when there is no hash to look for)."""
     if not md5:
         return None
-    return (root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    return cache_object(root / ".dvc" / "cache", md5).exists()
 
 
 def check(folder: Path, root: Path = Path(".")) -> dict:

@@ -78,6 +78,7 @@ class Format(Section):
 class Tokenize(Section):
     max_length: int
     truncation: Literal["response", "prompt", "drop"]
+    loss_on: Literal["all", "last"]  # task chat: every assistant turn, or the last one only
 
 
 class Dpo(Section):

@@ -1,14 +1,10 @@
-"""Preference tuning (task `preference`): DPO on a LoRA adapter, and the reward metrics.
+"""Preference pairs (task `preference`): the DPO loss, the log-probabilities of both sides of a
+pair, and the reward metrics.
 
 DPO (Rafailov et al., 2023) raises the log-probability of the chosen answer relative to the
-rejected one, measured against a reference model: here the base model itself, reached by
-disabling the adapter, so no second copy of the weights is loaded. The policy starts from the
-adapter the SFT steps made (train on the chosen answers first, then DPO on the pairs).
-`train.dpo.nll_weight` adds the chosen answers' per-token negative log-likelihood to the loss
-(as TRL's `rpo_alpha` does): measured on SmolLM2, plain DPO at lr 5e-4 raised the reward
-accuracy while the chosen answers' loss rose from 1.63 to 4.87 and generations stopped ending.
-
-Used by train (`dpo`, after the SFT steps) and evaluate (`pair_logprobs`, `reward_metrics`).
+rejected one, measured against a reference model (the base, reached by disabling the adapter).
+The training steps are the recipe in pipeline/recipes/dpo.py; this module holds what that recipe
+and the evaluation of the preference task (`pair_logprobs`, `reward_metrics`) share.
 Rows are tokenized pairs: `input_ids` / `labels` (prompt + chosen) and `rejected_input_ids` /
 `rejected_labels` (prompt + rejected).
 """

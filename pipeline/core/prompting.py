@@ -47,7 +47,7 @@ class Renderer:
         path = Path(path)
         return cls(path.read_text(encoding="utf-8"), str(path), **kw)
 
-    def _block(self, block: str, row: dict, where: str) -> str:
+    def block(self, block: str, row: dict, where: str) -> str:
         try:
             ctx = self.template.new_context(dict(row))
             return "".join(self.template.blocks[block](ctx)).strip()
@@ -59,8 +59,8 @@ class Renderer:
     def prompt(self, row: dict, where: str = "row", shots: list[dict] = ()) -> str:
         """The prompt for `row`; with `shots`, solved examples (rows with their answers) come first,
         as earlier chat turns or, without a chat template, as prompt + response paragraphs."""
-        text = self._block("prompt", row, where)
-        examples = [(self._block("prompt", s, f"{where} shot {k}"), self._block("response", s, f"{where} shot {k}"))
+        text = self.block("prompt", row, where)
+        examples = [(self.block("prompt", s, f"{where} shot {k}"), self.block("response", s, f"{where} shot {k}"))
                     for k, s in enumerate(shots)]
         if not self.chat:
             return "".join(f"{q}\n{a}\n\n" for q, a in examples) + text
@@ -71,7 +71,7 @@ class Renderer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def response(self, row: dict, where: str = "row") -> str:
-        return self._block("response", row, where)
+        return self.block("response", row, where)
 
 
 def label_choices(r: Renderer, row: dict, label_field: str, labels: list[str], where: str = "row") -> list[str]:

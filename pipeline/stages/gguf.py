@@ -123,13 +123,32 @@ def write(model_dir: Path, path: Path, p: Gguf, pre: str, name: str) -> dict:
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w.add_name(name)
+    add_hyperparameters(w, config, p.outtype)
+
+    tokens, types = vocabulary(model_dir, config["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.vocab.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+    written = add_tensors(w, tensors, config, p.outtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"tensors": written, "tokens": len(tokens), "tokenizer_pre": pre, "bytes": path.stat().st_size}
+
+
+def add_hyperparameters(w, config: dict, outtype: str) -> None:
+    """The llama architecture's hyperparameters, from the Hugging Face config."""
+    import gguf
+
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     head_dim = config.get("head_dim") or hidden // heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
-
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    w.add_name(name)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(hidden)
     w.add_block_count(layers)
@@ -144,16 +163,16 @@ def write(model_dir: Path, path: Path, p: Gguf, pre: str, name: str) -> dict:
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[p.outtype])
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types = vocabulary(model_dir, config["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    gguf.vocab.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
+def add_tensors(w, tensors: dict[str, torch.Tensor], config: dict, outtype: str) -> int:
+    """The weights under llama.cpp's names (q/k rows permuted to its rotary layout); returns how many."""
+    import gguf
+
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     skipped = []
     for hf_name, t in tensors.items():
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
@@ -168,14 +187,9 @@ def write(model_dir: Path, path: Path, p: Gguf, pre: str, name: str) -> dict:
             t = qk_rows_for_llama_cpp(t, heads)
         elif hf_name.endswith("k_proj.weight"):
             t = qk_rows_for_llama_cpp(t, kv_heads)
-        data, raw = tensor_data(out, t, p.outtype)
+        data, raw = tensor_data(out, t, outtype)
         w.add_tensor(out, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {"tensors": len(tensors) - len(skipped), "tokens": len(tokens), "tokenizer_pre": pre,
-            "bytes": path.stat().st_size}
+    return len(tensors) - len(skipped)
 
 
 @torch.no_grad()
@@ -195,14 +209,14 @@ def reread_logit_diff(model_dir: Path, path: Path, prompts: list[str], tok) -> f
     return float(((merged(**kw).logits - back(**kw).logits) * mask).abs().max())
 
 
-def modelfile(gguf_name: str, fmt: dict, tok, row: dict, field: str, eos: list[str]) -> tuple[str, str]:
+def modelfile(gguf_name: str, fmt: dict, tok, row: dict, field: str, eos: list[str], task) -> tuple[str, str]:
     """(Modelfile text, its Go template) for Ollama: the training prompt of `row` (the task's row for one
     line of text, that text a sentinel) with its `field` as {{ .Prompt }}."""
     from pipeline.core.prompting import Renderer
 
     r = Renderer(fmt["template_text"], "format.json", tokenizer=tok, chat_template=fmt["chat_template"],
                  system_prompt=fmt["system_prompt"])
-    text = r.prompt(row, "the Modelfile template")
+    text = task.prompt(r, row, "the Modelfile template")
     if text.count(SENTINEL) != 1:
         raise GgufError(f"gguf: the template {fmt.get('template')} does not use '{field}' exactly once; "
                         "the Modelfile needs one place for the user's text")
@@ -264,6 +278,44 @@ def llama_cpp_parity(path: Path, model_dir: Path, prompts: list[str], tok, label
     return {**result, "answers": answers[:8]}
 
 
+def chat_template_parity(path: Path, tok, rows: list[dict]) -> dict:
+    """Conversations as llama.cpp's side formats them, against the training prompt ids: the chat template
+    stored in the GGUF, rendered as llama-cpp-python's `create_chat_completion` (and `llama-server
+    --jinja`) render it and tokenized by llama.cpp, must give exactly the training ids (a difference is
+    an error naming the row); llama.cpp's built-in template matcher (`llama_chat_apply_template`, used
+    without --jinja) is measured and reported, not required."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from pipeline.core.encoding import encode_prompt
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise GgufError(f"gguf: {path.name} carries no tokenizer.chat_template, so llama.cpp cannot format a "
+                        "conversation as training did")
+    special = [llm.detokenize([t], special=True).decode() for t in (llm.token_eos(), llm.token_bos())]
+    jinja = Jinja2ChatFormatter(template=template, eos_token=special[0], bos_token=special[1])
+    same = builtin = 0
+    for r in rows:
+        turns = r["messages"][:-1]
+        want = encode_prompt(tok, r["prompt"])
+        if llm.tokenize(jinja(messages=turns).prompt.encode(), add_bos=False, special=True) != want:
+            raise GgufError(f"gguf: validation row {r['row']}: the chat template in {path.name}, applied by "
+                            "llama.cpp, gives other tokens than training")
+        same += 1
+        chat = (llama_cpp.llama_chat_message * len(turns))(
+            *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in turns])
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(turns), True, buf, len(buf))
+        builtin += 0 < n <= len(buf) and llm.tokenize(buf.raw[:n], add_bos=False, special=True) == want
+    llm.close()
+    return {"rows": len(rows), "jinja_token_agreement": round(same / len(rows), 4),
+            "builtin_template_token_agreement": round(builtin / len(rows), 4)}
+
+
 def label_of(text: str, labels: list[str]) -> str | None:
     """The label a free answer names (its first word), or None."""
     words = text.lower().split()
@@ -277,7 +329,7 @@ def modelfile_parity(go: str, field: str, source_rows: list[dict], formatted_row
     prompts = {r["row"]: r["prompt"] for r in formatted_rows}
     checked = 0
     for r in source_rows:
-        if r["row"] not in prompts or r.get("input"):
+        if r["row"] not in prompts or r.get("input") or field not in r:  # (a chat row is a list of turns)
             continue
         if fill(go, str(r[field])) != prompts[r["row"]]:
             raise GgufError(f"gguf: validation row {r['row']}: the Modelfile template filled with its '{field}' "
@@ -309,9 +361,8 @@ def run(params: Params, export_dir: Path, formatted: Path, validated: Path, out:
         t = get_task(params.task)
         field = t.prompt_field(params.validate.text_field)
         row = {**t.row_from_text(SENTINEL, params.validate.text_field), "labels": list(params.labels)}
-        text, go = modelfile(name, fmt, tok, row, field, eos)
+        text, go = modelfile(name, fmt, tok, row, field, eos, t)
         checked = modelfile_parity(go, field, read_jsonl(validated / "validation.jsonl"), rows)
-        atomic_write_text(tmp / "Modelfile", text)
         atomic_write_text(tmp / "Modelfile", text)
         metrics = {"written": True, "file": name, "outtype": p.outtype, **info,
                    "max_abs_logit_diff_reread": diff, "rows_checked": min(p.check_rows, len(prompts)),
@@ -321,6 +372,9 @@ def run(params: Params, export_dir: Path, formatted: Path, validated: Path, out:
             parity = llama_cpp_parity(tmp / name, export_dir, prompts[: p.llama_cpp_rows], tok, labels,
                                       p.max_new_tokens)
             metrics["llama_cpp"] = parity
+            conversations = [r for r in rows if "messages" in r][: p.llama_cpp_rows]  # (task chat)
+            if conversations:
+                metrics["llama_cpp"]["chat_template"] = chat_template_parity(tmp / name, tok, conversations)
             agreement = parity.get("label_agreement", parity["answer_agreement"])
             if agreement < p.min_agreement:
                 raise GgufError(f"gguf: llama.cpp agrees with the PyTorch merged model on {agreement:.1%} of "

@@ -1,17 +1,18 @@
-"""Stage `tokenize`: prompt + response -> input ids and labels, with the prompt masked.
+"""Stage `tokenize`: formatted rows -> input ids and labels, the loss only where the task says, proven.
 
-The prompt and the response are tokenized separately (the prompt exactly as `predict` will
-tokenize it at serving time) and joined; the labels are -100 over the prompt, so the loss is on
-the response only, and an EOS token closes every response so the model learns to stop.
-Rows longer than `tokenize.max_length` follow `tokenize.truncation`: `response` cuts the end of
-the response, `prompt` cuts the start of the prompt, `drop` drops the row; the counts are
-reported.
+The task encodes (pipeline/tasks/): by default the prompt and the response are tokenized
+separately (the prompt exactly as `predict` tokenizes it at serving time) and joined, the labels
+-100 over the prompt, and an EOS token closes every response so the model learns to stop;
+preference pairs also get `rejected_input_ids` / `rejected_labels` (a pair is dropped when either
+side is); a chat conversation is tokenized whole and labelled on its assistant turns. Rows longer
+than `tokenize.max_length` follow `tokenize.truncation`: `response` cuts the end, `prompt` the
+start, `drop` drops the row. The mask audit then decodes the labelled tokens of every row and
+compares them with the texts the task expects (`core/encoding.py:mask_audit`); any difference
+stops the stage naming the row.
 
 Inputs: formatted `train.jsonl` / `validation.jsonl`, the base tokenizer folder.
-Preference pairs also get `rejected_input_ids` / `rejected_labels` (the same prompt, the rejected
-answer); a pair is dropped when either side is.
-Outputs: `<out>/{train,validation}/` as `datasets` Arrow folders (input_ids, labels, length)
-and `<out>/tokenize.json` (counts); a metrics file with the same counts.
+Outputs: `<out>/{train,validation}/` as `datasets` Arrow folders (input_ids, labels, length, row)
+and `<out>/tokenize.json` (counts, rows audited); a metrics file with the same counts.
 """
 
 from __future__ import annotations
@@ -21,33 +22,54 @@ from pathlib import Path
 
 import typer
 
-from pipeline.core.encoding import encode_many
+from pipeline.core.encoding import mask_audit
 from pipeline.core.io import atomic_dir, atomic_write_json, read_jsonl, sha256_file
 from pipeline.core.modeling import IGNORE, load_tokenizer
-from pipeline.core.params import Tokenize, load_params
+from pipeline.core.params import Params, load_params
 from pipeline.core.stage import PipelineError, entry
+from pipeline.tasks import get as get_task
 
 
-def run(p: Tokenize, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
+def strip_expected(e: dict) -> dict:
+    return {k: v for k, v in e.items() if k not in ("expected", "rejected_expected")}
+
+
+def audit(tok, rows: list[dict], encoded: list[dict | None], src: Path) -> None:
+    """The mask audit: in every kept row, the tokens with a loss decode to the task's expected texts and
+    nothing else (the answer and its end token; a chat's assistant turns). Any failure stops the stage."""
+    failed = []
+    for r, e in zip(rows, encoded, strict=True):
+        if e is None:
+            continue
+        why = mask_audit(tok, e["input_ids"], e["labels"], e["expected"], e["truncated"])
+        if why is None and "rejected_expected" in e:
+            why = mask_audit(tok, e["rejected_input_ids"], e["rejected_labels"], e["rejected_expected"],
+                             e["truncated"])
+            why = why and f"rejected: {why}"
+        if why:
+            failed.append((r["row"], why))
+    if failed:
+        row, why = failed[0]
+        raise PipelineError(f"tokenize: the loss mask is wrong in {len(failed)} of {len(rows)} rows of {src}; "
+                            f"first: row {row}: {why}")
+
+
+def run(p: Params, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
     from datasets import Dataset
 
     tok = load_tokenizer(tokenizer_dir)
+    task = get_task(p.task)
     report: dict = {}
     with atomic_dir(out) as tmp:
         for split in ("train", "validation"):
             rows = read_jsonl(formatted / f"{split}.jsonl")
-            many = encode_many(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                               p.max_length, p.truncation)
-            if rows and "rejected" in rows[0]:  # preference pairs: the rejected answer after the same prompt
-                worse = encode_many(tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows],
-                                    p.max_length, p.truncation)
-                many = [None if e is None or w is None else
-                        {**e, "rejected_input_ids": w["input_ids"], "rejected_labels": w["labels"],
-                         "truncated": e["truncated"] or w["truncated"]} for e, w in zip(many, worse, strict=True)]
-            encoded = [{**e, "row": r["row"]} for r, e in zip(rows, many, strict=True) if e is not None]
+            many = task.encode(p, tok, rows)
+            audit(tok, rows, many, formatted / f"{split}.jsonl")
+            encoded = [{**strip_expected(e), "row": r["row"]} for r, e in zip(rows, many, strict=True) if e is not None]
             dropped = len(rows) - len(encoded)
             if not encoded:
-                raise PipelineError(f"tokenize: every {split} row was dropped (tokenize.max_length={p.max_length})")
+                raise PipelineError(f"tokenize: every {split} row was dropped "
+                                    f"(tokenize.max_length={p.tokenize.max_length})")
             Dataset.from_list(encoded).save_to_disk(str(tmp / split))
             lengths = [e["length"] for e in encoded]
             report[split] = {
@@ -59,6 +81,7 @@ def run(p: Tokenize, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
                 "max_length": max(lengths),
                 "mean_length": round(sum(lengths) / len(lengths), 1),
                 "response_tokens": sum(sum(t != IGNORE for t in e["labels"]) for e in encoded),
+                "mask_audit": {"checked": len(encoded), "failed": 0},
             }
         shutil.copy(formatted / "format.json", tmp / "format.json")  # travels with the data to the adapter
         atomic_write_json(tmp / "tokenize.json", {
@@ -75,7 +98,7 @@ def main(
     metrics: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    report = run(load_params(params).tokenize, formatted, tokenizer, out)
+    report = run(load_params(params), formatted, tokenizer, out)
     atomic_write_json(metrics, report)
     for split, r in report.items():
         typer.echo(f"tokenize: {split}: {r['kept']} rows, {r['truncated']} truncated, {r['dropped']} dropped, "

@@ -201,6 +201,9 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         procs.wait()
 
     loop = sft.Loop(procs.wrap(model), model, opt, scheduler, procs, t.precision, method.after_step)
+    if t.checkpoint_every and "sharded" in procs.kind(model):
+        raise ResumeError("train: checkpoints of FSDP-sharded weights are not written (each process holds a "
+                          "shard); set train.checkpoint_every: null, or train with DDP (docs/scaling.md)")
     t0 = time.time()
     with log.bar:
         tokens = sft.train(loop, rows, t, p.seed, start, steps, log.sft, checkpoint)

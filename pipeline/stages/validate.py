@@ -2,7 +2,8 @@
 
 The task (pipeline/tasks/) names the fields and their checks: `classification` a text field and a
 label from `labels`, `instruction` instruction / input / output, `preference` prompt / chosen /
-rejected (the two answers different). Checks: readable rows, missing fields, types,
+rejected (the two answers different), `chat` the turns of a conversation (ShareGPT rows mapped to
+`messages` first). Checks: readable rows, missing fields, types,
 empty or over-long text, unknown labels, duplicates inside a split, and leakage (a validation
 row whose text is also in train).
 
@@ -26,6 +27,7 @@ from pipeline.core.io import Record, atomic_write_json, read_records, write_json
 from pipeline.core.params import Params, load_params
 from pipeline.core.stage import PipelineError, entry
 from pipeline.tasks import get as get_task
+from pipeline.tasks.base import RowError
 
 
 class DataError(PipelineError, ValueError):
@@ -40,7 +42,7 @@ def schema(p: Params) -> pa.DataFrameSchema:
         return pa.Column(
             object,
             checks=[
-                pa.Check(lambda x: isinstance(x, str), element_wise=True, error="must be a string"),
+                pa.Check(lambda x: isinstance(x, str), element_wise=True, error="expected text"),
                 pa.Check(
                     lambda x: not isinstance(x, str) or len(x.strip()) >= lo,
                     element_wise=True,
@@ -60,12 +62,18 @@ def schema(p: Params) -> pa.DataFrameSchema:
 
 def check_split(p: Params, path: Path, records: list[Record]) -> tuple[list[dict], list[dict]]:
     """Return (accepted rows, rejected entries) for one file."""
-    need = get_task(p.task).fields(p)
+    task = get_task(p.task)
+    need = task.fields(p)
     rejected: list[dict] = []
     candidates: list[Record] = []
     for rec in records:
         if rec.error:
             rejected.append(_reject(path, rec.row, None, rec.error, None))
+            continue
+        try:
+            rec = Record(rec.row, task.normalize(p, rec.data))
+        except RowError as e:
+            rejected.append(_reject(path, rec.row, e.field, e.reason, rec.data))
             continue
         missing = [f for f in need if f not in rec.data]
         if missing:
@@ -85,7 +93,10 @@ def check_split(p: Params, path: Path, records: list[Record]) -> tuple[list[dict
                 continue
             across = fc.get("schema_context") == "DataFrameSchema" or not isinstance(fc["column"], str)
             column = need[-1] if across else fc["column"]  # a check across fields names the last one
-            bad.setdefault(int(idx), (column, str(fc["check"])))
+            reason = str(fc["check"])
+            if reason == "expected text":
+                reason += f", got {kind_of(fc['failure_case'])}"
+            bad.setdefault(int(idx), (column, reason))
     accepted: list[dict] = []
     for i, rec in enumerate(candidates):
         if i in bad:
@@ -94,6 +105,19 @@ def check_split(p: Params, path: Path, records: list[Record]) -> tuple[list[dict
         else:
             accepted.append({"row": rec.row, **{f: rec.data[f] for f in need}})
     return accepted, rejected
+
+
+def kind_of(value) -> str:
+    """What a value that should be text is, in words ("a number", "a list", ...)."""
+    import numbers
+
+    if value is None or (isinstance(value, float) and value != value):
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, numbers.Number):
+        return "a number"
+    return {list: "a list", tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _reject(path: Path, row: int, field: str | None, reason: str, record: dict | None) -> dict:

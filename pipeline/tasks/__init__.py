@@ -4,11 +4,12 @@ module implementing `pipeline.tasks.base.Task` and one line in TASKS (with its i
 from __future__ import annotations
 
 from pipeline.tasks.base import EvalInputs, Task
+from pipeline.tasks.chat import Chat
 from pipeline.tasks.classification import Classification
 from pipeline.tasks.instruction import Instruction
 from pipeline.tasks.preference import Preference
 
-TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Instruction(), Preference())}
+TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Instruction(), Preference(), Chat())}
 
 __all__ = ["TASKS", "EvalInputs", "Task", "get"]
 

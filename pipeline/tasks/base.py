@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from pipeline.core.prompting import Renderer
 
 
+class RowError(ValueError):
+    """A row that cannot be read as the task's shape: the field and the reason (validate quarantines it)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
 @dataclass
 class EvalInputs:
     """What the evaluate stage hands a task: the model (adapter on, `disable_adapter()` for the base), its
@@ -45,6 +53,11 @@ class Task:
         return None
 
     # ---- validate
+    def normalize(self, p: Params, data: dict) -> dict:
+        """The row in the task's own shape (e.g. ShareGPT `conversations` -> `messages`), before the
+        schema checks; raise RowError for a row that cannot be."""
+        return data
+
     def fields(self, p: Params) -> tuple[str, ...]:
         """The fields a row must have."""
         raise NotImplementedError
@@ -73,6 +86,22 @@ class Task:
     def render(self, p: Params, r: Renderer, row: dict, where: str, shots: list[dict] = ()) -> dict:
         """One formatted row: at least `prompt` and `response` (the training target)."""
         return {"row": row.get("row"), "prompt": r.prompt(row, where, shots), "response": r.response(row, where)}
+
+    def prompt(self, r: Renderer, row: dict, where: str) -> str:
+        """The prompt a row is answered from (training's `prompt`, predict, the Modelfile)."""
+        return r.prompt(row, where)
+
+    # ---- tokenize
+    def encode(self, p: Params, tok, rows: list[dict]) -> list[dict | None]:
+        """Formatted rows -> `input_ids`, `labels` (IGNORE where there is no loss), `length`, `truncated`,
+        and `expected`: the texts the labelled tokens must decode to, in order (the mask audit).
+        None for a row dropped by `tokenize.truncation`."""
+        from pipeline.core.encoding import encode_many
+
+        many = encode_many(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                           p.tokenize.max_length, p.tokenize.truncation)
+        return [None if e is None else {**e, "expected": [r["response"] + tok.eos_token]}
+                for r, e in zip(rows, many, strict=True)]
 
     # ---- evaluate
     def evaluate(self, p: Params, x: EvalInputs) -> dict:

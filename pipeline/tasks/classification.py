@@ -74,8 +74,10 @@ class Classification(Task):
 
         labels = list(p.labels)
         return {p.validate.text_field: text(p.validate.text_field, p.validate.min_chars),
-                p.validate.label_field: pa.Column(object, pa.Check(
-                    lambda x: x in labels, element_wise=True, error=f"unknown label (valid: {', '.join(labels)})"))}
+                p.validate.label_field: pa.Column(object, [
+                    pa.Check(lambda x: isinstance(x, str), element_wise=True, error="expected text"),
+                    pa.Check(lambda x: not isinstance(x, str) or x in labels, element_wise=True,
+                             error=f"unknown label (valid: {', '.join(labels)})")])}
 
     def key(self, p, row: dict) -> tuple:
         return (str(row[p.validate.text_field]).strip().lower(),)

@@ -51,6 +51,15 @@ class Preference(Task):
                 "response": r.response({**row, "response": row["chosen"]}, f"{where} chosen"),
                 "rejected": r.response({**row, "response": row["rejected"]}, f"{where} rejected")}
 
+    def encode(self, p, tok, rows: list[dict]) -> list[dict | None]:
+        """Both sides of each pair after the same prompt; a pair is dropped when either side is."""
+        chosen = super().encode(p, tok, rows)
+        worse = super().encode(p, tok, [{**r, "response": r["rejected"]} for r in rows])
+        return [None if e is None or w is None else
+                {**e, "rejected_input_ids": w["input_ids"], "rejected_labels": w["labels"],
+                 "rejected_expected": w["expected"], "truncated": e["truncated"] or w["truncated"]}
+                for e, w in zip(chosen, worse, strict=True)]
+
     def evaluate(self, p, x: EvalInputs) -> dict:
         model, bs, beta = x.model, p.evaluate.batch_size, p.train.dpo.beta
         pairs = list(load_from_disk(str(x.tokenized / "validation")))

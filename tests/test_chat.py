@@ -1,0 +1,303 @@
+"""Task chat: conversation rows (messages, ShareGPT), the assistant-turn loss mask and its audit,
+templates that cannot be masked, and serving the next turn with training's tokens."""
+
+import json
+
+import pytest
+from conftest import EXAMPLE, make_params, prepare
+
+from pipeline.core.encoding import encode_prompt, labelled_runs, mask_audit
+from pipeline.core.modeling import IGNORE, load_tokenizer
+from pipeline.core.prompting import Renderer, TemplateError
+from pipeline.core.stage import PipelineError
+from pipeline.stages import format as fmt
+from pipeline.stages import tokenize, train, validate
+from pipeline.tasks import TASKS
+from pipeline.tasks import chat as chat_task
+
+CHAT = TASKS["chat"]
+CONVO = [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "Add up the numbers.\n\n2 + 3"}, {"role": "assistant", "content": "5"},
+         {"role": "user", "content": "And if you subtract 1 from that?"}, {"role": "assistant", "content": "4"}]
+
+
+@pytest.fixture(scope="module")
+def chat_prepared(tiny_base, tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("chat"), tiny_base, task="chat", rows=None)
+
+
+def write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_sharegpt_rows_become_the_same_messages():
+    p = make_params(task="chat")
+    share = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                "value": m["content"]} for m in CONVO]}
+    assert CHAT.normalize(p, share) == CHAT.normalize(p, {"messages": CONVO}) == {"messages": CONVO}
+
+
+def test_bad_conversations_are_quarantined_naming_the_turn(tmp_path):
+    p = make_params(**{"task": "chat", "validate.max_reject_ratio": 0.9})
+    good = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]}
+            for i in range(8)]
+    train_rows = good + [
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "bot", "content": "Hello."}]},       # row 9
+        {"messages": [{"role": "user", "content": "Hi?"}]},                                              # row 10
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "system", "content": "x"},
+                      {"role": "assistant", "content": "Hello."}]},                                      # row 11
+        {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "Hello."}]},      # row 12
+        {"conversations": [{"from": "alien", "value": "Hi?"}]},                                          # row 13
+        {"text": "Hi?"},                                                                                 # row 14
+        {"conversations": [{"from": "human", "value": "Question 0?"}, {"from": "gpt", "value": "No."}]},  # row 15
+    ]
+    val = [{"messages": [{"role": "user", "content": f"Other {i}?"}, {"role": "assistant", "content": "No."}]}
+           for i in range(3)]
+    validate.run(p, write(tmp_path / "t.jsonl", train_rows), write(tmp_path / "v.jsonl", val), tmp_path / "v",
+                 tmp_path / "m.json")
+    q = {r["row"]: (r["field"], r["reason"]) for r in
+         map(json.loads, (tmp_path / "v" / "quarantine.jsonl").read_text().splitlines())}
+    assert q == {
+        9: ("messages", "turn 2: unknown role 'bot' (valid: system, user, assistant, tool)"),
+        10: ("messages", "the last turn is 'user'; a training conversation ends with the assistant's turn"),
+        11: ("messages", "turn 2: a system turn must come first"),
+        12: ("messages", "turn 1: content: expected text, got int"),
+        13: ("conversations", "turn 1: unknown speaker 'alien' (valid: system, human, user, gpt, assistant, "
+                              "function_call, tool, observation, function_response)"),
+        14: ("messages", "missing field (a chat row has `messages` or ShareGPT `conversations`)"),
+        15: ("messages", "duplicate of row 1"),
+    }
+
+
+def test_the_loss_is_on_every_assistant_turn_and_its_end_token(chat_prepared, tiny_base):
+    """On the example chat data: the labelled tokens are exactly each assistant turn's content and
+    <|im_end|> (decoded here independently of the audit), multi-turn rows included."""
+    from datasets import load_from_disk
+
+    tok = load_tokenizer(tiny_base)
+    rows = {r["row"]: r for r in map(json.loads, (chat_prepared["validated"] / "train.jsonl").read_text().splitlines())}
+    data = list(load_from_disk(str(chat_prepared["tokenized"] / "train")))
+    assert len(data) == 120 and sum(sum(m["role"] == "assistant" for m in rows[d["row"]]["messages"]) > 1
+                                    for d in data) > 60
+    for d in data:
+        got = [tok.decode(d["input_ids"][a:b]) for a, b in labelled_runs(d["labels"])]
+        assert got == [m["content"] + "<|im_end|>" for m in rows[d["row"]]["messages"] if m["role"] == "assistant"]
+    report = json.loads((chat_prepared["tokenized"] / "tokenize.json").read_text())
+    assert report["train"]["mask_audit"] == {"checked": 120, "failed": 0}
+
+
+def test_loss_on_last_masks_the_earlier_turns(tiny_base, tmp_path):
+    from datasets import load_from_disk
+
+    out = prepare(tmp_path, tiny_base, task="chat", rows=40, **{"tokenize.loss_on": "last"})
+    tok = load_tokenizer(tiny_base)
+    rows = {r["row"]: r for r in map(json.loads, (out["validated"] / "train.jsonl").read_text().splitlines())}
+    for d in load_from_disk(str(out["tokenized"] / "train")):
+        runs = labelled_runs(d["labels"])
+        assert len(runs) == 1
+        assert tok.decode(d["input_ids"][runs[0][0]:runs[0][1]]) == rows[d["row"]]["messages"][-1]["content"] + "<|im_end|>"
+
+
+def test_a_wrong_mask_fails_the_audit_naming_the_row(chat_prepared, tiny_base, tmp_path, monkeypatch):
+    tok = load_tokenizer(tiny_base)
+    text, spans = chat_task.assistant_spans(tok, CONVO, False, "row")
+    right = chat_task.encode_chat(tok, text, spans, 256, "response")
+    assert right["expected"] == ["5<|im_end|>", "4<|im_end|>"]
+    assert mask_audit(tok, right["input_ids"], right["labels"], right["expected"], False) is None
+    first = labelled_runs(right["labels"])[1][0]
+    one_more = [*right["labels"][: first - 1], right["input_ids"][first - 1], *right["labels"][first:]]
+    assert "the loss covers" in mask_audit(tok, right["input_ids"], one_more, right["expected"], False)
+    assert mask_audit(tok, right["input_ids"], right["labels"][:first] + [IGNORE] * (len(one_more) - first),
+                      right["expected"], False)  # a lost turn fails too
+
+    real = chat_task.encode_chat
+
+    def off_by_one(*a, **k):  # the classic bug: the "\n" before the answer is trained too
+        e = real(*a, **k)
+        first = next(i for i, lab in enumerate(e["labels"]) if lab != IGNORE)
+        e["labels"][first - 1] = e["input_ids"][first - 1]
+        return e
+
+    monkeypatch.setattr(chat_task, "encode_chat", off_by_one)
+    with pytest.raises(PipelineError, match=r"the loss mask is wrong in 120 of 120 rows of .*train.jsonl; first: row 1:"):
+        tokenize.run(chat_prepared["params"], chat_prepared["formatted"], tiny_base, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_the_audit_also_checks_the_other_tasks(prepared, tiny_base, tmp_path, monkeypatch):
+    from pipeline.core import encoding
+
+    real = encoding.join
+
+    def label_the_prompt_end(p_ids, r_ids, *a):
+        e = real(p_ids, r_ids, *a)
+        if e:
+            e["labels"][len(p_ids) - 1] = e["input_ids"][len(p_ids) - 1]
+        return e
+
+    monkeypatch.setattr(encoding, "join", label_the_prompt_end)
+    with pytest.raises(PipelineError, match=r"the loss mask is wrong in 64 of 64 rows"):
+        tokenize.run(prepared["params"], prepared["formatted"], tiny_base, tmp_path / "t")
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_unless_loss_on_last(tiny_base, tmp_path):
+    """Like templates that drop an earlier turn's reasoning: the turn's tokens change once a later turn
+    follows, so only the last turn can be masked."""
+    tok = load_tokenizer(tiny_base)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}"
+        "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    r = Renderer((EXAMPLE.parent.parent / "prompts" / "chat.jinja").read_text(), "chat.jinja", tokenizer=tok,
+                 chat_template=True)
+    row = {"row": 1, "messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "Five."},
+                                  {"role": "user", "content": "Minus one?"}, {"role": "assistant", "content": "Four."}]}
+    with pytest.raises(TemplateError, match=r"renders assistant turn 2 differently .* set tokenize.loss_on: last"):
+        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")
+    item = CHAT.render(make_params(**{"task": "chat", "tokenize.loss_on": "last"}), r, row, "t.jsonl row 1")
+    assert [item["text"][a:b] for a, b in item["spans"]] == ["Four.<|im_end|>"]
+
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(TemplateError, match=r"has no generation prompt that ends where assistant turn 2 begins"):
+        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")
+    tok.chat_template += "{% if add_generation_prompt %}assistant: {% endif %}"
+    with pytest.raises(TemplateError, match=r"ends an assistant turn with nothing"):
+        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")
+    with pytest.raises(TemplateError, match=r"tool_calls but the chat template .* does not render them"):
+        CHAT.render(make_params(task="chat"), r, {"row": 2, "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w"}}]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}, "t.jsonl row 2")
+
+
+def test_chat_needs_the_chat_template():
+    from pipeline.core.params import ParamsError
+
+    with pytest.raises(ParamsError, match="task chat needs 'format.chat_template: true'"):
+        make_params(**{"task": "chat", "format.chat_template": False})
+
+
+def test_serving_the_next_turn_uses_the_training_tokens(chat_prepared, tiny_base, tmp_path):
+    """For every validation conversation: the prompt `predict` builds from the conversation without its
+    last answer equals the training ids up to that answer; and predict answers a conversation."""
+    from datasets import load_from_disk
+
+    from pipeline.predict import Predictor
+
+    p = chat_prepared["params"]
+    out = tmp_path / "adapter"
+    train.run(p.model_copy(update={"train": p.train.model_copy(update={"epochs": 1})}), chat_prepared["tokenized"],
+              tiny_base, out, tmp_path / "live", tmp_path / "ckpt")
+    pred = Predictor(tiny_base, {"a": out}, max_new_tokens=4)
+    tok = load_tokenizer(tiny_base)
+    tokenized = {r["row"]: r for r in load_from_disk(str(chat_prepared["tokenized"] / "validation"))}
+    raw = [json.loads(x) for x in (chat_prepared["validated"] / "validation.jsonl").read_text().splitlines()]
+    assert len(raw) == len(tokenized) == 40
+    for row in raw:
+        served = encode_prompt(tok, CHAT.prompt(pred.renderers["a"], {"messages": row["messages"][:-1]}, "row"))
+        t = tokenized[row["row"]]
+        last = labelled_runs(t["labels"])[-1][0]
+        assert served == t["input_ids"][:last]
+    answers = pred.predict([{"messages": raw[0]["messages"][:-1]}, {"messages": [{"role": "user", "content": "Hi"}]}], "a")
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(TemplateError, match="ends with an assistant turn"):
+        pred.predict([{"messages": raw[0]["messages"]}], "a")
+
+
+def test_format_writes_the_text_and_spans_it_will_train_on(chat_prepared):
+    rows = [json.loads(x) for x in (chat_prepared["formatted"] / "train.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert [r["text"][a:b] for a, b in r["spans"]] == [m["content"] + "<|im_end|>" for m in r["messages"]
+                                                         if m["role"] == "assistant"]
+        assert r["text"].startswith(r["prompt"]) and r["response"] == r["messages"][-1]["content"]
+
+
+def alpaca_as_messages(row: dict) -> dict:
+    """An Alpaca row as a one-exchange conversation, with the user turn prompts/alpaca.jinja renders."""
+    ask = row["instruction"].strip() + (f"\n\nInput:\n{row['input'].strip()}" if row["input"].strip() else "")
+    return {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": row["output"]}]}
+
+
+@pytest.mark.slow
+def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(tmp_path):
+    """The real SmolLM2 template: the mask audit passes on every row of every task's data (the whole Alpaca
+    sample and Financial PhraseBank, the example sets); Alpaca as `messages` trains and evaluates like the
+    instruction task on the same rows and steps (eval loss within 2%)."""
+    from conftest import ROOT, SHARED
+
+    from pipeline.stages import base, evaluate, export, gguf
+
+    b = tmp_path / "base"
+    base.run(make_params().base, b)
+    alpaca = {s: [json.loads(x) for x in (SHARED / "alpaca_small" / f"{s}.jsonl").read_text().splitlines()]
+              for s in ("train", "validation")}
+    for s, rows in alpaca.items():
+        write(tmp_path / f"alpaca_chat_{s}.jsonl", [alpaca_as_messages(r) for r in rows])
+    sources = {"classification": (SHARED / "financial_phrasebank", "{}.jsonl", "sentiment.jinja"),
+               "instruction": (SHARED / "alpaca_small", "{}.jsonl", "alpaca.jinja"),
+               "preference": (EXAMPLE, "preference_{}.jsonl", "preference.jinja"),
+               "chat": (tmp_path, "alpaca_chat_{}.jsonl", "chat.jinja"), "chat_example": (EXAMPLE, "chat_{}.jsonl", "chat.jinja")}
+    for name, (folder, pattern, template) in sources.items():
+        task = name.split("_")[0]
+        p = make_params(task=task, **{"validate.max_reject_ratio": 0.2, "validate.max_chars": 8000,
+                                      "tokenize.max_length": 1024})
+        w = tmp_path / name
+        validate.run(p, folder / pattern.format("train"), folder / pattern.format("validation"), w / "v", w / "v.json")
+        fmt.run(p, w / "v", ROOT / "prompts" / template, b, w / "f")
+        report = tokenize.run(p, w / "f", b, w / "t")  # raises on any row whose mask is wrong
+        assert report["train"]["mask_audit"]["checked"] == report["train"]["kept"] > 100, name
+
+    # the same 64 Alpaca rows and 8 steps as instruction and as chat
+    losses = {}
+    for task, template in (("instruction", "alpaca.jinja"), ("chat", "chat.jinja")):
+        p = make_params(task=task, **{"train.batch_size": 8, "train.max_steps": 8, "train.lr": 1e-3,
+                                      "train.precision": "bf16", "evaluate.samples": 1, "tokenize.max_length": 512,
+                                      "train.lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}})
+        w = tmp_path / f"same_{task}"
+        src = {s: write(w.parent / f"{task}_{s}.jsonl", rows[: 64 if s == "train" else 32])
+               for s, rows in (("train", [json.loads(x) for x in (tmp_path / "instruction" / "v" / "train.jsonl")
+                                         .read_text().splitlines()]),
+                               ("validation", [json.loads(x) for x in (tmp_path / "instruction" / "v" /
+                                                                        "validation.jsonl").read_text().splitlines()]))}
+        if task == "chat":
+            for s in src:
+                rows = [json.loads(x) for x in src[s].read_text().splitlines()]
+                write(src[s], [alpaca_as_messages(r) for r in rows])
+        validate.run(p, src["train"], src["validation"], w / "v", w / "v.json")
+        fmt.run(p, w / "v", ROOT / "prompts" / template, b, w / "f")
+        tokenize.run(p, w / "f", b, w / "t")
+        train.run(p, w / "t", b, w / "a", w / "live", w / "c")
+        r = evaluate.run(p, b, w / "a", w / "f", w / "t", w / "ev", w / "v")
+        assert r["adapter"]["eval_loss"] < r["base"]["eval_loss"]
+        losses[task] = r["adapter"]["eval_loss"]
+    # the GGUF carries the chat template: llama.cpp's side formats 20 validation conversations to the training ids
+    export.run(p, b, w / "a", w / "t", w / "x")
+    g = gguf.run(make_params(task="chat", **{"gguf.llama_cpp_rows": 20}), w / "x", w / "f", w / "v", w / "g")
+    assert g["llama_cpp"]["token_agreement"] == 1.0
+    assert g["llama_cpp"]["chat_template"]["rows"] == 20 and g["llama_cpp"]["chat_template"]["jinja_token_agreement"] == 1.0
+    print("eval loss", losses, "gguf", g["llama_cpp"])
+    assert abs(losses["chat"] - losses["instruction"]) <= 0.02 * losses["instruction"], losses
+
+
+def test_the_gguf_carries_the_chat_template_and_llama_cpp_formats_like_training(chat_prepared, tiny_base, tmp_path):
+    import shutil
+
+    from pipeline.stages import export, gguf
+
+    p = chat_prepared["params"]
+    train.run(p, chat_prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    export.run(p, tiny_base, tmp_path / "a", chat_prepared["tokenized"], tmp_path / "x")
+    gp = make_params(task="chat", **{"gguf.tokenizer_pre": "gpt-2", "gguf.outtype": "f32", "gguf.llama_cpp_rows": 20,
+                                     "gguf.max_new_tokens": 4, "gguf.min_agreement": 0.0})
+    g = gguf.run(gp, tmp_path / "x", chat_prepared["formatted"], chat_prepared["validated"], tmp_path / "g")
+    assert g["llama_cpp"]["chat_template"] == {"rows": 20, "jinja_token_agreement": 1.0,
+                                               "builtin_template_token_agreement": 1.0}
+    # a conversation whose training prompt is not what the template makes of its turns is named
+    wrong = tmp_path / "wrong"
+    shutil.copytree(chat_prepared["formatted"], wrong)
+    rows = [json.loads(x) for x in (wrong / "validation.jsonl").read_text().splitlines()]
+    rows[2]["messages"][0]["content"] += " (changed)"
+    write(wrong / "validation.jsonl", rows)
+    with pytest.raises(gguf.GgufError, match=rf"validation row {rows[2]['row']}: the chat template .* other tokens"):
+        gguf.run(gp, tmp_path / "x", wrong, chat_prepared["validated"], tmp_path / "g2")
