@@ -7,6 +7,7 @@ dvc.yaml as `python -m pipeline.<stage>`).
   peftflow serve     serve the flow as a scheduled Prefect deployment (cron or interval)
   peftflow lineage   what made an adapter or export, checked against the workspace and DVC cache
   peftflow report    markdown report of params and metrics changes against another revision
+  peftflow import-data   a data file of a hub dataset, pinned to a commit, copied in and tracked by DVC
 """
 
 from __future__ import annotations
@@ -286,3 +287,24 @@ def _stdin_row(line: str, record: dict) -> dict:
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("import-data")
+def import_data(
+    dataset: str = typer.Argument(..., help="dataset id on the Hugging Face hub, e.g. owner/name"),
+    file: str = typer.Argument(..., help="the file in the dataset repository, e.g. data/train.jsonl"),
+    revision: str = typer.Option(..., help="the commit (40 hex digits); branches and tags move, so they are refused"),
+    out: Path = typer.Option(..., help="where the file goes in this project, e.g. data/hub/train.jsonl"),
+    cache_dir: Path = typer.Option(None, help="a folder in the hub's cache layout (offline); default: HF_HUB_CACHE"),
+) -> None:
+    """Copy a pinned file of a hub dataset into the project and track it with DVC (source in OUT.dvc)."""
+    from pipeline.core.stage import PipelineError
+    from pipeline.importing import import_data as run
+
+    try:
+        meta = run(dataset, revision, file, out, cache_dir)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"import-data: {meta['source']} -> {out} (sha256 {meta['sha256'][:12]}); commit {out}.dvc, then "
+               f"`dvc exp run -S data.train={out}` (or data.validation)")

@@ -43,14 +43,17 @@ def read_records(path: str | Path) -> list[Record]:
         records = list(_read_jsonl(path))
     elif suffix == ".csv" and not path.read_bytes().lstrip(b"\xef\xbb\xbf").strip():
         records = []
-    else:
+    elif suffix == ".csv":
         import pandas as pd
 
         # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
-        df = (pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if suffix == ".csv"
-              else pd.read_parquet(path))
-        first = 2 if suffix == ".csv" else 1  # csv row 1 is the header
-        records = [Record(first + i, dict(r)) for i, r in enumerate(df.to_dict(orient="records"))]
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        records = [Record(2 + i, dict(r)) for i, r in enumerate(df.to_dict(orient="records"))]  # row 1: header
+    else:
+        import pyarrow.parquet as pq
+
+        # as Python lists and dicts (a hub dataset's `messages` column is a list of structs)
+        records = [Record(1 + i, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
     if not records:
         raise PipelineError(f"{path}: file is empty (no rows)")
     return records

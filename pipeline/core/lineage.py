@@ -212,15 +212,29 @@ def record(stage: str, params: dict, root: Path = Path(".")) -> dict:
             own[d] = produced[d]  # a folder made by an upstream stage: its dvc.lock hash
         else:
             own[d] = md5_dir(root / d) if (root / d).is_dir() else None  # a source folder (the library)
-    return {
+    up = upstream(lock, deps)
+    rec = {
         "stage": stage,
         "deps": own,
-        "upstream": upstream(lock, deps),
+        "upstream": up,
         "params": params,
         "env": environment(root),
         "hardware": hardware(),
         "determinism": determinism(),
     }
+    sources = {d["path"]: m for s in up.values() for d in s.get("deps", []) if (m := data_source(root / d["path"]))}
+    if sources:
+        rec["sources"] = sources  # data imported from a hub: dataset, commit, file (peftflow import-data)
+    return rec
+
+
+def data_source(path: Path) -> dict | None:
+    """Where a data file came from, if `peftflow import-data` brought it: its `.dvc` file's meta."""
+    dvc_file = path.with_name(path.name + ".dvc")
+    if not dvc_file.is_file():
+        return None
+    meta = (yaml.safe_load(dvc_file.read_text()) or {}).get("meta") or {}
+    return meta if "source" in meta else None
 
 
 def write_into_safetensors(path: Path, lineage: dict) -> None:
