@@ -285,10 +285,6 @@ def _stdin_row(line: str, record: dict) -> dict:
     return get_task(record["task"]).row_from_text(line, record.get("text_field", "sentence"))
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("import-data")
 def import_data(
     dataset: str = typer.Argument(..., help="dataset id on the Hugging Face hub, e.g. owner/name"),
@@ -308,3 +304,7 @@ def import_data(
         raise typer.Exit(2) from None
     typer.echo(f"import-data: {meta['source']} -> {out} (sha256 {meta['sha256'][:12]}); commit {out}.dvc, then "
                f"`dvc exp run -S data.train={out}` (or data.validation)")
+
+
+if __name__ == "__main__":
+    app()

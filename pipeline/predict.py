@@ -78,6 +78,5 @@ class Predictor:
         prompts = [task.prompt(renderer, {**r, "labels": record["labels"]}, f"input row {i + 1}")
                    for i, r in enumerate(rows)]
         with self._use(adapter):
-            return task.answer(self.model, self.tokenizer, renderer, record, rows, prompts,
-                                               self.max_new_tokens)
+            return task.answer(self.model, self.tokenizer, renderer, record, rows, prompts, self.max_new_tokens)
 

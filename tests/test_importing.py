@@ -101,3 +101,14 @@ def test_the_lineage_names_the_imported_source(offline, hub_cache, project):
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {"cmd": "x", "deps": ["data/validated"]}}}))
     rec = lineage.record("train", {"seed": 1}, project)
     assert rec["sources"] == {"data/hub/train.jsonl": meta}
+
+
+def test_the_command_runs_as_a_module_too(tmp_path):
+    """`python -m pipeline.cli import-data` (not only the `peftflow` entry point) knows the command."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "import-data", "acme/chats", "train.jsonl",
+                        "--revision", "main", "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 2 and "revision 'main' of acme/chats is not a commit" in r.stderr
+    assert not (tmp_path / "x.jsonl").exists()
