@@ -6,7 +6,7 @@ Profiles and rows are in bench/methods.yaml (params.yaml keys). For each row thi
 between rows), reads the stages' own metrics files, and keeps every row's figures in
 `bench/results/methods.json` (a row already there with the same overrides is not rerun unless
 `--force`). Then it writes the table (`bench/results/methods_<profile>.md`), a bar chart of
-accuracy per method (`methods_<profile>.png`), and puts the table into README.md between the
+accuracy per method (`methods_<profile>.png`), and puts the table into docs/results.md between the
 `<!-- methods:<profile> -->` markers.
 
 Run: `python bench/method_table.py run --profile fpb [--rows a,b] [--force]`, then
@@ -160,27 +160,66 @@ def fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
+def flagged(m: dict) -> str:
+    """An accuracy cell; a model that puts more than 90% of rows in one class is flagged."""
+    return f"{m['accuracy']:.3f}" + (f" (one class: {m['top_class_share']:.0%} of rows)" if m.get("one_class") else "")
+
+
+def shot_label(model: str) -> str:
+    return "zero-shot" if model == "base" else f"{model.split('_')[1].replace('shot', '')}-shot"
+
+
+def baseline_rows(first: dict) -> tuple[list[str], list[tuple[str, float, float | None]], str]:
+    """The majority class, the base model by the headline rule, and the best prompting baseline (every rule
+    of the base model, zero- and k-shot, on validation; named), as table lines, bars and a rule table."""
+    lines, bars = [], []
+    base_keys = ["base"] + [k for k in first if re.fullmatch(r"base_\d+shot", k)]
+    if "majority" in first:
+        m = first["majority"]
+        lines.append(f"| majority class (`{m['label']}` for every row) | {flagged(m)} | {m['macro_f1']:.3f} "
+                     "| 0 | – | – | – | – |")
+        bars.append(("majority class", m["accuracy"], None))
+    for k in base_keys:
+        m, label = first[k], shot_label(k)
+        ref = REFERENCE.get(label)
+        lines.append(f"| {label} prompting, full-label log-likelihood (base model) | {flagged(m)} | "
+                     f"{m['macro_f1']:.3f} | 0 | – | – | – | {ref if ref is not None else '–'} |")
+        bars.append((f"{label}, log-likelihood", m["accuracy"], ref))
+    rules = ""
+    if "prompting_baseline" in first:
+        b = first["prompting_baseline"]
+        model, rule = b["name"].split("/")
+        lines.append(f"| **prompting baseline: {shot_label(model)}, {rule}** (best rule on validation) | "
+                     f"**{flagged(b)}** | {b['macro_f1']:.3f} | 0 | – | – | – | – |")
+        bars.append((f"prompting baseline ({shot_label(model)}, {rule})", b["accuracy"], None))
+        names = list(next(iter(first["rules"].values())))
+        rules = ("\nThe base model by every rule (accuracy / macro-F1; one class = more than 90% of rows in one "
+                 "class):\n\n| rule | " + " | ".join(shot_label(k) for k in first["rules"] if k != "adapter")
+                 + " | adapter |\n|---|" + "---:|" * len(first["rules"]) + "\n")
+        for rule in names:
+            cells = [f"{flagged(first['rules'][k][rule])} / {first['rules'][k][rule]['macro_f1']:.3f}"
+                     for k in first["rules"]]
+            rules += f"| {rule} | " + " | ".join(cells) + " |\n"
+    return lines, bars, rules
+
+
 def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, float, float | None]]]:
     rows = entry["rows"]
-    first = next(iter(rows.values()))["evaluate"]
+    # the baselines from a row scored by every rule (all rows share the base model, except quantized ones)
+    first = next((x["evaluate"] for x in rows.values() if "prompting_baseline" in x["evaluate"]),
+                 next(iter(rows.values()))["evaluate"])
     base_keys = ["base"] + [k for k in first if re.fullmatch(r"base_\d+shot", k)]
     lines = ["| method | accuracy | macro-F1 | trainable params | steps | train time | peak RSS | reference (8B) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    bars: list[tuple[str, float, float | None]] = []
     mismatch = [r for r, x in rows.items() if any(x["evaluate"].get(k, {}).get("accuracy") != first[k]["accuracy"]
                                                   for k in base_keys)]
-    for k in base_keys:
-        label = "zero-shot" if k == "base" else f"{k.split('_')[1].replace('shot', '')}-shot"
-        m = first[k]
-        ref = REFERENCE.get(label)
-        lines.append(f"| {label} prompting (base model) | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | 0 | – | – | – | "
-                     f"{ref if ref is not None else '–'} |")
-        bars.append((label, m["accuracy"], ref))
+    base_lines, bars, rules = baseline_rows(first)
+    lines += base_lines
     for row, x in rows.items():
         t, m = x["train"], x["evaluate"]["adapter"]
         ref = REFERENCE.get(row)
         share = 100 * t["trainable_params"] / t["total_params"]
-        lines.append(f"| `{row}` | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {fmt_int(t['trainable_params'])} "
+        lines.append(f"| `{row}` | {flagged(m)} | {m['macro_f1']:.3f} | {fmt_int(t['trainable_params'])} "
                      f"({share:.2f}%) | {t['steps']} | {t['seconds'] / 60:.1f} min | "
                      f"{fmt_int(t['peak_rss_mb']) + ' MB' if t.get('peak_rss_mb') else '–'} | "
                      f"{ref if ref is not None else '–'} |")
@@ -189,8 +228,8 @@ def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, f
             "macro-F1 (label scoring), training time of the train stage's loop, peak RSS of the train process. "
             "Each row: `dvc exp apply " + name + "-<row>`; overrides in bench/methods.yaml.")
     if mismatch:
-        head += f" Note: base-model scores differ in rows {mismatch}."
-    return head + "\n\n" + "\n".join(lines) + "\n", bars
+        head += f" Note: base-model scores differ in rows {mismatch} (a different base: quantized, or another prompt)."
+    return head + "\n\n" + "\n".join(lines) + "\n" + rules, bars
 
 
 def measured(entry: dict) -> str:
@@ -246,7 +285,9 @@ def bar_chart(bars: list[tuple[str, float, float | None]], title: str, path: Pat
 
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(bars) + 1.2))
     ys = range(len(bars))
-    ax.barh(ys, [b[1] for b in bars], color=["#bbbbbb" if "shot" in b[0] else "#4c72b0" for b in bars],
+    baseline = ("shot", "majority", "baseline")
+    colors = ["#bbbbbb" if any(w in b[0] for w in baseline) else "#4c72b0" for b in bars]
+    ax.barh(ys, [b[1] for b in bars], color=colors,
             label="SmolLM2-135M, this CPU")
     refs = [(y, b[2]) for y, b in zip(ys, bars, strict=True) if b[2] is not None]
     if refs:
@@ -265,8 +306,8 @@ def bar_chart(bars: list[tuple[str, float, float | None]], title: str, path: Pat
     plt.close(fig)
 
 
-def into_readme(profile: str, text: str) -> None:
-    readme = ROOT / "README.md"
+def into_results(profile: str, text: str) -> None:
+    readme = ROOT / "docs" / "results.md"
     start, end = f"<!-- methods:{profile} -->", f"<!-- /methods:{profile} -->"
     body = readme.read_text()
     if start in body and end in body:
@@ -277,7 +318,7 @@ def into_readme(profile: str, text: str) -> None:
 
 @app.command()
 def table() -> None:
-    """Write the tables and charts from bench/results/methods.json (and into README.md)."""
+    """Write the tables and charts from bench/results/methods.json (and into docs/results.md)."""
     spec = yaml.safe_load((ROOT / "bench/methods.yaml").read_text())
     for profile, entry in load_results().items():
         if not entry.get("rows"):
@@ -294,7 +335,7 @@ def table() -> None:
         if missing:
             text += f"\nRows of bench/methods.yaml not measured yet: {', '.join(f'`{r}`' for r in missing)}.\n"
         atomic_write_text(RESULTS / f"methods_{profile}.md", text)
-        into_readme(profile, text)
+        into_results(profile, text)
         typer.echo(text)
 
 

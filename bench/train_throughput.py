@@ -230,20 +230,15 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.time() - t0)
 
 
-@torch.no_grad()
 def generate_labels(model, tok, rows: list[dict], labels: list[str], batch_size: int) -> list[str | None]:
-    """The baseline: greedy generation, the first word of the answer taken as the label."""
-    from pipeline.core.encoding import encode_prompt
+    """The baseline: greedy generation (8 tokens), the label the answer names first (the evaluate stage's
+    `generate` rule)."""
+    from pipeline.core.scoring import generate_many
+    from pipeline.tasks.classification import parse_label
 
-    out = []
-    for chunk in batches(rows, batch_size):
-        batch = left_pad([{"input_ids": encode_prompt(tok, r["prompt"])} for r in chunk], tok.pad_token_id, "cpu")
-        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
-                             max_new_tokens=8, pad_token_id=tok.pad_token_id)
-        for text in tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
-            word = (text.strip().split() or [""])[0].strip(".,").lower()
-            out.append(word if word in labels else None)
-    return out
+    answers = generate_many(model, tok, [r["prompt"] for r in rows], 8, batch_size)
+    picks = [parse_label(a, r["choices"], labels) for a, r in zip(answers, rows, strict=True)]
+    return [labels[k] if k is not None else None for k in picks]
 
 
 def bench_evaluate(args, work: Path) -> dict:

@@ -8,6 +8,8 @@ dvc.yaml as `python -m pipeline.<stage>`).
   peftflow lineage   what made an adapter or export, checked against the workspace and DVC cache
   peftflow report    markdown report of params and metrics changes against another revision
   peftflow import-data   a data file of a hub dataset, pinned to a commit, copied in and tracked by DVC
+  peftflow sweep     a grid of params values x seeds as DVC experiments on DVC's queue, run and waited for
+  peftflow compare   a table and a plot of experiments (mean ± spread over seeds against train time)
 """
 
 from __future__ import annotations
@@ -304,6 +306,59 @@ def import_data(
         raise typer.Exit(2) from None
     typer.echo(f"import-data: {meta['source']} -> {out} (sha256 {meta['sha256'][:12]}); commit {out}.dvc, then "
                f"`dvc exp run -S data.train={out}` (or data.validation)")
+
+
+@app.command()
+def sweep(
+    sets: list[str] = typer.Option(..., "--set", "-S", help="KEY=V1,V2,... (one axis of the grid) or KEY=VALUE; "
+                                   "repeat for more axes; the same syntax as `dvc exp run -S`"),
+    name: str = typer.Option(..., "--name", "-n", help="the experiments are named NAME-1, NAME-2, ..."),
+    seeds: str = typer.Option("42,43,44", help="comma-separated seeds: every point runs once per seed"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="experiments at a time (1 keeps train times comparable)"),
+    target: str = typer.Option("evaluate", help="the stage to reproduce up to"),
+    wait: bool = typer.Option(True, help="wait for the queue, showing progress (--no-wait: run in the background)"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Queue a grid of params values times seeds as DVC experiments and run them (`dvc queue start -j N`)."""
+    from pipeline.core.stage import PipelineError
+    from pipeline.sweep import sweep as run
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        done = run(root, name, sets, seed_list, jobs, target, wait, echo=typer.echo)
+    except ValueError:
+        typer.echo(f"error: --seeds {seeds!r}: expected integers separated by commas", err=True)
+        raise typer.Exit(2) from None
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if wait:
+        typer.echo(f"sweep: {len(done)} experiments done; `peftflow compare --name {name}` compares them")
+
+
+@app.command()
+def compare(
+    name: str = typer.Option(None, "--name", "-n", help="only the experiments named NAME-* (a sweep)"),
+    metric: str = typer.Option(None, help="adapter metric to compare (default: accuracy, else eval_loss)"),
+    out: Path = typer.Option(None, help="output path without suffix (default: docs/results/sweep-NAME)"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Compare experiments from `dvc exp show --json`: mean ± spread over seeds per params point, against
+    train time, as a markdown table and a plot; the best is named."""
+    from pipeline.core.stage import PipelineError
+    from pipeline.sweep import compare as run
+    from pipeline.sweep import label
+
+    out = out or root / "docs" / "results" / f"sweep-{name or 'all'}"
+    try:
+        groups = run(root, out, name, metric)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    best = groups[0]
+    typer.echo(f"compare: {len(groups)} points; best {label(best['point'])}: {best['metric']['mean']:.4f} ± "
+               f"{best['metric']['std']:.4f} over {best['metric']['n']} seed(s); {out.with_suffix('.md')}, "
+               f"{out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ run (kept in `.dvc/tmp/peftflow-flow-metrics.json`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipeline.core.io import atomic_write_json
 from pipeline.core.lineage import dvc_repo
-from pipeline.core.stage import PipelineError
+from pipeline.core.stage import PipelineError, tool_env
 
 LAST_METRICS = Path(".dvc") / "tmp" / "peftflow-flow-metrics.json"
 
@@ -45,9 +44,8 @@ def dvc(*args: str) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    """The environment for DVC and the stage commands: this interpreter's bin folder first on PATH,
-    so `python -m pipeline.<stage>` in dvc.yaml finds the same installation (also in served runs)."""
-    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    """The environment for DVC and the stage commands (also in served runs): see core.stage.tool_env."""
+    return tool_env()
 
 
 def stage_order(root: Path) -> list[str]:

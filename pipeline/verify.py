@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.lineage import cache_object, hardware_class, lock_outs
+from pipeline.core.stage import tool_env
 
 PACKAGE = "pipeline"
 
@@ -110,8 +110,7 @@ class Row:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
 
 
 def dir_manifest(cache: Path, md5: str | None) -> dict[str, str] | None:

@@ -8,13 +8,14 @@ from pipeline.core.encoding import encode_prompt
 from pipeline.core.modeling import load_adapter, load_tokenizer
 from pipeline.stages import evaluate, train
 from pipeline.tasks import TASKS
-from pipeline.tasks.classification import classification_metrics
+from pipeline.tasks.classification import RULES, classification_metrics, parse_label, rule_predictions
 
 
 def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
     r = evaluate.run(trained["params"], tiny_base, trained["adapter"], trained["formatted"], trained["tokenized"],
                      tmp_path / "ev", trained["validated"])
-    assert set(r) == {"base", f"base_{trained['params'].evaluate.shots}shot", "adapter", "gain", "rows"}
+    assert set(r) == {"base", f"base_{trained['params'].evaluate.shots}shot", "adapter", "gain", "rows", "rules",
+                      "prompting_baseline", "majority", "gain_over_prompting"}
     for name in ("base", "base_5shot", "adapter"):
         assert set(r[name]["per_class"]) == {"negative", "neutral", "positive"}
         assert np.sum(r[name]["confusion"]) == r["rows"] == 32
@@ -38,6 +39,55 @@ def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
     samples = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
     assert r["adapter"]["stopped_ratio"] == 1.0 and all(s["adapter_stopped"] for s in samples)
     assert not any(s["base_stopped"] for s in samples)
+
+
+def test_every_rule_scored_and_the_prompting_baseline_is_the_best_of_them(trained, tiny_base, tmp_path):
+    r = evaluate.run(trained["params"], tiny_base, trained["adapter"], trained["formatted"], trained["tokenized"],
+                     tmp_path / "ev", trained["validated"])
+    assert set(r["rules"]) == {"base", "base_5shot", "adapter"}
+    for name, rules in r["rules"].items():
+        assert set(rules) == set(RULES)
+        assert rules["loglik"] == {k: r[name][k] for k in ("accuracy", "macro_f1", "top_class_share", "one_class")}
+        for m in rules.values():
+            assert m["one_class"] == (m["top_class_share"] > 0.9)
+    best = max(m["accuracy"] for name, rules in r["rules"].items() if name != "adapter" for m in rules.values())
+    model, rule = r["prompting_baseline"]["name"].split("/")
+    assert model != "adapter" and r["prompting_baseline"]["accuracy"] == best == r["rules"][model][rule]["accuracy"]
+    assert r["gain_over_prompting"]["accuracy"] == round(r["adapter"]["accuracy"] - best, 4)
+    # the majority class of the training rows, answered for every validation row
+    train_labels = [json.loads(x)["label"] for x in (trained["validated"] / "train.jsonl").read_text().splitlines()]
+    actual = [json.loads(x)["label"] for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()]
+    majority = max(trained["params"].labels, key=train_labels.count)
+    assert r["majority"]["label"] == majority and r["majority"]["one_class"]
+    assert r["majority"]["accuracy"] == round(actual.count(majority) / len(actual), 4)
+    # the trained adapter answers a label when it generates freely, and that answer is mostly right
+    assert r["rules"]["adapter"]["generate"]["parsed"] >= 0.9
+    assert r["rules"]["adapter"]["generate"]["accuracy"] >= r["majority"]["accuracy"]
+
+
+def test_rules_read_the_same_scores_differently():
+    from pipeline.core.scoring import ChoiceScores
+
+    # row 0: "a" has the largest total but is two tokens long; "b" has the best first token
+    total = np.array([[-2.0, -2.5, -9.0], [-1.0, -3.0, -3.5]])
+    first = np.array([[-1.5, -0.5, -4.0], [-0.5, -1.0, -2.0]])
+    tokens = np.array([[4, 1, 1], [1, 1, 1]])
+    # with no content the prompt alone favours "a" strongly: calibration divides that out
+    content_free = ChoiceScores(np.log(np.array([[0.9, 0.05, 0.05]] * 3)), np.zeros((3, 3)), np.ones((3, 3), int))
+    picks = rule_predictions(ChoiceScores(total, first, tokens), content_free)
+    assert picks["loglik"].tolist() == [0, 0]
+    assert picks["loglik_norm"].tolist() == [0, 0] and (total / tokens)[0].argmax() == 0
+    assert picks["first_token"].tolist() == [1, 0]
+    assert picks["calibrated"].tolist() == [1, 1]
+
+
+def test_parse_label_takes_the_label_named_first_as_a_whole_word():
+    labels = ["negative", "neutral", "positive"]
+    assert parse_label("The sentiment is Positive.", labels, labels) == 2
+    assert parse_label("neutral, or perhaps negative", labels, labels) == 1
+    assert parse_label("It is negatively worded", labels, labels) is None
+    assert parse_label("", labels, labels) is None
+    assert parse_label("Answer: bad", ["Answer: good", "Answer: bad", "Answer: meh"], labels) == 1
 
 
 def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):

@@ -11,6 +11,22 @@ def test_repository_params_load():
     assert p.labels == ["negative", "neutral", "positive"]
 
 
+def test_profile_params_load_and_name_their_template():
+    """Every profile in docs/examples is a complete, valid params file whose template exists, and it
+    differs from params.yaml only where its header says (data, prompt, epochs, checkpoints)."""
+    import yaml
+
+    for path in sorted((ROOT / "docs" / "examples").glob("params-*.yaml")):
+        p = load_params(path)
+        assert (ROOT / p.format.template).exists(), path
+        if path.name == "params-fpb-fast.yaml":
+            mine, default = yaml.safe_load(path.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
+            changed = {f"{k}.{j}" for k in mine if isinstance(mine[k], dict)
+                       for j in mine[k] if mine[k][j] != default[k][j]}
+            assert changed == {"data.train", "data.validation", "format.template", "format.chat_template",
+                               "train.epochs", "train.checkpoint_every"}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -1,13 +1,17 @@
 """Scoring and generation shared by evaluate, predict and gguf.
 
 Label scoring: each label's rendered response (with EOS) is scored as a continuation of the prompt;
-the tokens every prompt shares (system prompt, instructions) run once, as a KV cache. Eval loss is
-the mean NLL of the response tokens; generation is greedy and reports whether it stopped at EOS.
+the tokens every prompt shares (system prompt, instructions) run once, as a KV cache. The scores
+keep each choice's first-token log-probability and its token count too, so one pass serves the
+classification rules (full log-likelihood, length-normalised, first token, calibrated). Eval loss
+is the mean NLL of the response tokens; generation is greedy (one prompt, or batches of prompts
+left-padded) and reports whether it stopped at EOS.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,9 +39,23 @@ def shared_prefix(model, prompts: list[list[int]], dev: torch.device, min_tokens
     return common, out.past_key_values
 
 
-@torch.no_grad()
+@dataclass
+class ChoiceScores:
+    """Log-probabilities of every choice (with EOS) after its prompt, each of shape (rows, choices)."""
+
+    total: np.ndarray   # summed over the choice's tokens and EOS
+    first: np.ndarray   # of the choice's first token alone
+    tokens: np.ndarray  # how many tokens `total` sums (EOS included)
+
+
 def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
-    """Summed log-probability of every choice (with EOS) after its prompt: (rows, choices).
+    """Summed log-probability of every choice (with EOS) after its prompt: (rows, choices)."""
+    return choice_logprobs(model, tok, rows, batch_size).total
+
+
+@torch.no_grad()
+def choice_logprobs(model, tok, rows: list[dict], batch_size: int) -> ChoiceScores:
+    """Every choice's summed and first-token log-probability after its prompt, and its length.
 
     The tokens all prompts share (system prompt, instructions) run once; each row's own part of
     the prompt runs once from that cache, and its choices continue from the row's cache: a row
@@ -45,11 +63,11 @@ def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
     Prompt-learning adapters bring their own cache: they score prompt + choice in full.
     """
     if is_prompt_learning(model):
-        return full_scores(model, tok, rows, batch_size)
+        return full_logprobs(model, tok, rows, batch_size)
     dev = next(model.parameters()).device
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
     n = len(rows[0]["choices"])
-    scores = np.full((len(rows), n), -np.inf)
+    scores = ChoiceScores(*(np.full((len(rows), n), -np.inf) for _ in range(2)), np.zeros((len(rows), n), int))
     common, shared = shared_prefix(model, prompts, dev)
     for idx in batches(sorted(range(len(rows)), key=lambda i: len(prompts[i])), batch_size):
         batch = left_pad([{"input_ids": prompts[i][common:]} for i in idx], 0, dev)
@@ -78,31 +96,42 @@ def choice_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
         prompt_mask = prompt_mask.repeat_interleave(n, 0)
         start = prompt_mask.sum(-1, keepdim=True)
         total = first.gather(-1, torch.tensor([t[0] for t in targets], device=dev)[:, None]).squeeze(-1)
+        head = total.clone()
         if width:
             logits = model(input_ids=feed, attention_mask=torch.cat([prompt_mask, torch.ones_like(feed)], -1),
                            position_ids=start + torch.arange(width, device=dev), past_key_values=cache,
                            use_cache=False).logits.float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, want.clamp(min=0)[..., None]).squeeze(-1)
             total = total + (logp * (want != IGNORE)).sum(-1)
-        scores[np.repeat(idx, n), np.tile(np.arange(n), len(idx))] = total.cpu().numpy()
+        at = (np.repeat(idx, n), np.tile(np.arange(n), len(idx)))
+        scores.total[at], scores.first[at] = total.cpu().numpy(), head.cpu().numpy()
+        scores.tokens[at] = [len(t) for t in targets]
     return scores
 
 
-@torch.no_grad()
 def full_scores(model, tok, rows: list[dict], batch_size: int) -> np.ndarray:
     """`choice_scores` with every prompt + choice as its own row (no shared cache)."""
+    return full_logprobs(model, tok, rows, batch_size).total
+
+
+@torch.no_grad()
+def full_logprobs(model, tok, rows: list[dict], batch_size: int) -> ChoiceScores:
+    """`choice_logprobs` with every prompt + choice as its own row (no shared cache)."""
     dev = next(model.parameters()).device
     pairs = [(i, j, r["prompt"], c) for i, r in enumerate(rows) for j, c in enumerate(r["choices"])]
     encoded = encode_many(tok, [p for *_, p, _ in pairs], [c for *_, c in pairs], 10**9, "response")
     items = sorted(((i, j, e) for (i, j, _, _), e in zip(pairs, encoded, strict=True)),
                    key=lambda x: len(x[2]["input_ids"]))
-    scores = np.full((len(rows), len(rows[0]["choices"])), -np.inf)
+    shape = (len(rows), len(rows[0]["choices"]))
+    scores = ChoiceScores(np.full(shape, -np.inf), np.full(shape, -np.inf), np.zeros(shape, int))
     pl = is_prompt_learning(model)
     for chunk in batches(items, batch_size):
         enc = [e for _, _, e in chunk]
-        logp, _ = token_logprobs(model, left_pad(enc, 0, dev), response_width(enc), pl)
-        for (i, j, _), s in zip(chunk, logp.sum(-1).tolist(), strict=True):
-            scores[i, j] = s
+        logp, mask = token_logprobs(model, left_pad(enc, 0, dev), response_width(enc), pl)
+        heads = logp.gather(-1, mask.int().argmax(-1, keepdim=True)).squeeze(-1)  # the first labelled position
+        for k, (i, j, _) in enumerate(chunk):
+            scores.total[i, j], scores.first[i, j] = float(logp[k].sum()), float(heads[k])
+            scores.tokens[i, j] = int(mask[k].sum())
     return scores
 
 
@@ -131,6 +160,22 @@ def generate(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
         new = new[: new.index(tok.eos_token_id)]
     return tok.decode(new, skip_special_tokens=True), stopped
 
+
+@torch.no_grad()
+def generate_many(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of many prompts, left-padded in batches of similar length (answers up to EOS)."""
+    dev = next(model.parameters()).device
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    out: list[str] = [""] * len(prompts)
+    for idx in batches(sorted(range(len(prompts)), key=lambda i: len(encoded[i])), batch_size):
+        batch = left_pad([{"input_ids": encoded[i]} for i in idx], tok.pad_token_id, dev)
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        for i, new in zip(idx, gen[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+            out[i] = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
+                                skip_special_tokens=True)
+    return out
 
 
 def write_samples(model, tok, rows: list[dict], n: int, max_new_tokens: int, path) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,12 @@ import typer
 
 class PipelineError(Exception):
     """An error the user can fix; its message names the file, row, field or params key."""
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for DVC and the stage commands it starts: this interpreter's bin folder first on
+    PATH, so `dvc` (and its queue workers) and `python -m pipeline.<stage>` are this installation's."""
+    return {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
 
 def entry(fn: Callable) -> None:

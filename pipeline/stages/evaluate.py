@@ -2,10 +2,11 @@
 
 The task (pipeline/tasks/) decides how: classification scores every label's response as a
 continuation of the prompt (accuracy, macro-F1, per class, confusion matrix; `evaluate.shots: k`
-also scores the base model k-shot); instruction reports eval loss and perplexity on the response
-tokens and greedy samples side by side; preference reports how often base, SFT adapter and DPO
-adapter prefer the chosen answer, and DPO's reward accuracy and margin. The base model is the
-adapter disabled: no second copy of the weights.
+also scores the base model k-shot), reads every model by each standard rule (length-normalised,
+first token, calibrated, generation) and names the best prompting baseline; instruction reports
+eval loss and perplexity on the response tokens and greedy samples side by side; preference
+reports how often base, SFT adapter and DPO adapter prefer the chosen answer, and DPO's reward
+accuracy and margin. The base model is the adapter disabled: no second copy of the weights.
 
 Inputs: base model folder, adapter folder, formatted and tokenized validation data, validated
 training rows (few-shot examples).
@@ -60,6 +61,11 @@ def main(
         typer.echo(f"evaluate: {k}: base {r['base'][k]} -> adapter {r['adapter'][k]}")
         for name in (n for n in r if n.startswith("base_") and k in r[n]):
             typer.echo(f"evaluate: {k}: {name} {r[name][k]}")
+    if "prompting_baseline" in r:
+        b = r["prompting_baseline"]
+        typer.echo(f"evaluate: best prompting baseline: {b['name']} accuracy {b['accuracy']}"
+                   f"{' (one class)' if b['one_class'] else ''}; "
+                   f"majority class {r.get('majority', {}).get('accuracy')}")
     typer.echo(f"evaluate: metrics in {out / 'metrics.json'}")
 
 
