@@ -43,11 +43,6 @@ def dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def env() -> dict[str, str]:
-    """The environment for DVC and the stage commands (also in served runs): see core.stage.tool_env."""
-    return tool_env()
-
-
 def stage_order(root: Path) -> list[str]:
     """The pipeline's stages, dependencies first, as DVC reads them from dvc.yaml."""
     import networkx as nx
@@ -121,7 +116,7 @@ def run_stage(root: Path, stage: str) -> str:
         log.info(f"{stage}: unchanged, skipped (DVC status is clean)")
         return "skipped"
     log.info(f"{stage}: changed ({json.dumps(why.get(stage, why), default=str)}), running")
-    proc = subprocess.Popen(dvc("repro", "--single-item", stage), cwd=root, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(dvc("repro", "--single-item", stage), cwd=root, env=tool_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     errors = []
     for line in proc.stdout:  # stream the stage's output into the run's logs as it comes
@@ -140,14 +135,14 @@ def run_stage(root: Path, stage: str) -> str:
 def transfer(root: Path, direction: str) -> None:
     """`dvc pull` / `dvc push` against the default remote (network I/O: retried)."""
     args = ["pull", "--allow-missing"] if direction == "pull" else ["push"]
-    proc = subprocess.run(dvc(*args), cwd=root, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(dvc(*args), cwd=root, env=tool_env(), capture_output=True, text=True)
     if proc.returncode:
         raise OSError(f"dvc {direction} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
 
 
 @task
 def save_experiment(root: Path, name: str) -> str:
-    proc = subprocess.run(dvc("exp", "save", "--force", "--name", name), cwd=root, env=env(),
+    proc = subprocess.run(dvc("exp", "save", "--force", "--name", name), cwd=root, env=tool_env(),
                           capture_output=True, text=True)
     if proc.returncode:
         raise StageFailed(f"dvc exp save failed: {proc.stderr.strip()}")

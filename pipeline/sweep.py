@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.io import atomic_write_text
+from pipeline.core.lineage import git
 from pipeline.core.stage import PipelineError, tool_env
 
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}
@@ -54,9 +55,7 @@ def portable(key: str, value: str, root: Path) -> str:
     if not path.is_relative_to(root.resolve()):
         return str(path)
     rel = str(path.relative_to(root.resolve()))
-    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", rel], cwd=root, capture_output=True).returncode == 0
-    dvc_tracked = (root / f"{rel}.dvc").exists()
-    if not tracked and not dvc_tracked:
+    if git(root, "ls-files", "--error-unmatch", rel) is None and not (root / f"{rel}.dvc").exists():
         raise PipelineError(f"sweep: {key}={value} is not tracked by git: queued experiments run on a copy of the "
                             f"tracked files; `git add {rel}` first")
     return value
@@ -83,24 +82,24 @@ def grid_args(sets: list[str], seeds: list[int], root: Path) -> list[str]:
 
 
 def head(root: Path) -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    if r.returncode:
+    sha = git(root, "rev-parse", "HEAD")
+    if sha is None:
         raise PipelineError(f"sweep: {root} is not a git repository with a commit (DVC experiments need one)")
-    return r.stdout.strip()
+    return sha
+
+
+def shown(root: Path, who: str, *flags: str) -> list[dict]:
+    """The experiments `dvc exp show --json FLAGS` lists (queued, running and finished), as DVC gives them."""
+    r = dvc("exp", "show", "--json", *flags, root=root)
+    if r.returncode:
+        raise PipelineError(f"{who}: dvc exp show failed: {r.stderr.strip()[-300:]}")
+    return [e for commit in json.loads(r.stdout or "[]") for e in commit.get("experiments") or []]
 
 
 def states(root: Path, prefix: str, rev: str = "HEAD") -> dict[str, str]:
     """Queue state of the experiments named PREFIX-* on baseline `rev` (queued, running, success, failed)."""
-    r = dvc("exp", "show", "--json", "--rev", rev, root=root)
-    if r.returncode:
-        raise PipelineError(f"sweep: dvc exp show failed: {r.stderr.strip().splitlines()[-1:]}")
-    out = {}
-    for commit in json.loads(r.stdout or "[]"):
-        for e in commit.get("experiments") or []:
-            name = e.get("name") or ""
-            if name.startswith(f"{prefix}-"):
-                out[name] = (e.get("executor") or {}).get("state") or "success"
-    return out
+    return {e["name"]: (e.get("executor") or {}).get("state") or "success"
+            for e in shown(root, "sweep", "--rev", rev) if (e.get("name") or "").startswith(f"{prefix}-")}
 
 
 def sweep(root: Path, name: str, sets: list[str], seeds: list[int], jobs: int, target: str, wait: bool,
@@ -157,27 +156,23 @@ def flat(tree: dict, prefix: str = "") -> dict:
 def experiments(root: Path, prefix: str | None = None) -> list[dict]:
     """Finished experiments on any baseline commit (optionally those named PREFIX-*) as flat params and the
     figures compared."""
-    r = dvc("exp", "show", "--json", "--all-commits", root=root)
-    if r.returncode:
-        raise PipelineError(f"compare: dvc exp show failed: {r.stderr.strip()[-300:]}")
     out = []
-    for commit in json.loads(r.stdout or "[]"):
-        for e in commit.get("experiments") or []:
-            name, rev = e.get("name") or "", (e.get("revs") or [{}])[0]
-            if (prefix and not name.startswith(f"{prefix}-")) or rev.get("error") or not rev.get("data"):
-                continue
-            data = rev["data"]
-            metrics = {f: (m or {}).get("data") or {} for f, m in (data.get("metrics") or {}).items()}
-            ev = metrics.get("reports/evaluate/metrics.json", {}).get("adapter", {})
-            run = metrics.get("reports/train/run.json", {})
-            if not ev:
-                continue
-            params = flat((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
-            for key in PATH_KEYS:  # a sweep's absolute path and the same file named relative are one point
-                if isinstance(params.get(key), str):
-                    params[key] = os.path.relpath((root / params[key]).resolve(), root.resolve())
-            out.append({"name": name, "params": params, "metrics": ev, "seconds": run.get("seconds"),
-                        "steps": metrics.get("reports/train/metrics.json", {}).get("steps")})
+    for e in shown(root, "compare", "--all-commits"):
+        name, rev = e.get("name") or "", (e.get("revs") or [{}])[0]
+        if (prefix and not name.startswith(f"{prefix}-")) or rev.get("error") or not rev.get("data"):
+            continue
+        data = rev["data"]
+        metrics = {f: (m or {}).get("data") or {} for f, m in (data.get("metrics") or {}).items()}
+        ev = metrics.get("reports/evaluate/metrics.json", {}).get("adapter", {})
+        if not ev:
+            continue
+        params = flat((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+        for key in PATH_KEYS:  # a sweep's absolute path and the same file named relative are one point
+            if isinstance(params.get(key), str):
+                params[key] = os.path.relpath((root / params[key]).resolve(), root.resolve())
+        out.append({"name": name, "params": params, "metrics": ev,
+                    "seconds": metrics.get("reports/train/run.json", {}).get("seconds"),
+                    "steps": metrics.get("reports/train/metrics.json", {}).get("steps")})
     return out
 
 
