@@ -47,6 +47,29 @@ def test_same_seed_same_adapter(trained, prepared, tiny_base, tmp_path):
     assert w1.keys() == w2.keys() and all((w1[k] == w2[k]).all() for k in w1)
 
 
+@pytest.mark.parametrize("layout", [{"train.shared_prefix": False, "train.packing": True},
+                                    {"train.shared_prefix": False, "train.activation_checkpointing": {}}])
+def test_every_layout_trains_the_same_adapter(trained, prepared, tiny_base, tmp_path, layout):
+    """The default (shared prefix), packing and activation checkpointing: the same steps, the same adapter
+    to float32 rounding (the tiny params have no dropout)."""
+    assert prepared["params"].train.shared_prefix  # `trained` ran the default layout
+    p = make_params(**layout)
+    m = train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    assert abs(m["final_loss"] - trained["metrics"]["final_loss"]) < 1e-3
+    w1 = load_file(str(trained["adapter"] / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert all((w1[k] - w2[k]).abs().max() <= 1e-3 * w1[k].abs().max() for k in w1)
+
+
+def test_packing_refuses_prompt_learning(prepared, tiny_base, tmp_path):
+    from pipeline.core.stage import PipelineError
+
+    p = make_params(**{"train.method": "prompt_tuning", "train.prompt_tuning": {"num_virtual_tokens": 4},
+                       "train.packing": True})
+    with pytest.raises(PipelineError, match="train.packing"):
+        train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+
+
 def test_interrupted_run_resumes_from_checkpoint(prepared, tiny_base, tmp_path, monkeypatch):
     p = make_params(**{"train.checkpoint_every": 4})
     ckpt = tmp_path / "ckpt"

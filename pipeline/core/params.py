@@ -92,6 +92,15 @@ class Dpo(Section):
     nll_weight: Number  # + this x the chosen answers' per-token NLL (keeps their likelihood up; 0: plain DPO)
 
 
+class ActivationCheckpointing(Section):
+    """transformers' `activation_checkpointing_enable` arguments: recompute each decoder layer's activations
+    in the backward pass instead of keeping them (every `every_n_layers`-th layer; `offload`: keep the
+    layer inputs in host memory, for GPUs)."""
+
+    every_n_layers: int = 1
+    offload: bool = False
+
+
 class Train(Section):
     method: str
     epochs: Number
@@ -105,6 +114,9 @@ class Train(Section):
     precision: Literal["fp32", "bf16", "fp16"]
     grad_clip: Number | None
     group_by_length: bool
+    shared_prefix: bool  # a batch's common token prefix runs once (pipeline/core/batching.py)
+    packing: bool  # rows packed into few sequences, attention confined to each row
+    activation_checkpointing: ActivationCheckpointing | None  # null: keep activations (fastest)
     # auto: eager attention on CPU (measured faster than sdpa for training at these lengths), sdpa on GPU
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"]
     checkpoint_every: int

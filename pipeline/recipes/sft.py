@@ -1,8 +1,10 @@
 """Recipe: supervised fine-tuning, the loss on the response tokens only.
 
 Batches: the rows shuffled with the seed (a new permutation each epoch), grouped by length when
-`train.group_by_length` (similar lengths together, so little padding), left-padded per batch; the
-vocabulary projection is computed only where the loss is (`logits_to_keep`). `train.grad_accum`
+`train.group_by_length` (similar lengths together, so little padding). Each micro-batch runs in one of
+the layouts of pipeline/core/batching.py, all giving the same loss: the rows' shared token prefix once
+(`train.shared_prefix`, when the rows have one), else packed (`train.packing`), else left-padded; the
+vocabulary projection is computed only where the loss is. `train.grad_accum`
 micro-batches make one optimizer step; the loss is the mean over the step's response tokens. Under
 `accelerate launch` each process takes its share of every micro-batch (`Processes.share`), scaled so
 the averaged gradients equal the one-process gradient. A run resumed at step k continues with exactly
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.core.modeling import IGNORE, autocast, is_prompt_learning, left_pad, response_width, token_logprobs
+from pipeline.core import batching
+from pipeline.core.modeling import IGNORE, autocast, is_prompt_learning
 from pipeline.core.training import Processes, Stepper
 
 
@@ -53,7 +56,7 @@ def micro_batches(rows: list[dict], batch_size: int, group_by_length: bool, seed
 @dataclass
 class Loop:
     """What the steps run on: `model` (DDP-wrapped when launched so), its unwrapped `core`, the stepper,
-    the schedule, the processes, and the method's hook after each step."""
+    the schedule, the processes, the method's hook after each step, and the layouts allowed."""
 
     model: torch.nn.Module
     core: torch.nn.Module
@@ -62,25 +65,34 @@ class Loop:
     procs: Processes
     precision: str
     after_step: Callable[[torch.nn.Module, int], None]
+    shared_prefix: bool = False
+    packing: bool = False
+
+
+def logprobs(loop: Loop, rows: list[dict], dev: torch.device) -> torch.Tensor:
+    """The labelled tokens' log-probabilities of these rows, in the layout the loop allows."""
+    if loop.shared_prefix and (n := batching.common_prefix(rows)):
+        return batching.prefixed(loop.model, rows, n, dev)
+    if loop.packing:
+        return batching.packed(loop.model, rows, dev)
+    return batching.padded(loop.model, rows, dev, is_prompt_learning(loop.core))
 
 
 def step(loop: Loop, micro: list[list[dict]]) -> tuple[float, int]:
     """One optimizer step over the micro-batches: (the mean loss per response token, tokens run here)."""
     dev = next(loop.core.parameters()).device
-    prompt_learning = is_prompt_learning(loop.core)
     n_labels = sum(sum(x != IGNORE for x in r["labels"]) for mb in micro for r in mb)
     loop.stepper.zero()
     total, tokens = 0.0, 0
     for mb in micro:
         part, scale = loop.procs.share(mb)
-        batch = left_pad(part, 0, dev)
         with autocast(loop.precision, dev):
-            logp, _ = token_logprobs(loop.model, batch, response_width(part), prompt_learning)
+            logp = logprobs(loop, part, dev)
         loss = -logp.sum() * scale / n_labels
         loop.stepper.backward(loss)
         total += loss.item() / loop.procs.world
         if scale > 1 or loop.procs.main:  # a batch every process ran whole is counted once
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(r["input_ids"]) for r in part)
     loop.stepper.step()
     return total, tokens
 

@@ -45,6 +45,7 @@ from pipeline.core import lineage
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.core.modeling import (
     device,
+    is_prompt_learning,
     load_base_model,
     nondeterministic_ops,
     seed_everything,
@@ -64,7 +65,23 @@ def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
     """The base model (quantized as params say), made trainable by `train.method`."""
     model = load_base_model(base_dir, dev, p.quantization, p.attn_implementation)
     model.config.use_cache = False
-    return methods.get(p.method).build(model, p, steps)
+    model = methods.get(p.method).build(model, p, steps)
+    if p.activation_checkpointing:
+        model.activation_checkpointing_enable(**p.activation_checkpointing.model_dump())
+    return model
+
+
+def layouts(t: Train, model, procs: Processes) -> dict[str, bool]:
+    """The batch layouts this run may use (pipeline/core/batching.py). Prompt-learning methods put virtual
+    tokens before every row: neither applies (packing asked for is an error). The shared prefix runs as
+    a second forward call: not under several processes (DDP expects one) or activation checkpointing
+    (which drops the cache)."""
+    prompt_learning = is_prompt_learning(model)
+    if t.packing and prompt_learning:
+        raise PipelineError(f"params.yaml: 'train.packing' is true, but '{t.method}' adds virtual tokens before "
+                            "every row, which packing cannot share between rows: set train.packing: false")
+    return {"shared_prefix": t.shared_prefix and not prompt_learning and procs.world == 1
+            and not t.activation_checkpointing, "packing": t.packing}
 
 
 def fingerprint(p: Params, data_dir: Path, base_dir: Path) -> str:
@@ -200,7 +217,8 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
             save_checkpoint(ckpt, model, opt.optimizer, scheduler, step, fp, live_dir)
         procs.wait()
 
-    loop = sft.Loop(procs.wrap(model), model, opt, scheduler, procs, t.precision, method.after_step)
+    loop = sft.Loop(procs.wrap(model), model, opt, scheduler, procs, t.precision, method.after_step,
+                    **layouts(t, model, procs))
     if t.checkpoint_every and "sharded" in procs.kind(model):
         raise ResumeError("train: checkpoints of FSDP-sharded weights are not written (each process holds a "
                           "shard); set train.checkpoint_every: null, or train with DDP (docs/scaling.md)")

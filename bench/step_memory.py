@@ -1,0 +1,187 @@
+"""Where a train step's memory and time go: one process per variant of the train stage's step.
+
+SmolLM2-135M (models/base, `dvc repro base`), LoRA r=16 alpha 32 dropout 0.05 on q/k/v/o, bf16 autocast,
+batches of 16 Financial PhraseBank training rows rendered by the default template with the chat
+template (the default job's prompt), grouped by length as the stage groups them. Each variant runs
+one warm-up step and then `--steps` timed steps, in the layouts of pipeline/core/batching.py:
+
+  padded        left-padded rows (the layout before shared prefixes)
+  prefix        the rows' shared prefix once per batch (train.shared_prefix, the default)
+  packed        rows packed into sequences no longer than the longest row (train.packing)
+  ckpt          padded, with activation checkpointing on every decoder layer (train.activation_checkpointing;
+                it turns the shared prefix off)
+
+Reported per variant: resident memory (RSS) after imports, after loading the model, after the adapter,
+the step's peak RSS (VmHWM reset before the step), the bytes autograd saves for the backward pass
+(counted by a saved-tensors hook, views counted by their storage once), seconds per step and
+training tokens per second; the ratios are against `padded` in the same run.
+
+Run: `python bench/step_memory.py` (about 3 minutes); writes bench/results/step_memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank" / "train.jsonl"
+VARIANTS = ["padded", "prefix", "packed", "ckpt"]
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+
+
+def one(variant: str, steps: int, batch_size: int) -> dict:
+    facts = {"imports_mb": rss_mb()}
+    import torch
+
+    from pipeline.core import batching
+    from pipeline.core.encoding import encode_many
+    from pipeline.core.modeling import autocast, load_base_model, load_tokenizer
+    from pipeline.core.prompting import Renderer
+    from pipeline.recipes.sft import plan_epoch
+
+    facts["imports_mb"] = rss_mb()
+    base = ROOT / "models" / "base"
+    tok = load_tokenizer(base)
+    render = Renderer.from_file(ROOT / "prompts" / "sentiment.jinja", tokenizer=tok, chat_template=True)
+    labels = ["negative", "neutral", "positive"]
+    raw = [{**json.loads(x), "labels": labels} for x in DATA.read_text().splitlines()[: batch_size * 32]]
+    rows = encode_many(tok, [render.prompt(x) for x in raw], [render.response(x) for x in raw], 256, "response")
+    plan = plan_epoch([len(r["input_ids"]) for r in rows], batch_size, True, 42)
+    batches = [[rows[i] for i in b] for b in plan if len(b) == batch_size][: steps + 1]
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    model = load_base_model(base, dev, None, "auto")
+    model.config.use_cache = False
+    facts["model_mb"] = rss_mb()
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).train()
+    if "ckpt" in variant:
+        model.activation_checkpointing_enable()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    facts["adapter_mb"] = rss_mb()
+    saved = {"bytes": 0}
+    seen: set[int] = set()
+
+    def pack_hook(x):
+        ptr = x.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            saved["bytes"] += x.untyped_storage().nbytes()
+        return x
+
+    def step(mb: list[dict], count: bool = False) -> None:
+        n = batching.common_prefix(mb) if variant == "prefix" else 0
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x) if count else nullcontext()
+        with autocast("bf16", dev), hooks:
+            if n:
+                logp = batching.prefixed(model, mb, n, dev)
+            elif variant == "packed":
+                logp = batching.packed(model, mb, dev)
+            else:
+                logp = batching.padded(model, mb, dev)
+        (-logp.sum() / logp.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak()
+    step(batches[0], count=True)
+    facts["first_step_peak_mb"] = rss_mb("VmHWM")
+    facts["saved_for_backward_mb"] = saved["bytes"] / 2**20
+    facts["prefix_tokens"] = [batching.common_prefix(mb) for mb in batches[1:]] if variant == "prefix" else []
+    reset_peak()
+    t0 = time.time()
+    for mb in batches[1:]:
+        step(mb)
+    seconds = time.time() - t0
+    facts |= {"step_peak_mb": rss_mb("VmHWM"), "seconds_per_step": seconds / (len(batches) - 1),
+              "tokens_per_second": sum(len(r["input_ids"]) for mb in batches[1:] for r in mb) / seconds,
+              "peak_mb": rss_mb("VmHWM")}
+    return facts
+
+
+def table(res: dict) -> str:
+    pad = res["variants"]["padded"]
+    lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}: SmolLM2-135M, LoRA r=16 q/k/v/o, "
+             f"bf16 autocast, batch {res['batch_size']} Financial PhraseBank rows with the default chat prompt "
+             f"(mean {res['mean_tokens']:.0f} tokens/row), {res['steps']} timed steps after one warm-up step.", "",
+             "| variant | RSS after imports MB | + model MB | + adapter MB | step peak RSS MB | saved for backward MB "
+             "| s/step | tokens/s | speed vs padded |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, f in res["variants"].items():
+        if "error" in f:
+            lines.append(f"| {name} | failed: {f['error']} |||||||")
+            continue
+        lines.append(f"| {name} | {f['imports_mb']:.0f} | {f['model_mb']:.0f} | {f['adapter_mb']:.0f} | "
+                     f"{f['step_peak_mb']:.0f} | {f['saved_for_backward_mb']:.0f} | {f['seconds_per_step']:.2f} | "
+                     f"{f['tokens_per_second']:.0f} | {f['tokens_per_second'] / pad['tokens_per_second']:.2f}x |")
+    prefix = res["variants"].get("prefix", {}).get("prefix_tokens")
+    if prefix:
+        lines += ["", f"Shared prefix per batch: {min(prefix)}–{max(prefix)} tokens."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return print(json.dumps(one(args.one, args.steps, args.batch_size)))
+    import torch
+
+    res = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "variants": {}}
+    for v in args.variants.split(","):
+        print(f"bench: {v}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", v, "--steps", str(args.steps),
+                               "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            res["variants"][v] = {"error": proc.stderr.strip().splitlines()[-1][:200]}
+            continue
+        res["variants"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["mean_tokens"] = mean_tokens(args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_memory.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "step_memory.md").write_text(table(res))
+    print(table(res))
+
+
+def mean_tokens(batch_size: int) -> float:
+    from pipeline.core.encoding import encode_many
+    from pipeline.core.modeling import load_tokenizer
+    from pipeline.core.prompting import Renderer
+
+    tok = load_tokenizer(ROOT / "models" / "base")
+    render = Renderer.from_file(ROOT / "prompts" / "sentiment.jinja", tokenizer=tok, chat_template=True)
+    raw = [{**json.loads(x), "labels": ["negative", "neutral", "positive"]}
+           for x in DATA.read_text().splitlines()[: batch_size * 32]]
+    rows = encode_many(tok, [render.prompt(x) for x in raw], [render.response(x) for x in raw], 256, "response")
+    return sum(len(r["input_ids"]) for r in rows) / len(rows)
+
+
+if __name__ == "__main__":
+    main()
