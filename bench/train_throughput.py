@@ -5,9 +5,16 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   a  tutorial recipe: HF Trainer, every row padded to 512 (`padding="max_length"`), loss on all tokens, fp32
   b  well-set HF Trainer: dynamic padding, `group_by_length`, loss on the response only, bf16
   c  TRL SFTTrainer with its defaults for prompt/completion data (completion-only loss), bf16
+  e  c with `padding_free=True` (each batch flattened into one sequence, position ids restarting per row)
+  f  c with `packing=True` (best-fit decreasing into sequences of batch size x the mean row length, one
+     sequence per step, so a step holds about as many rows as the others' batches)
   d  this project's train stage (`pipeline.stages.train.fit`), bf16
+  p  d with `train.shared_prefix: false` (left-padded batches: what the shared prefix saves)
+  l  d with `train.lean: false` (frozen weights cast on every call, fp32 dropout masks, eager attention and
+     MLP activations kept: what pipeline/core/lean.py saves)
   q  d with QLoRA (4-bit NF4), for memory
-Every trained adapter is then scored the same way: mean response-token loss on held-out rows.
+LoRA as the project's default (r=16, alpha 32, dropout 0.05, q/k/v/o). Every trained adapter is saved,
+loaded again onto a fresh fp32 base, and scored the same way: mean response-token loss on held-out rows.
 Also: MFU of d against a matmul peak measured in the same run, evaluation by label scoring vs
 free generation, batched vs per-row tokenization, and `dvc repro` with nothing to do.
 
@@ -45,10 +52,13 @@ from pipeline.stages import format as fmt  # noqa: E402
 from pipeline.stages import tokenize as tkz  # noqa: E402
 from pipeline.stages import validate  # noqa: E402
 
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR, WARMUP = 1e-3, 0.1
 NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic padding + group_by_length",
-         "c": "TRL SFTTrainer (completion only)", "d": "peftflow train stage", "q": "peftflow train stage, QLoRA 4-bit"}
+         "c": "TRL SFTTrainer (completion only)", "d": "peftflow train stage",
+         "e": "TRL SFTTrainer, padding_free", "f": "TRL SFTTrainer, packing (bfd)",
+         "p": "peftflow train stage, padded (train.shared_prefix false)",
+         "l": "peftflow train stage, train.lean false", "q": "peftflow train stage, QLoRA 4-bit"}
 
 
 def rss_mb() -> float:
@@ -57,13 +67,13 @@ def rss_mb() -> float:
 
 # ---------------------------------------------------------------- shared data (main process)
 
-def bench_params(args, quantization: dict | None = None):
+def bench_params(args, quantization: dict | None = None, **train):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl")}
     raw["train"] |= {"method": "lora", "lora": LORA, "max_steps": args.steps, "batch_size": args.batch_size,
                      "grad_accum": 1, "lr": LR, "warmup_ratio": WARMUP, "lr_scheduler": "linear",
                      "precision": "bf16", "checkpoint_every": 0, "log_every": max(1, args.steps // 4),
-                     "quantization": quantization, "loraplus_lr_ratio": None}
+                     "quantization": quantization, "loraplus_lr_ratio": None, **train}
     raw["seed"] = args.seed
     return parse_params(raw)
 
@@ -73,7 +83,7 @@ def prepare(args, work: Path) -> None:
     p = bench_params(args)
     validate.run(p, Path(p.data.train), Path(p.data.validation), work / "validated", work / "validate.json")
     fmt.run(p, work / "validated", ROOT / p.format.template, args.base, work / "formatted")
-    tkz.run(p.tokenize, work / "formatted", args.base, work / "tokenized")
+    tkz.run(p, work / "formatted", args.base, work / "tokenized")
 
 
 # ---------------------------------------------------------------- workers (one subprocess each)
@@ -95,7 +105,8 @@ class Counting:
 
     def __call__(self, features):
         batch = self.inner(features)
-        self.tokens += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")  # padding-free batches have none: every token is real
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
 
 
@@ -145,7 +156,7 @@ def worker_b(args, work: Path) -> tuple:
     return model, run_trainer(trainer, counter)
 
 
-def worker_c(args, work: Path) -> tuple:
+def worker_c(args, work: Path, name: str = "c", **sft) -> tuple:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -153,25 +164,44 @@ def worker_c(args, work: Path) -> tuple:
     rows = read_jsonl(work / "formatted" / "train.jsonl")
     ds = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "completion": [r["response"] for r in rows]})
     model = load_lora_model(args.base)
-    trainer = SFTTrainer(model=model, args=SFTConfig(**train_args(args, work / "c", bf16=True)),
-                         train_dataset=ds, processing_class=tok)
+    config = train_args(args, work / name, bf16=True) | sft
+    trainer = SFTTrainer(model=model, args=SFTConfig(**config), train_dataset=ds, processing_class=tok)
     counter = Counting(trainer.data_collator)
     trainer.data_collator = counter
     return model, run_trainer(trainer, counter)
 
 
-def worker_d(args, work: Path, quantization: dict | None = None) -> tuple:
+def worker_e(args, work: Path) -> tuple:
+    return worker_c(args, work, "e", padding_free=True, max_length=None)  # rows are at most 256 tokens
+
+
+def worker_f(args, work: Path) -> tuple:
+    tokens = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]
+    width = round(args.batch_size * tokens["tokens"] / tokens["kept"])
+    return worker_c(args, work, "f", packing=True, packing_strategy="bfd", max_length=width,
+                    per_device_train_batch_size=1)
+
+
+def worker_d(args, work: Path, quantization: dict | None = None, name: str = "d", **train) -> tuple:
     from pipeline.stages.train import fit
 
-    name = "q" if quantization else "d"
-    p = bench_params(args, quantization)
+    p = bench_params(args, quantization, **train)
     model, m, facts = fit(p, work / "tokenized", args.base, work / name / "live", work / name / "ckpt")
     return model, {"seconds": facts["seconds"], "tokens": facts["tokens"], "final_train_loss": m["final_loss"]}
 
 
+def worker_p(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "p", shared_prefix=False)
+
+
+def worker_l(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "l", lean=False)
+
+
 def worker_q(args, work: Path) -> tuple:
-    return worker_d(args, work, {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                 "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"})
+    return worker_d(args, work, name="q", quantization={
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16"})
 
 
 @torch.no_grad()
@@ -205,16 +235,23 @@ def flops_per_token(model, rows: list[dict]) -> float:
 def worker(name: str, args, work: Path) -> None:
     from datasets import load_from_disk
 
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(args.seed)
     model, result = globals()[f"worker_{name}"](args, work)
     result["peak_rss_mb"] = round(rss_mb())
+    adapter = work / name / "adapter"
+    model.save_pretrained(str(adapter))
+    del model  # scored as a user would load it: the adapter on a fresh fp32 base (a trained model may be lean)
+    fresh = AutoModelForCausalLM.from_pretrained(str(args.base), use_safetensors=True)
+    model = PeftModel.from_pretrained(fresh, str(adapter), is_trainable=True)  # trainable: FLOPs of a train step
     validation = load_from_disk(str(work / "tokenized" / "validation"))
     held = [{"input_ids": r["input_ids"], "labels": r["labels"]}
             for r in validation.select(range(min(args.heldout, len(validation))))]
     result["heldout_loss"] = heldout_loss(model, held)
     if name == "d":
         result["flops_per_token"] = flops_per_token(model, held[: args.batch_size])
-        model.save_pretrained(str(work / "d" / "adapter"))
     (work / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -310,7 +347,7 @@ def table(res: dict) -> str:
     seeds = res.get("seeds", [42])
     many = len(seeds) > 1
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}; SmolLM2-135M, Financial PhraseBank "
-             f"train, LoRA r=16 alpha=32 q/v, batch {res['batch_size']}, {res['steps']} steps each"
+             f"train, LoRA r=16 alpha=32 q/k/v/o, batch {res['batch_size']}, {res['steps']} steps each"
              + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation)."
                 if many else "."), "",
              "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |",

@@ -73,8 +73,8 @@ def padded(model, rows: list[dict], dev: torch.device, prompt_learning: bool = F
 def prefixed(model, rows: list[dict], n: int, dev: torch.device) -> torch.Tensor:
     """The first `n` tokens (shared by every row) once, then every row's remainder on their keys and values."""
     head = torch.tensor(rows[0]["input_ids"][:n], device=dev).unsqueeze(0)
-    cache = model(input_ids=head, position_ids=torch.arange(n, device=dev).unsqueeze(0), use_cache=True,
-                  logits_to_keep=1).cache
+    decoder = getattr(model, "get_base_model", lambda: model)().get_decoder()  # no logits: none are needed here
+    cache = decoder(input_ids=head, position_ids=torch.arange(n, device=dev).unsqueeze(0), use_cache=True).cache
     b = len(rows)
     for layer in cache.layers:  # a view: the backward pass sums every row's gradient into the one prefix
         layer.keys = layer.keys.expand(b, -1, -1, -1)

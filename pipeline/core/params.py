@@ -117,6 +117,8 @@ class Train(Section):
     shared_prefix: bool  # a batch's common token prefix runs once (pipeline/core/batching.py)
     packing: bool  # rows packed into few sequences, attention confined to each row
     activation_checkpointing: ActivationCheckpointing | None  # null: keep activations (fastest)
+    max_batch_tokens: int | None  # a micro-batch above this many padded tokens runs in several passes (memory)
+    lean: bool  # frozen weights in the autocast dtype, 1-byte dropout masks, attention core and MLP gate recomputed
     # auto: eager attention on CPU (measured faster than sdpa for training at these lengths), sdpa on GPU
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"]
     checkpoint_every: int

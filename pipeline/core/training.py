@@ -146,6 +146,37 @@ def end_processes() -> None:
         torch.distributed.destroy_process_group()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 2 << 20
+
+
+def _glibc():
+    """glibc through ctypes, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_allocator() -> None:
+    """Keep a long run's resident memory at what its steps use (measured in bench/step_memory.py): every
+    batch width is a new matmul shape, and oneDNN's and PyTorch's per-shape caches (1,024 entries each by
+    default) grew ~12 MB a step; capped at 256 (set before the first matmul of the process; an explicit
+    setting wins). glibc's heap, whose threshold for mapping allocations directly climbs to 32 MB, left
+    the activations of each longer batch in a heap too fragmented for the next (GBs resident and free):
+    allocations of 2 MB and more are mapped directly, and given back when freed."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def peak_rss_mb() -> int:
     """Peak resident memory of this process so far, in MiB."""
     import resource

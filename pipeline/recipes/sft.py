@@ -4,7 +4,9 @@ Batches: the rows shuffled with the seed (a new permutation each epoch), grouped
 `train.group_by_length` (similar lengths together, so little padding). Each micro-batch runs in one of
 the layouts of pipeline/core/batching.py, all giving the same loss: the rows' shared token prefix once
 (`train.shared_prefix`, when the rows have one), else packed (`train.packing`), else left-padded; the
-vocabulary projection is computed only where the loss is. `train.grad_accum`
+vocabulary projection is computed only where the loss is. A micro-batch larger than
+`train.max_batch_tokens` (rows x longest row) runs in several passes, so the longest batches of a run
+do not set its peak memory; the gradient is the same sum. `train.grad_accum`
 micro-batches make one optimizer step; the loss is the mean over the step's response tokens. Under
 `accelerate launch` each process takes its share of every micro-batch (`Processes.share`), scaled so
 the averaged gradients equal the one-process gradient. A run resumed at step k continues with exactly
@@ -67,6 +69,7 @@ class Loop:
     after_step: Callable[[torch.nn.Module, int], None]
     shared_prefix: bool = False
     packing: bool = False
+    max_batch_tokens: int | None = None
 
 
 def logprobs(loop: Loop, rows: list[dict], dev: torch.device) -> torch.Tensor:
@@ -78,19 +81,38 @@ def logprobs(loop: Loop, rows: list[dict], dev: torch.device) -> torch.Tensor:
     return batching.padded(loop.model, rows, dev, is_prompt_learning(loop.core))
 
 
+def passes(rows: list[dict], budget: int | None) -> list[list[dict]]:
+    """The rows in consecutive groups of at most `budget` padded tokens (rows x the group's longest row;
+    a longer row runs alone): the forward passes one micro-batch takes. No budget: one pass."""
+    if not budget:
+        return [rows]
+    groups: list[list[dict]] = [[]]
+    longest = 0
+    for r in rows:
+        n = len(r["input_ids"])
+        if groups[-1] and (len(groups[-1]) + 1) * max(longest, n) > budget:
+            groups.append([])
+            longest = 0
+        groups[-1].append(r)
+        longest = max(longest, n)
+    return groups
+
+
 def step(loop: Loop, micro: list[list[dict]]) -> tuple[float, int]:
-    """One optimizer step over the micro-batches: (the mean loss per response token, tokens run here)."""
+    """One optimizer step over the micro-batches: (the mean loss per response token, tokens run here).
+    A micro-batch over `train.max_batch_tokens` runs as several passes whose gradients add up to its own."""
     dev = next(loop.core.parameters()).device
     n_labels = sum(sum(x != IGNORE for x in r["labels"]) for mb in micro for r in mb)
     loop.stepper.zero()
     total, tokens = 0.0, 0
     for mb in micro:
         part, scale = loop.procs.share(mb)
-        with autocast(loop.precision, dev):
-            logp = logprobs(loop, part, dev)
-        loss = -logp.sum() * scale / n_labels
-        loop.stepper.backward(loss)
-        total += loss.item() / loop.procs.world
+        for rows in passes(part, loop.max_batch_tokens):
+            with autocast(loop.precision, dev):
+                logp = logprobs(loop, rows, dev)
+            loss = -logp.sum() * scale / n_labels
+            loop.stepper.backward(loss)
+            total += loss.item() / loop.procs.world
         if scale > 1 or loop.procs.main:  # a batch every process ran whole is counted once
             tokens += sum(len(r["input_ids"]) for r in part)
     loop.stepper.step()

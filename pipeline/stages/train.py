@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline import methods
-from pipeline.core import lineage
+from pipeline.core import lean, lineage
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.core.modeling import (
     device,
@@ -52,7 +52,14 @@ from pipeline.core.modeling import (
 )
 from pipeline.core.params import Params, Train, load_params, params_dict, section_dict
 from pipeline.core.stage import PipelineError, entry
-from pipeline.core.training import Processes, end_processes, is_main_process, peak_rss_mb, stepper
+from pipeline.core.training import (
+    Processes,
+    end_processes,
+    is_main_process,
+    peak_rss_mb,
+    stepper,
+    tune_allocator,
+)
 from pipeline.recipes import dpo, sft
 from pipeline.tasks import get as get_task
 
@@ -66,12 +73,19 @@ def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
     model = load_base_model(base_dir, dev, p.quantization, p.attn_implementation)
     model.config.use_cache = False
     model = methods.get(p.method).build(model, p, steps)
+    if p.lean:  # the same loss and gradients with less memory (pipeline/core/lean.py)
+        if p.precision != "fp32":
+            lean.frozen_weights_in(model, torch.bfloat16 if p.precision == "bf16" else torch.float16)
+        lean.lean_dropout(model)
+        if not p.activation_checkpointing:  # which recomputes whole layers already
+            lean.recompute_attention(model)
+            lean.recompute_swiglu(model)
     if p.activation_checkpointing:
         model.activation_checkpointing_enable(**p.activation_checkpointing.model_dump())
     return model
 
 
-def layouts(t: Train, model, procs: Processes) -> dict[str, bool]:
+def layouts(t: Train, model, procs: Processes) -> dict:
     """The batch layouts this run may use (pipeline/core/batching.py). Prompt-learning methods put virtual
     tokens before every row: neither applies (packing asked for is an error). The shared prefix runs as
     a second forward call: not under several processes (DDP expects one) or activation checkpointing
@@ -81,7 +95,7 @@ def layouts(t: Train, model, procs: Processes) -> dict[str, bool]:
         raise PipelineError(f"params.yaml: 'train.packing' is true, but '{t.method}' adds virtual tokens before "
                             "every row, which packing cannot share between rows: set train.packing: false")
     return {"shared_prefix": t.shared_prefix and not prompt_learning and procs.world == 1
-            and not t.activation_checkpointing, "packing": t.packing}
+            and not t.activation_checkpointing, "packing": t.packing, "max_batch_tokens": t.max_batch_tokens}
 
 
 def fingerprint(p: Params, data_dir: Path, base_dir: Path) -> str:
@@ -198,6 +212,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     from transformers import get_scheduler
 
     t = p.train
+    tune_allocator()
     seed_everything(p.seed, p.deterministic)
     dev, pairs = device(), list(load_from_disk(str(data / "train")))
     procs = Processes(dev)
