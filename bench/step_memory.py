@@ -10,6 +10,10 @@ one warm-up step and then `--steps` timed steps, in the layouts of pipeline/core
   packed        rows packed into sequences no longer than the longest row (train.packing)
   ckpt          padded, with activation checkpointing on every decoder layer (train.activation_checkpointing;
                 it turns the shared prefix off)
+  lean          prefix, with train.lean (pipeline/core/lean.py: frozen weights held in bf16, 1-byte dropout
+                masks, attention core and SwiGLU recomputed in backward) and the stage's allocator settings
+                (pipeline.core.training.tune_allocator): the default job's step
+  padded-lean   padded, with the same
 
 Reported per variant: resident memory (RSS) after imports, after loading the model, after the adapter,
 the step's peak RSS (VmHWM reset before the step), the bytes autograd saves for the backward pass
@@ -34,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank" / "train.jsonl"
-VARIANTS = ["padded", "prefix", "packed", "ckpt"]
+VARIANTS = ["padded", "prefix", "packed", "ckpt", "lean", "padded-lean"]
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -52,7 +56,7 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     facts = {"imports_mb": rss_mb()}
     import torch
 
-    from pipeline.core import batching
+    from pipeline.core import batching, lean
     from pipeline.core.encoding import encode_many
     from pipeline.core.modeling import autocast, load_base_model, load_tokenizer
     from pipeline.core.prompting import Renderer
@@ -78,6 +82,11 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).train()
     if "ckpt" in variant:
         model.activation_checkpointing_enable()
+    if "lean" in variant:
+        lean.frozen_weights_in(model, torch.bfloat16)
+        lean.lean_dropout(model)
+        lean.recompute_attention(model)
+        lean.recompute_swiglu(model)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     facts["adapter_mb"] = rss_mb()
     saved = {"bytes": 0}
@@ -91,7 +100,7 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
         return x
 
     def step(mb: list[dict], count: bool = False) -> None:
-        n = batching.common_prefix(mb) if variant == "prefix" else 0
+        n = batching.common_prefix(mb) if variant in ("prefix", "lean") else 0
         hooks = torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x) if count else nullcontext()
         with autocast("bf16", dev), hooks:
             if n:
@@ -104,11 +113,12 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    n_prefix = variant in ("prefix", "lean")
     reset_peak()
     step(batches[0], count=True)
     facts["first_step_peak_mb"] = rss_mb("VmHWM")
     facts["saved_for_backward_mb"] = saved["bytes"] / 2**20
-    facts["prefix_tokens"] = [batching.common_prefix(mb) for mb in batches[1:]] if variant == "prefix" else []
+    facts["prefix_tokens"] = [batching.common_prefix(mb) for mb in batches[1:]] if n_prefix else []
     reset_peak()
     t0 = time.time()
     for mb in batches[1:]:
