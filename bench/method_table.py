@@ -138,8 +138,9 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
             results = load_results()  # written again after each row: an interrupted run keeps what it did
             entry = results.setdefault(profile, {"rows": {}})
             entry["description"] = spec["description"]
-            entry["machine"] = machine()
-            entry["date"] = date.today().isoformat()
+            record |= {"machine": machine(), "date": date.today().isoformat()}
+            entry.setdefault("machine", record["machine"])  # the table's caption: where most rows ran
+            entry.setdefault("date", record["date"])
             entry["rows"][row] = record
             atomic_write_json(RESULTS / "methods.json", results)
     finally:  # the workspace back as committed (each experiment stays in `dvc exp show`)
@@ -240,7 +241,11 @@ def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, f
 
 
 def measured(entry: dict) -> str:
-    return f"{entry['description']}; measured {entry['date']} on {entry['machine']}."
+    """The caption's where and when, and the rows measured elsewhere or later (a rerun on another machine)."""
+    other = [f"`{r}` {x['date']} on {x['machine']}" for r, x in entry["rows"].items()
+             if x.get("machine", entry["machine"]) != entry["machine"]]
+    return (f"{entry['description']}; measured {entry['date']} on {entry['machine']}"
+            + (f" (rerun: {'; '.join(other)})." if other else "."))
 
 
 def instruction_table(name: str, entry: dict) -> str:

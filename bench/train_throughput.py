@@ -348,7 +348,8 @@ def table(res: dict) -> str:
     many = len(seeds) > 1
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}; SmolLM2-135M, Financial PhraseBank "
              f"train, LoRA r=16 alpha=32 q/k/v/o, batch {res['batch_size']}, {res['steps']} steps each"
-             + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation)."
+             + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation), "
+                "but peak RSS, the largest of the seeds'."
                 if many else "."), "",
              "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|"]
