@@ -83,10 +83,7 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     if "ckpt" in variant:
         model.activation_checkpointing_enable()
     if "lean" in variant:
-        lean.frozen_weights_in(model, torch.bfloat16)
-        lean.lean_dropout(model)
-        lean.recompute_attention(model)
-        lean.recompute_swiglu(model)
+        lean.apply(model, torch.bfloat16, recompute=True)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     facts["adapter_mb"] = rss_mb()
     saved = {"bytes": 0}

@@ -26,6 +26,8 @@
   keeps gate, act(gate) and up; with `act(gate) * up` checkpointed it keeps gate and up only (the
   activation is recomputed in the backward pass, the same bits), a third less.
 
+`apply(model, dtype, recompute)` does all four (the train stage's `train.lean`).
+
 Inputs: a model made trainable by a method (pipeline/methods). Output: the same model, changed in place.
 """
 
@@ -186,3 +188,15 @@ def _plain_gated(cls: type) -> bool:
     except (OSError, TypeError):
         return False
     return "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))" in src
+
+
+def apply(model: torch.nn.Module, dtype: torch.dtype | None, recompute: bool) -> None:
+    """All of the above: frozen weights in the autocast `dtype` (None: fp32, left as they are), lean
+    dropout, and, when `recompute` (not under activation checkpointing, which recomputes whole layers
+    already), attention and SwiGLU recomputed in backward."""
+    if dtype is not None:
+        frozen_weights_in(model, dtype)
+    lean_dropout(model)
+    if recompute:
+        recompute_attention(model)
+        recompute_swiglu(model)

@@ -69,12 +69,15 @@ def nondeterministic_ops() -> list[str]:
     return list(_NONDETERMINISTIC)
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype `train.precision` computes in under autocast; None for fp32 (no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def autocast(precision: str, dev: torch.device):
     """bf16/fp16 autocast on the device, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=dev.type, dtype=dtype)
+    dtype = autocast_dtype(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=dev.type, dtype=dtype)
 
 
 def load_tokenizer(model_dir: str | Path):

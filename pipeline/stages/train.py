@@ -44,6 +44,7 @@ from pipeline import methods
 from pipeline.core import lean, lineage
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.core.modeling import (
+    autocast_dtype,
     device,
     is_prompt_learning,
     load_base_model,
@@ -74,12 +75,7 @@ def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
     model.config.use_cache = False
     model = methods.get(p.method).build(model, p, steps)
     if p.lean:  # the same loss and gradients with less memory (pipeline/core/lean.py)
-        if p.precision != "fp32":
-            lean.frozen_weights_in(model, torch.bfloat16 if p.precision == "bf16" else torch.float16)
-        lean.lean_dropout(model)
-        if not p.activation_checkpointing:  # which recomputes whole layers already
-            lean.recompute_attention(model)
-            lean.recompute_swiglu(model)
+        lean.apply(model, autocast_dtype(p.precision), recompute=not p.activation_checkpointing)
     if p.activation_checkpointing:
         model.activation_checkpointing_enable(**p.activation_checkpointing.model_dump())
     return model
