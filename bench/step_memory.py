@@ -17,8 +17,10 @@ one warm-up step and then `--steps` timed steps, in the layouts of pipeline/core
 
 Reported per variant: resident memory (RSS) after imports, after loading the model, after the adapter,
 the step's peak RSS (VmHWM reset before the step), the bytes autograd saves for the backward pass
-(counted by a saved-tensors hook, views counted by their storage once), seconds per step and
-training tokens per second; the ratios are against `padded` in the same run.
+(counted by a saved-tensors hook, views counted by their storage once; what lean's own hooks keep, the
+LoRA inputs, and what checkpoints keep is not seen there, the step's peak RSS includes it) and where
+they were saved (the innermost line of model code), seconds per step and training tokens per second;
+the ratios are against `padded` in the same run.
 
 Run: `python bench/step_memory.py` (about 3 minutes); writes bench/results/step_memory.{json,md}.
 """
@@ -31,6 +33,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from datetime import date
 from pathlib import Path
@@ -88,12 +91,16 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     facts["adapter_mb"] = rss_mb()
     saved = {"bytes": 0}
     seen: set[int] = set()
+    sites: dict[str, int] = {}
 
     def pack_hook(x):
         ptr = x.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)
             saved["bytes"] += x.untyped_storage().nbytes()
+            where = site(traceback.extract_stack()[:-1])
+            key = f"{where} {str(x.dtype).removeprefix('torch.')}"
+            sites[key] = sites.get(key, 0) + x.untyped_storage().nbytes()
         return x
 
     def step(mb: list[dict], count: bool = False) -> None:
@@ -115,6 +122,7 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     step(batches[0], count=True)
     facts["first_step_peak_mb"] = rss_mb("VmHWM")
     facts["saved_for_backward_mb"] = saved["bytes"] / 2**20
+    facts["saved_by_site_mb"] = {k: round(v / 2**20, 1) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:12]}
     facts["prefix_tokens"] = [batching.common_prefix(mb) for mb in batches[1:]] if n_prefix else []
     reset_peak()
     t0 = time.time()
@@ -127,13 +135,23 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     return facts
 
 
+def site(stack: list) -> str:
+    """The innermost model-code line of a stack (transformers, PEFT or this project): what saved the tensor."""
+    for frame in reversed(stack):
+        f = frame.filename
+        if any(k in f for k in ("/transformers/", "/peft/", "/pipeline/")) and "/torch/" not in f:
+            return f"{Path(f).name}:{frame.lineno} {frame.name}"
+    return "other"
+
+
 def table(res: dict) -> str:
-    pad = res["variants"]["padded"]
+    first = next(iter(res["variants"].values()))
+    pad = res["variants"].get("padded", first)  # the ratios' reference: padded, or the first variant run
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}: SmolLM2-135M, LoRA r=16 q/k/v/o, "
              f"bf16 autocast, batch {res['batch_size']} Financial PhraseBank rows with the default chat prompt "
              f"(mean {res['mean_tokens']:.0f} tokens/row), {res['steps']} timed steps after one warm-up step.", "",
              "| variant | RSS after imports MB | + model MB | + adapter MB | step peak RSS MB | saved for backward MB "
-             "| s/step | tokens/s | speed vs padded |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| s/step | tokens/s | speed vs {'padded' if 'padded' in res['variants'] else 'first'} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, f in res["variants"].items():
         if "error" in f:
             lines.append(f"| {name} | failed: {f['error']} |||||||")
@@ -141,6 +159,10 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | {f['imports_mb']:.0f} | {f['model_mb']:.0f} | {f['adapter_mb']:.0f} | "
                      f"{f['step_peak_mb']:.0f} | {f['saved_for_backward_mb']:.0f} | {f['seconds_per_step']:.2f} | "
                      f"{f['tokens_per_second']:.0f} | {f['tokens_per_second'] / pad['tokens_per_second']:.2f}x |")
+    for name, f in res["variants"].items():
+        if f.get("saved_by_site_mb"):
+            lines += ["", f"Saved for backward in `{name}`, largest sites (MB): " + "; ".join(
+                f"{k} {v:.0f}" for k, v in list(f["saved_by_site_mb"].items())[:8]) + "."]
     prefix = res["variants"].get("prefix", {}).get("prefix_tokens")
     if prefix:
         lines += ["", f"Shared prefix per batch: {min(prefix)}–{max(prefix)} tokens."]

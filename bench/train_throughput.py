@@ -12,6 +12,8 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   p  d with `train.shared_prefix: false` (left-padded batches: what the shared prefix saves)
   l  d with `train.lean: false` (frozen weights cast on every call, fp32 dropout masks, eager attention and
      MLP activations kept: what pipeline/core/lean.py saves)
+  t  d with `train.max_batch_tokens: 1024` (every batch of 16 rows longer than 64 tokens in two passes or
+     more: memory against speed)
   q  d with QLoRA (4-bit NF4), for memory
 LoRA as the project's default (r=16, alpha 32, dropout 0.05, q/k/v/o). Every trained adapter is saved,
 loaded again onto a fresh fp32 base, and scored the same way: mean response-token loss on held-out rows.
@@ -58,7 +60,8 @@ NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic pad
          "c": "TRL SFTTrainer (completion only)", "d": "peftflow train stage",
          "e": "TRL SFTTrainer, padding_free", "f": "TRL SFTTrainer, packing (bfd)",
          "p": "peftflow train stage, padded (train.shared_prefix false)",
-         "l": "peftflow train stage, train.lean false", "q": "peftflow train stage, QLoRA 4-bit"}
+         "l": "peftflow train stage, train.lean false",
+         "t": "peftflow train stage, train.max_batch_tokens 1024", "q": "peftflow train stage, QLoRA 4-bit"}
 
 
 def rss_mb() -> float:
@@ -196,6 +199,10 @@ def worker_p(args, work: Path) -> tuple:
 
 def worker_l(args, work: Path) -> tuple:
     return worker_d(args, work, None, "l", lean=False)
+
+
+def worker_t(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "t", max_batch_tokens=1024)
 
 
 def worker_q(args, work: Path) -> tuple:

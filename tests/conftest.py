@@ -154,11 +154,9 @@ def sh(cwd: Path, *cmd: str) -> str:
     return r.stdout + r.stderr
 
 
-@pytest.fixture
-def repo(tmp_path, tiny_base) -> Path:
-    """A temporary git + DVC repository holding this project's pipeline, on the tiny model."""
-    r = tmp_path / "repo"
-    r.mkdir()
+def make_repo(r: Path, tiny_base: Path) -> Path:
+    """A git + DVC repository at `r` holding this project's pipeline on the tiny model, committed."""
+    r.mkdir(parents=True)
     for name in ("dvc.yaml", ".gitignore", "requirements.lock"):
         shutil.copy(ROOT / name, r / name)
     shutil.copytree(ROOT / "pipeline", r / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
@@ -176,3 +174,36 @@ def repo(tmp_path, tiny_base) -> Path:
     sh(r, "git", "add", "-A")
     sh(r, "git", "commit", "-qm", "init")
     return r
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_base) -> Path:
+    """A temporary git + DVC repository holding this project's pipeline, on the tiny model."""
+    return make_repo(tmp_path / "repo", tiny_base)
+
+
+@pytest.fixture(scope="session")
+def history(tmp_path_factory, tiny_base) -> dict:
+    """A tiny-model repository with two reproduced commits, made once for the tests that read a pipeline's
+    history (`dvc repro` of every stage, committed; `train.lr` changed, reproduced again, committed).
+    Tests must not change it: `copy_repo` gives each one its own copy. Keys: root, first and second
+    (commit ids), runs (the two `dvc repro` outputs)."""
+    r = make_repo(tmp_path_factory.mktemp("history") / "repo", tiny_base)
+    runs = [sh(r, sys.executable, "-m", "dvc", "repro")]
+    sh(r, "git", "add", "-A")
+    sh(r, "git", "commit", "-qm", "lr 2e-2")
+    first = sh(r, "git", "rev-parse", "HEAD").strip()
+    params = yaml.safe_load((r / "params.yaml").read_text())
+    params["train"]["lr"] = 1e-3
+    (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runs.append(sh(r, sys.executable, "-m", "dvc", "repro"))
+    sh(r, "git", "add", "-A")
+    sh(r, "git", "commit", "-qm", "lr 1e-3")
+    return {"root": r, "first": first, "second": sh(r, "git", "rev-parse", "HEAD").strip(), "runs": runs}
+
+
+def copy_repo(src: Path, dst: Path) -> Path:
+    """A copy of a repository with its work tree, git history, DVC cache and run cache (DVC copies files
+    out of its cache by default, so nothing in the copy links back to `src`)."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

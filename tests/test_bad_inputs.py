@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, raw_params, sh
+from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, copy_repo, raw_params, sh
 from test_pipeline import ran
 
 GOOD = [json.loads(x) for x in (EXAMPLE / "sentiment_train.jsonl").read_text().splitlines()[:40]]
@@ -179,17 +179,17 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, ready, tmp_path):
     assert not [p for p in w.rglob("*.tmp")], "temporary files left behind"
 
 
-def test_kill_9_during_training_then_repro_resumes(repo):
+def test_kill_9_during_training_then_repro_resumes(history, tmp_path):
     """SIGKILL the train stage after its first checkpoint; `dvc repro` resumes there and ends on
     the same step count, with every other stage's outputs intact."""
     import time
 
     import psutil
 
+    repo = copy_repo(history["root"], tmp_path / "repo")  # every stage reproduced: train runs first here
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(epochs=12, checkpoint_every=10)  # 240 rows / 8 = 30 batches per epoch: 360 steps
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, sys.executable, "-m", "dvc", "repro", "tokenize")
     env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PATH": env_path})

@@ -1,5 +1,6 @@
 """The Prefect flow: stage order from dvc.yaml, and a real local Prefect server running the flow as a
-scheduled deployment on the tiny pipeline (run, rerun that skips everything, failures)."""
+scheduled deployment on the tiny pipeline (a run that skips everything, one that reruns what new data
+changed, an experiment, failures) and from a work pool."""
 
 import asyncio
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, STAGES
+from conftest import ROOT, STAGES, copy_repo
 
 from pipeline import flow
 from pipeline.core.params import ParamsError
@@ -117,10 +118,11 @@ async def run_info(flow_run_id) -> dict:
                 "artifact": next((a.data for a in arts if a.key == "peftflow-metrics"), None)}
 
 
-def test_scheduled_deployment_runs_then_skips_everything(server, repo, tmp_path):
+def test_scheduled_deployment_skips_what_is_done_and_runs_what_changed(server, history, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    repo = copy_repo(history["root"], tmp_path / "repo")  # every stage reproduced and committed
     serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--name", "test", "--interval", "3600",
                               "--root", str(repo)], cwd=ROOT, env=server["env"],
                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
@@ -134,44 +136,47 @@ def test_scheduled_deployment_runs_then_skips_everything(server, repo, tmp_path)
             assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 3600
             assert dep.parameters["root"] == str(repo)
 
-            first = run_deployment("peftflow/test", timeout=900)
-            info = asyncio.run(run_info(first.id))
+            info = asyncio.run(run_info(run_deployment("peftflow/test", timeout=300).id))
             assert info["state"] == "COMPLETED", (info, (tmp_path / "serve.log").read_text()[-3000:])
             assert sorted(info["tasks"]) == sorted(STAGES) and set(info["tasks"].values()) == {"COMPLETED"}
-            assert f"**{len(STAGES)} of {len(STAGES)} stages ran**" in info["artifact"]
-            assert "| reports/evaluate/metrics.json:adapter.accuracy |" in info["artifact"]
-            assert sh_status(repo) == "Data and pipelines are up to date."
-
-            second = run_deployment("peftflow/test", timeout=300)
-            info = asyncio.run(run_info(second.id))
-            assert info["state"] == "COMPLETED"
             assert "**Nothing to do**" in info["artifact"]
             assert all(f"| {s} | skipped |" in info["artifact"] for s in STAGES)
-            # the deltas column compares with the first run: nothing changed
-            assert re.search(r"\| reports/train/metrics.json:steps \| (\d+) \| \1 \| \+0 \|", info["artifact"])
 
             # new data lands: the next run retrains (validate and everything after it)
             data = repo / "data" / "example" / "sentiment_train.jsonl"
             data.write_text(data.read_text() + '{"sentence": "Profit doubled in the third quarter .", '
                                                '"label": "positive"}\n')
             info = asyncio.run(run_info(run_deployment("peftflow/test", timeout=900).id))
-            assert info["state"] == "COMPLETED"
+            assert info["state"] == "COMPLETED", (info, (tmp_path / "serve.log").read_text()[-3000:])
+            assert f"**{len(STAGES) - 1} of {len(STAGES)} stages ran**" in info["artifact"]
             assert "| base | skipped |" in info["artifact"] and "| train | ran |" in info["artifact"]
+            assert "| reports/evaluate/metrics.json:adapter.accuracy |" in info["artifact"]
+            assert sh_status(repo) == "Data and pipelines are up to date."
+
+            info = asyncio.run(run_info(run_deployment("peftflow/test", timeout=300).id))
+            assert info["state"] == "COMPLETED" and "**Nothing to do**" in info["artifact"]
+            # the deltas column compares with the run before: nothing changed
+            assert re.search(r"\| reports/train/metrics.json:steps \| (\d+) \| \1 \| \+0 \|", info["artifact"])
 
             # a params override run as a DVC experiment: only train onwards reruns, and the experiment is saved
-            states = flow.pipeline(root=str(repo), overrides=["train.lr=0.001"], experiment="lr-1e-3")
+            states = flow.pipeline(root=str(repo), overrides=["train.lr=0.005"], experiment="lr-5e-3")
             assert [s for s, v in states.items() if v == "ran"] == ["train", "evaluate", "export", "gguf"]
-            assert "lr-1e-3" in sh_dvc(repo, "exp", "list")
+            assert "lr-5e-3" in sh_dvc(repo, "exp", "list")
     finally:
         serve.terminate()
         serve.wait(30)
 
 
-def test_work_pool_worker_runs_the_deployment_of_docs_prefect_yaml(server, repo, tmp_path):
+def test_work_pool_worker_runs_the_deployment_of_docs_prefect_yaml(server, history, tmp_path):
     """The work-pool example, deployed with `prefect deploy` as documented (paths pointed at the
-    test repository, no schedule), run by a process worker: every stage runs in the worker."""
+    test repository, no schedule), run by a process worker: the flow runs in the worker, which
+    reruns the one stage whose params changed."""
     from prefect.deployments import run_deployment
 
+    repo = copy_repo(history["root"], tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["gguf"]["check_rows"] = 3  # read by the last stage only
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     doc = yaml.safe_load((ROOT / "docs" / "prefect.yaml").read_text())
     doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(repo)
     dep = doc["deployments"][0]
@@ -195,6 +200,7 @@ def test_work_pool_worker_runs_the_deployment_of_docs_prefect_yaml(server, repo,
         info = asyncio.run(run_info(scheduled.id))
     assert info["state"] == "COMPLETED", info
     assert sorted(info["tasks"]) == sorted(STAGES) and set(info["tasks"].values()) == {"COMPLETED"}
+    assert "**1 of 8 stages ran** (gguf)" in info["artifact"]
     assert sh_status(repo) == "Data and pipelines are up to date."
 
 

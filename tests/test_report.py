@@ -5,8 +5,7 @@ import re
 import subprocess
 import sys
 
-import yaml
-from conftest import sh
+from conftest import copy_repo, sh
 
 
 def cli(repo, *args):
@@ -14,22 +13,12 @@ def cli(repo, *args):
                           env={**__import__("os").environ, "COLUMNS": "250"})
 
 
-def test_report_and_lineage_across_two_commits(repo):
-    dvc = (sys.executable, "-m", "dvc")
-    sh(repo, *dvc, "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "lr 2e-2")
-    first = sh(repo, "git", "rev-parse", "HEAD").strip()
-    before = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["lr"] = 1e-3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, *dvc, "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "lr 1e-3")
-    second = sh(repo, "git", "rev-parse", "HEAD").strip()
+def test_report_and_lineage_across_two_commits(history, tmp_path):
+    repo = copy_repo(history["root"], tmp_path / "repo")  # lr 2e-2 reproduced and committed, then lr 1e-3
+    first, second = history["first"], history["second"]
+    before = json.loads(sh(repo, "git", "show", f"{first}:reports/train/metrics.json"))
     after = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
+    assert before["final_loss"] != after["final_loss"]
 
     r = cli(repo, "report", "--base", first, "--out", "pr")
     assert r.returncode == 0, r.stderr

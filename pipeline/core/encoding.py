@@ -17,9 +17,10 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def join(p_ids: list[int], r_ids: list[int], max_length: int, truncation: str) -> dict | None:
-    """One training row from prompt and response ids (EOS included), or None if it is dropped."""
-    excess = len(p_ids) + len(r_ids) - max_length
+def join(p_ids: list[int], r_ids: list[int], max_length: int | None, truncation: str) -> dict | None:
+    """One training row from prompt and response ids (EOS included), or None if it is dropped
+    (`max_length` None: no limit)."""
+    excess = 0 if max_length is None else len(p_ids) + len(r_ids) - max_length
     truncated = excess > 0
     if truncated:
         if truncation == "drop":
@@ -38,7 +39,7 @@ def join(p_ids: list[int], r_ids: list[int], max_length: int, truncation: str) -
     }
 
 
-def encode_many(tokenizer, prompts: list[str], responses: list[str], max_length: int,
+def encode_many(tokenizer, prompts: list[str], responses: list[str], max_length: int | None,
                 truncation: str) -> list[dict | None]:
     """`encode` for many rows with two batched calls to the fast tokenizer (see bench/)."""
     if not prompts:

@@ -119,7 +119,7 @@ def full_logprobs(model, tok, rows: list[dict], batch_size: int) -> ChoiceScores
     """`choice_logprobs` with every prompt + choice as its own row (no shared cache)."""
     dev = next(model.parameters()).device
     pairs = [(i, j, r["prompt"], c) for i, r in enumerate(rows) for j, c in enumerate(r["choices"])]
-    encoded = encode_many(tok, [p for *_, p, _ in pairs], [c for *_, c in pairs], 10**9, "response")
+    encoded = encode_many(tok, [p for *_, p, _ in pairs], [c for *_, c in pairs], None, "response")
     items = sorted(((i, j, e) for (i, j, _, _), e in zip(pairs, encoded, strict=True)),
                    key=lambda x: len(x[2]["input_ids"]))
     shape = (len(rows), len(rows[0]["choices"]))

@@ -91,7 +91,7 @@ def layouts(t: Train, model, procs: Processes) -> dict:
         raise PipelineError(f"params.yaml: 'train.packing' is true, but '{t.method}' adds virtual tokens before "
                             "every row, which packing cannot share between rows: set train.packing: false")
     return {"shared_prefix": t.shared_prefix and not prompt_learning and procs.world == 1
-            and not t.activation_checkpointing, "packing": t.packing, "max_batch_tokens": t.max_batch_tokens}
+            and not t.activation_checkpointing, "packing": t.packing}
 
 
 def fingerprint(p: Params, data_dir: Path, base_dir: Path) -> str:
@@ -229,7 +229,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         procs.wait()
 
     loop = sft.Loop(procs.wrap(model), model, opt, scheduler, procs, t.precision, method.after_step,
-                    **layouts(t, model, procs))
+                    max_batch_tokens=t.max_batch_tokens, **layouts(t, model, procs))
     if t.checkpoint_every and "sharded" in procs.kind(model):
         raise ResumeError("train: checkpoints of FSDP-sharded weights are not written (each process holds a "
                           "shard); set train.checkpoint_every: null, or train with DDP (docs/scaling.md)")

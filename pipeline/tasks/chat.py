@@ -50,9 +50,10 @@ def to_messages(data: dict) -> list:
     return out
 
 
-def check_turns(messages, max_chars: int, answered: bool = True) -> list[dict]:
-    """The turns, checked: roles, text contents, a system turn only first, at least one user turn, and
-    (`answered`) the last turn the assistant's. Returns clean copies; RowError names the turn."""
+def check_turns(messages, max_chars: int | None, answered: bool = True) -> list[dict]:
+    """The turns, checked: roles, text contents (at most `max_chars` each; None: no limit), a system turn
+    only first, at least one user turn, and (`answered`) the last turn the assistant's. Returns clean
+    copies; RowError names the turn."""
     if not isinstance(messages, list) or not messages:
         raise RowError("messages", "expected a non-empty list of turns")
     out = []
@@ -70,7 +71,7 @@ def check_turns(messages, max_chars: int, answered: bool = True) -> list[dict]:
             raise RowError("messages", f"turn {k}: a system turn must come first")
         if role == "assistant" and not content.strip() and not m.get("tool_calls"):
             raise RowError("messages", f"turn {k}: empty assistant turn")
-        if len(content) > max_chars:
+        if max_chars is not None and len(content) > max_chars:
             raise RowError("messages", f"turn {k}: over-long text (more than validate.max_chars={max_chars} "
                                        "characters)")
         out.append({"role": role, "content": content, **{c: m[c] for c in CARRIED if m.get(c) is not None}})
@@ -176,7 +177,7 @@ class Chat(Instruction):
     def prompt(self, r: Renderer, row: dict, where: str) -> str:
         """The next assistant turn's prompt: the conversation so far (ending with a user or tool turn)."""
         try:
-            turns = check_turns(to_messages(row), 10**9, answered=False)
+            turns = check_turns(to_messages(row), None, answered=False)
         except RowError as e:
             raise TemplateError(f"{where}: {e}") from None
         if turns[-1]["role"] == "assistant":
