@@ -94,13 +94,12 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     sites: dict[str, int] = {}
 
     def pack_hook(x):
-        ptr = x.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            saved["bytes"] += x.untyped_storage().nbytes()
-            where = site(traceback.extract_stack()[:-1])
-            key = f"{where} {str(x.dtype).removeprefix('torch.')}"
-            sites[key] = sites.get(key, 0) + x.untyped_storage().nbytes()
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            saved["bytes"] += storage.nbytes()
+            key = f"{site(traceback.extract_stack()[:-1])} {str(x.dtype).removeprefix('torch.')}"
+            sites[key] = sites.get(key, 0) + storage.nbytes()
         return x
 
     def step(mb: list[dict], count: bool = False) -> None:
