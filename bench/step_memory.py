@@ -14,13 +14,18 @@ one warm-up step and then `--steps` timed steps, in the layouts of pipeline/core
                 masks, attention core and SwiGLU recomputed in backward) and the stage's allocator settings
                 (pipeline.core.training.tune_allocator): the default job's step
   padded-lean   padded, with the same
+  packed-varlen packed as one flat sequence with row boundaries (train.attn_implementation varlen; on CPU
+                row by row, on CUDA torch's flash varlen kernel)
+A `-sdpa` suffix loads sdpa attention instead of the CPU default, eager (what `auto` gives on a GPU).
 
 Reported per variant: resident memory (RSS) after imports, after loading the model, after the adapter,
 the step's peak RSS (VmHWM reset before the step), the bytes autograd saves for the backward pass
 (counted by a saved-tensors hook, views counted by their storage once; what lean's own hooks keep, the
 LoRA inputs, and what checkpoints keep is not seen there, the step's peak RSS includes it) and where
 they were saved (the innermost line of model code), seconds per step and training tokens per second;
-the ratios are against `padded` in the same run.
+the ratios are against `padded` in the same run. Also the operators the step dispatches (forward, backward
+and optimizer, counted by a TorchDispatchMode): on a GPU, where a 135M model's step is bound by launching
+kernels rather than by arithmetic, that count sets the step time more than the FLOPs do.
 
 Run: `python bench/step_memory.py` (about 3 minutes); writes bench/results/step_memory.{json,md}.
 """
@@ -76,7 +81,9 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     batches = [[rows[i] for i in b] for b in plan if len(b) == batch_size][: steps + 1]
     torch.manual_seed(0)
     dev = torch.device("cpu")
-    model = load_base_model(base, dev, None, "auto")
+    attn = "sdpa" if variant.endswith("-sdpa") else "varlen" if "varlen" in variant else "auto"
+    variant = variant.removesuffix("-sdpa")
+    model = load_base_model(base, dev, None, attn)
     model.config.use_cache = False
     facts["model_mb"] = rss_mb()
     from peft import LoraConfig, get_peft_model
@@ -102,25 +109,28 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
             sites[key] = sites.get(key, 0) + storage.nbytes()
         return x
 
+    ops = OpCounter()
+
     def step(mb: list[dict], count: bool = False) -> None:
         n = batching.common_prefix(mb) if variant in ("prefix", "lean") else 0
         hooks = torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x) if count else nullcontext()
-        with autocast("bf16", dev), hooks:
+        with autocast("bf16", dev), hooks, ops if count else nullcontext():
             if n:
                 logp = batching.prefixed(model, mb, n, dev)
-            elif variant == "packed":
+            elif variant.startswith("packed"):
                 logp = batching.packed(model, mb, dev)
             else:
                 logp = batching.padded(model, mb, dev)
-        (-logp.sum() / logp.numel()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            (-logp.sum() / logp.numel()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     n_prefix = variant in ("prefix", "lean")
     reset_peak()
     step(batches[0], count=True)
     facts["first_step_peak_mb"] = rss_mb("VmHWM")
     facts["saved_for_backward_mb"] = saved["bytes"] / 2**20
+    facts["ops_per_step"] = ops.count
     facts["saved_by_site_mb"] = {k: round(v / 2**20, 1) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:12]}
     facts["prefix_tokens"] = [batching.common_prefix(mb) for mb in batches[1:]] if n_prefix else []
     reset_peak()
@@ -132,6 +142,28 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
               "tokens_per_second": sum(len(r["input_ids"]) for mb in batches[1:] for r in mb) / seconds,
               "peak_mb": rss_mb("VmHWM")}
     return facts
+
+
+class OpCounter:
+    """Counts the aten operators dispatched inside it (the backward pass's too)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+
+    def __enter__(self):
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
 
 
 def site(stack: list) -> str:
@@ -150,14 +182,16 @@ def table(res: dict) -> str:
              f"bf16 autocast, batch {res['batch_size']} Financial PhraseBank rows with the default chat prompt "
              f"(mean {res['mean_tokens']:.0f} tokens/row), {res['steps']} timed steps after one warm-up step.", "",
              "| variant | RSS after imports MB | + model MB | + adapter MB | step peak RSS MB | saved for backward MB "
-             f"| s/step | tokens/s | speed vs {'padded' if 'padded' in res['variants'] else 'first'} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| s/step | tokens/s | speed vs {'padded' if 'padded' in res['variants'] else 'first'} | operators/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, f in res["variants"].items():
         if "error" in f:
-            lines.append(f"| {name} | failed: {f['error']} |||||||")
+            lines.append(f"| {name} | failed: {f['error']} ||||||||")
             continue
         lines.append(f"| {name} | {f['imports_mb']:.0f} | {f['model_mb']:.0f} | {f['adapter_mb']:.0f} | "
                      f"{f['step_peak_mb']:.0f} | {f['saved_for_backward_mb']:.0f} | {f['seconds_per_step']:.2f} | "
-                     f"{f['tokens_per_second']:.0f} | {f['tokens_per_second'] / pad['tokens_per_second']:.2f}x |")
+                     f"{f['tokens_per_second']:.0f} | {f['tokens_per_second'] / pad['tokens_per_second']:.2f}x | "
+                     f"{f.get('ops_per_step', '')} |")
     for name, f in res["variants"].items():
         if f.get("saved_by_site_mb"):
             lines += ["", f"Saved for backward in `{name}`, largest sites (MB): " + "; ".join(

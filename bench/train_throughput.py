@@ -12,8 +12,11 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   p  d with `train.shared_prefix: false` (left-padded batches: what the shared prefix saves)
   l  d with `train.lean: false` (frozen weights cast on every call, fp32 dropout masks, eager attention and
      MLP activations kept: what pipeline/core/lean.py saves)
-  t  d with `train.max_batch_tokens: 1024` (every batch of 16 rows longer than 64 tokens in two passes or
-     more: memory against speed)
+  t  d with `train.max_batch_tokens: --budget` (1024: every batch of 16 rows longer than 64 tokens in two
+     passes or more: memory against speed)
+  k  d packed instead (`train.packing: true`, `shared_prefix: false`; attention `auto`: on CPU eager with a
+     block-diagonal mask, on a GPU one flat sequence through torch's flash varlen kernel)
+  m  k with `train.attn_implementation: sdpa` (on a GPU: the block-diagonal mask instead of varlen)
   q  d with QLoRA (4-bit NF4), for memory
 LoRA as the project's default (r=16, alpha 32, dropout 0.05, q/k/v/o). Every trained adapter is saved,
 loaded again onto a fresh fp32 base, and scored the same way: mean response-token loss on held-out rows.
@@ -47,6 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.core import modeling  # noqa: E402
 from pipeline.core.io import read_jsonl  # noqa: E402
 from pipeline.core.modeling import IGNORE, batches, left_pad, load_tokenizer, response_width, token_logprobs  # noqa: E402
 from pipeline.core.params import parse_params  # noqa: E402
@@ -61,7 +65,8 @@ NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic pad
          "e": "TRL SFTTrainer, padding_free", "f": "TRL SFTTrainer, packing (bfd)",
          "p": "peftflow train stage, padded (train.shared_prefix false)",
          "l": "peftflow train stage, train.lean false",
-         "t": "peftflow train stage, train.max_batch_tokens 1024", "q": "peftflow train stage, QLoRA 4-bit"}
+         "t": "peftflow train stage, train.max_batch_tokens --budget", "q": "peftflow train stage, QLoRA 4-bit",
+         "k": "peftflow train stage, packing", "m": "peftflow train stage, packing, sdpa mask"}
 
 
 def rss_mb() -> float:
@@ -202,7 +207,15 @@ def worker_l(args, work: Path) -> tuple:
 
 
 def worker_t(args, work: Path) -> tuple:
-    return worker_d(args, work, None, "t", max_batch_tokens=1024)
+    return worker_d(args, work, None, "t", max_batch_tokens=args.budget)
+
+
+def worker_k(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "k", packing=True, shared_prefix=False)
+
+
+def worker_m(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "m", packing=True, shared_prefix=False, attn_implementation="sdpa")
 
 
 def worker_q(args, work: Path) -> tuple:
@@ -248,10 +261,12 @@ def worker(name: str, args, work: Path) -> None:
     torch.manual_seed(args.seed)
     model, result = globals()[f"worker_{name}"](args, work)
     result["peak_rss_mb"] = round(rss_mb())
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     adapter = work / name / "adapter"
     model.save_pretrained(str(adapter))
     del model  # scored as a user would load it: the adapter on a fresh fp32 base (a trained model may be lean)
-    fresh = AutoModelForCausalLM.from_pretrained(str(args.base), use_safetensors=True)
+    fresh = AutoModelForCausalLM.from_pretrained(str(args.base), use_safetensors=True).to(modeling.device())
     model = PeftModel.from_pretrained(fresh, str(adapter), is_trainable=True)  # trainable: FLOPs of a train step
     validation = load_from_disk(str(work / "tokenized" / "validation"))
     held = [{"input_ids": r["input_ids"], "labels": r["labels"]}
@@ -351,6 +366,7 @@ def bench_dvc() -> dict:
 
 def table(res: dict) -> str:
     d = res["train"]["d"]
+    gpu = any("peak_gpu_mb" in r for r in res["train"].values())
     seeds = res.get("seeds", [42])
     many = len(seeds) > 1
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}; SmolLM2-135M, Financial PhraseBank "
@@ -358,19 +374,22 @@ def table(res: dict) -> str:
              + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation), "
                 "but peak RSS, the largest of the seeds'."
                 if many else "."), "",
-             "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |"
+             + (" peak GPU MB |" if gpu else ""), "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+
+    names = {k: v.replace("--budget", str(res.get("budget", 1024))) for k, v in NAMES.items()}
 
     def loss(r: dict, k: str) -> str:
         return f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" if many else f"{r[k]:.3f}"
 
     for k, r in res["train"].items():
         if "error" in r:
-            lines.append(f"| {k}: {NAMES[k]} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {k}: {names[k]} | failed: {r['error']} | | | | | |" + (" |" if gpu else ""))
             continue
         ratio = d["tokens_per_second"] / r["tokens_per_second"]
-        lines.append(f"| {k}: {NAMES[k]} | {r['tokens_per_second']:.0f} | {r['seconds_per_epoch']:.0f} | "
-                     f"{r['peak_rss_mb']} | {loss(r, 'final_train_loss')} | {loss(r, 'heldout_loss')} | {ratio:.2f}x |")
+        lines.append(f"| {k}: {names[k]} | {r['tokens_per_second']:.0f} | {r['seconds_per_epoch']:.0f} | "
+                     f"{r['peak_rss_mb']} | {loss(r, 'final_train_loss')} | {loss(r, 'heldout_loss')} | {ratio:.2f}x |"
+                     + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))
     if many:
         lines += ["", "Per seed, held-out loss: " + "; ".join(
             f"{k}: " + ", ".join(f"{x['heldout_loss']:.3f}" for x in r["per_seed"].values())
@@ -402,6 +421,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=64, help="validation rows for the held-out loss")
     ap.add_argument("--eval-rows", type=int, default=150)
     ap.add_argument("--variants", default="abcdq")
+    ap.add_argument("--budget", type=int, default=1024, help="variant t's train.max_batch_tokens")
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -425,16 +445,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="peftflow-bench-") as tmp:
         work = Path(tmp)
         prepare(args, work)
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         res = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
-               "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "train": {}}
+               f"{torch.get_num_threads()} threads, " + (f"cuda ({gpu})" if gpu else "cpu"),
+               "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "budget": args.budget,
+               "train": {}}
         epoch_tokens = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]["tokens"]
         seeds = [int(x) for x in args.seeds.split(",")]
         res["seeds"] = seeds
         for name in args.variants:
             runs = {}
             for seed in seeds:
-                print(f"bench: training variant {name} ({NAMES[name]}), seed {seed}", file=sys.stderr, flush=True)
+                print(f"bench: training variant {name} ({NAMES[name].replace('--budget', str(args.budget))}), seed {seed}",
+                      file=sys.stderr, flush=True)
                 r = run_worker(name, args, work, seed)
                 if "error" in r:
                     res["train"][name] = r
@@ -442,6 +465,9 @@ def main() -> None:
                 r["tokens_per_second"] = r["tokens"] / r["seconds"]
                 r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
                 runs[seed] = r
+                print(f"bench: {name} seed {seed}: {r['tokens_per_second']:.0f} tok/s, held-out loss "
+                      f"{r['heldout_loss']:.4f}, " + ", ".join(f"{k} {r[k]}" for k in r if k.startswith("peak")),
+                      file=sys.stderr, flush=True)
             else:
                 res["train"][name] = summarize(runs)
         d = res["train"].get("d", {})
@@ -477,6 +503,8 @@ def summarize(runs: dict[int, dict]) -> dict:
     keys = ("seconds", "tokens", "tokens_per_second", "seconds_per_epoch", "final_train_loss", "heldout_loss")
     out = {k: statistics.fmean(r[k] for r in runs.values()) for k in keys}
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs.values())
+    if all("peak_gpu_mb" in r for r in runs.values()):
+        out["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in runs.values())
     for k in ("final_train_loss", "heldout_loss"):
         out[f"{k}_sd"] = statistics.stdev(r[k] for r in runs.values()) if len(runs) > 1 else 0.0
     if all("flops_per_token" in r for r in runs.values()):

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from pipeline.core import batching
-from pipeline.core.modeling import IGNORE
+from pipeline.core import varlen
+from pipeline.core.modeling import IGNORE, attention
 
 
-def lora_model(base, seed: int = 0):
+def lora_model(base, seed: int = 0, attn: str = "eager"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation=attention(attn, torch.device("cpu")))
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], init_lora_weights=False)
     return get_peft_model(model, config).train()  # B != 0: the adapters change the prefix's keys and values
@@ -69,8 +70,12 @@ def test_shared_prefix_equals_padded(tiny_base, prepared):
     same(run(model, batching.padded, rows, dev), run(model, batching.prefixed, rows, n, dev))
 
 
-def test_packing_equals_padded(tiny_base, prepared):
-    model = lora_model(tiny_base, seed=1)
+@pytest.mark.parametrize("attn", ["eager", "varlen"])
+def test_packing_equals_padded(tiny_base, prepared, attn):
+    """Packed into few sequences (eager: a block-diagonal mask from the position ids), or one flat sequence
+    with row boundaries (varlen: row by row on CPU, the flash varlen kernel on CUDA)."""
+    model = lora_model(tiny_base, seed=1, attn=attn)
+    assert varlen.in_use(model) == (attn == "varlen")
     rows = rows_of(prepared, 12)
     rows[3] = {"input_ids": rows[3]["input_ids"][:10], "labels": rows[3]["labels"][:10]}  # short rows: several
     rows[7] = {"input_ids": rows[7]["input_ids"][:14], "labels": rows[7]["labels"][:14]}  # fit one sequence

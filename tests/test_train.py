@@ -49,10 +49,12 @@ def test_same_seed_same_adapter(trained, prepared, tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("layout", [{"train.shared_prefix": False, "train.packing": True},
+                                    {"train.shared_prefix": False, "train.packing": True,
+                                     "train.attn_implementation": "varlen"},
                                     {"train.shared_prefix": False, "train.activation_checkpointing": {}}])
 def test_every_layout_trains_the_same_adapter(trained, prepared, tiny_base, tmp_path, layout):
-    """The default (shared prefix), packing and activation checkpointing: the same steps, the same adapter
-    to float32 rounding (the tiny params have no dropout)."""
+    """The default (shared prefix), packing (mask or varlen) and activation checkpointing: the same steps, the
+    same adapter to float32 rounding (the tiny params have no dropout)."""
     assert prepared["params"].train.shared_prefix  # `trained` ran the default layout
     p = make_params(**layout)
     m = train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")

@@ -10,6 +10,9 @@ labelled tokens (within floating-point tolerance; tests/test_batching.py checks 
   (first-fit decreasing), position ids restarting at every row; transformers confines attention to
   each row from those position ids (a block-diagonal causal mask); the vocabulary projection only at
   labelled positions. Sequences are never longer than the padded layout's, so attention costs no more.
+  With `train.attn_implementation: varlen` (pipeline/core/varlen.py) the rows are instead one flat
+  sequence with no padding at all, and the kernel is told where each row starts: no mask, no work
+  across rows.
 
 Input: rows with `input_ids` and `labels` (IGNORE outside the loss). Output: the log-probability of
 every labelled token, one vector in row order (row 0's tokens first), whichever layout ran; the recipe
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.core import varlen
 from pipeline.core.modeling import IGNORE, left_pad, response_width, token_logprobs
 
 MIN_PREFIX = 8  # shorter shared prefixes are not worth a second forward call
@@ -90,6 +94,8 @@ def prefixed(model, rows: list[dict], n: int, dev: torch.device) -> torch.Tensor
 def packed(model, rows: list[dict], dev: torch.device) -> torch.Tensor:
     """The rows packed (see `pack`) and run as a few sequences, each row attending only to itself."""
     lengths = [len(r["input_ids"]) for r in rows]
+    if varlen.in_use(model):
+        return flat(model, rows, lengths, dev)
     width = max(lengths)
     bins = pack(lengths, width)
     ids = torch.zeros((len(bins), width), dtype=torch.long)
@@ -112,3 +118,16 @@ def packed(model, rows: list[dict], dev: torch.device) -> torch.Tensor:
     picked = _picked(out.logits, targets[:, keep].to(dev))
     order = owner[:, keep][targets[:, keep] != IGNORE].argsort()
     return picked[order.to(dev)]
+
+
+def flat(model, rows: list[dict], lengths: list[int], dev: torch.device) -> torch.Tensor:
+    """The rows as one sequence, in order, no padding; row boundaries go to the varlen kernel."""
+    ids = torch.tensor([t for r in rows for t in r["input_ids"]]).unsqueeze(0)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    targets = torch.cat([torch.tensor(r["labels"][1:] + [IGNORE]) for r in rows]).unsqueeze(0)
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(device=dev, dtype=torch.int32)
+    keep = (targets[0] != IGNORE).nonzero().squeeze(-1)
+    out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=None, use_cache=False,
+                logits_to_keep=keep.to(dev), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                max_length_k=max(lengths))
+    return _picked(out.logits, targets[:, keep].to(dev))

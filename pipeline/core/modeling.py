@@ -108,16 +108,21 @@ def check_files(folder: str | Path) -> None:
                                     "changed after the base stage; rerun `dvc repro base`")
 
 
-def attention(name: str, dev: torch.device) -> str:
+def attention(name: str, dev: torch.device, packing: bool = False) -> str:
     """The attention kernel: `auto` is eager on CPU (training steps measured 1.3x faster than sdpa
-    there, see bench/) and sdpa on GPU."""
-    if name != "auto":
-        return name
-    return "eager" if dev.type == "cpu" else "sdpa"
+    there, see bench/); on GPU, varlen for packed training where torch has the kernel, else sdpa.
+    `varlen` (pipeline/core/varlen.py) is registered with transformers here."""
+    from pipeline.core import varlen
+
+    if name == "auto":
+        name = "eager" if dev.type == "cpu" else varlen.NAME if packing and varlen.available_on_cuda() else "sdpa"
+    if name == varlen.NAME:
+        varlen.register()
+    return name
 
 
 def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quantization: dict | None = None,
-                    attn_implementation: str = "auto"):
+                    attn_implementation: str = "auto", packing: bool = False):
     """The local safetensors checkpoint written by the base stage (never pickle, no remote code),
     optionally quantized with bitsandbytes (`quantization`: BitsAndBytesConfig arguments)."""
     from transformers import AutoModelForCausalLM
@@ -126,7 +131,7 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
 
     check_files(model_dir)
     dev = dev or device()
-    kw = {"attn_implementation": attention(attn_implementation, dev)}
+    kw = {"attn_implementation": attention(attn_implementation, dev, packing)}
     if quantization:
         kw |= {"quantization_config": quantization_config(quantization), "device_map": {"": str(dev)}}
     try:

@@ -119,8 +119,9 @@ class Train(Section):
     activation_checkpointing: ActivationCheckpointing | None  # null: keep activations (fastest)
     max_batch_tokens: int | None  # a micro-batch above this many padded tokens runs in several passes (memory)
     lean: bool  # frozen weights in the autocast dtype, 1-byte dropout masks, attention core and MLP gate recomputed
-    # auto: eager attention on CPU (measured faster than sdpa for training at these lengths), sdpa on GPU
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"]
+    # auto: eager attention on CPU (measured faster than sdpa for training at these lengths); on GPU varlen
+    # (torch's flash varlen kernel, pipeline/core/varlen.py) when packing, else sdpa
+    attn_implementation: Literal["auto", "eager", "sdpa", "varlen", "flash_attention_2"]
     checkpoint_every: int
     log_every: int
     quantization: dict | None  # BitsAndBytesConfig arguments (QLoRA), e.g. load_in_4bit: true
