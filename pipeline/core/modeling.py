@@ -110,7 +110,8 @@ def check_files(folder: str | Path) -> None:
 
 def attention(name: str, dev: torch.device, packing: bool = False) -> str:
     """The attention kernel: `auto` is eager on CPU (training steps measured 1.3x faster than sdpa
-    there, see bench/); on GPU, varlen for packed training where torch has the kernel, else sdpa.
+    there, see bench/); on GPU, varlen for packed half-precision training (`packing`) where torch has
+    the kernel, else sdpa.
     `varlen` (pipeline/core/varlen.py) is registered with transformers here."""
     from pipeline.core import varlen
 

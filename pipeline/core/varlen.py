@@ -3,9 +3,10 @@
 A packed micro-batch (pipeline/core/batching.py `packed`) is, with this kernel, one flat sequence of
 every row's tokens, no padding at all, with the row boundaries as cumulative lengths (`cu_seq_lens_q`).
 Each row attends causally to itself only:
-  - on CUDA through PyTorch's own flash-attention varlen kernel (`torch.nn.attention.varlen`), which
-    never builds a mask and does no work across rows (bf16/fp16; fp32 inputs are cast for it);
-  - elsewhere (CPU, and the tests) row by row with `scaled_dot_product_attention`, the same function.
+  - on CUDA (Ampere or newer) under bf16/fp16 through PyTorch's own flash-attention varlen kernel
+    (`torch.nn.attention.varlen`), which never builds a mask and does no work across rows;
+  - otherwise (CPU, the tests, fp32 training: the kernel has no fp32) row by row with
+    `scaled_dot_product_attention`, the same function in the inputs' own precision.
 A call without row boundaries (evaluation, padded or shared-prefix batches) is ordinary sdpa with the
 mask transformers builds for sdpa, so a model loaded with this kernel runs every layout.
 
@@ -23,8 +24,8 @@ NAME = "varlen"
 
 
 def available_on_cuda() -> bool:
-    """Whether this torch build has the flash varlen kernel and a CUDA device to run it."""
-    if not torch.cuda.is_available():
+    """Whether this torch build has the flash varlen kernel and a CUDA device that runs it (sm80+)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -37,9 +38,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
            scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    if torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
     named = inspect.signature(varlen_attn).parameters  # the causal argument was renamed between releases
     causal = {"is_causal": True} if "is_causal" in named else {"window_size": (-1, 0)}
     out = varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, scale=scale, **causal)
@@ -73,7 +72,8 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     q = query[0].transpose(0, 1)  # (tokens, heads, dim)
     k = key[0].repeat_interleave(groups, 0).transpose(0, 1)
     v = value[0].repeat_interleave(groups, 0).transpose(0, 1)
-    if q.is_cuda and available_on_cuda():
+    half = torch.is_autocast_enabled("cuda") or q.dtype in (torch.float16, torch.bfloat16)
+    if q.is_cuda and half and available_on_cuda():
         out = _flash(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling)
     else:
         out = _rows(q, k, v, cu_seq_lens_q, scaling)

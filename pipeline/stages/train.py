@@ -71,7 +71,8 @@ class ResumeError(PipelineError, RuntimeError):
 
 def build_model(p: Train, base_dir: Path, dev: torch.device, steps: int):
     """The base model (quantized as params say), made trainable by `train.method`."""
-    model = load_base_model(base_dir, dev, p.quantization, p.attn_implementation, p.packing)
+    model = load_base_model(base_dir, dev, p.quantization, p.attn_implementation,
+                            packing=p.packing and p.precision != "fp32")  # varlen's kernel: bf16/fp16
     model.config.use_cache = False
     model = methods.get(p.method).build(model, p, steps)
     if p.lean:  # the same loss and gradients with less memory (pipeline/core/lean.py)
