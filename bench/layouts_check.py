@@ -68,7 +68,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    sys.argv = sys.argv[:1]
     import train_throughput as tt  # the bench's own data preparation (validate -> format -> tokenize)
     from datasets import load_from_disk
 
