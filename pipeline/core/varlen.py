@@ -16,6 +16,7 @@ Output: the attention output as (batch, tokens, heads, dim), as transformers' ow
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -23,6 +24,7 @@ import torch
 NAME = "varlen"
 
 
+@functools.cache
 def available_on_cuda() -> bool:
     """Whether this torch build has the flash varlen kernel and a CUDA device that runs it (sm80+)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
@@ -34,14 +36,21 @@ def available_on_cuda() -> bool:
     return True
 
 
+@functools.cache
+def _causal() -> dict:
+    """varlen_attn's causal argument (renamed between torch releases), looked up once."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    named = inspect.signature(varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in named else {"window_size": (-1, 0)}
+
+
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
            scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
-    named = inspect.signature(varlen_attn).parameters  # the causal argument was renamed between releases
-    causal = {"is_causal": True} if "is_causal" in named else {"window_size": (-1, 0)}
-    out = varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, scale=scale, **causal)
+    out = varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, scale=scale, **_causal())
     return out.to(q.dtype)
 
 
