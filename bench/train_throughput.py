@@ -8,7 +8,10 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   e  c with `padding_free=True` (each batch flattened into one sequence, position ids restarting per row)
   f  c with `packing=True` (best-fit decreasing into sequences of batch size x the mean row length, one
      sequence per step, so a step holds about as many rows as the others' batches)
-  d  this project's train stage (`pipeline.stages.train.fit`), bf16
+  d  this project's train stage (`pipeline.stages.train.fit`), bf16, in a process set up as the stage program
+     sets itself up (`train.allocator` preloaded, bitsandbytes skipped when the params need none)
+  s  d on the system allocator (`train.allocator: system`: glibc's malloc, as tuned by the stage)
+  g  b on mimalloc (preloaded as the stage preloads it): how much of d's lead is the allocator
   p  d with `train.shared_prefix: false` (left-padded batches: what the shared prefix saves)
   l  d with `train.lean: false` (frozen weights cast on every call, fp32 dropout masks, eager attention and
      MLP activations kept: what pipeline/core/lean.py saves)
@@ -66,7 +69,10 @@ NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic pad
          "p": "peftflow train stage, padded (train.shared_prefix false)",
          "l": "peftflow train stage, train.lean false",
          "t": "peftflow train stage, train.max_batch_tokens --budget", "q": "peftflow train stage, QLoRA 4-bit",
-         "k": "peftflow train stage, packing", "m": "peftflow train stage, packing, sdpa mask"}
+         "k": "peftflow train stage, packing", "m": "peftflow train stage, packing, sdpa mask",
+         "s": "peftflow train stage, train.allocator system (glibc)", "g": "HF Trainer as b, on mimalloc"}
+STAGE = "dpltkmqs"  # the variants that run the train stage (the others are the baselines)
+ALLOCATOR = {"s": "system", "g": "mimalloc"}  # else: the stage's variants params.yaml's, the baselines the system's
 
 
 def rss_mb() -> float:
@@ -198,6 +204,14 @@ def worker_d(args, work: Path, quantization: dict | None = None, name: str = "d"
     return model, {"seconds": facts["seconds"], "tokens": facts["tokens"], "final_train_loss": m["final_loss"]}
 
 
+def worker_s(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "s", allocator="system")
+
+
+def worker_g(args, work: Path) -> tuple:
+    return worker_b(args, work)
+
+
 def worker_p(args, work: Path) -> tuple:
     return worker_d(args, work, None, "p", shared_prefix=False)
 
@@ -252,7 +266,22 @@ def flops_per_token(model, rows: list[dict]) -> float:
     return counter.get_total_flops() / int(batch["attention_mask"].sum())
 
 
+def setup_process(name: str, args, work: Path) -> None:
+    """The worker's process as the variant's users get it: the train stage's variants as the stage program
+    sets itself up (its allocator preloaded, which re-executes this worker once; bitsandbytes skipped unless
+    the variant quantizes), the baselines on the system allocator (g: on mimalloc)."""
+    from pipeline.core.params import peek
+    from pipeline.core.stage import without_bitsandbytes
+    from pipeline.core.training import preload_allocator
+
+    stage = peek(ROOT / "params.yaml", "train.allocator")  # not bench_params: checking params imports PEFT
+    preload_allocator(ALLOCATOR.get(name, stage if name in STAGE else "system"))
+    if name in STAGE and name != "q":
+        without_bitsandbytes(None, "adamw")
+
+
 def worker(name: str, args, work: Path) -> None:
+    setup_process(name, args, work)
     from datasets import load_from_disk
 
     from peft import PeftModel

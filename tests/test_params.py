@@ -57,3 +57,59 @@ def test_float_strings_and_other_methods_pass():
     p = parse_params(raw_params(**{"train.lr": "1e-4", "train.method": "ia3", "train.ia3": {"target_modules": ["k_proj"]}}))
     assert p.train.lr == 1e-4
     assert p.train.peft_kwargs == {"target_modules": ["k_proj"]}
+
+
+def test_peek_reads_one_key_without_checking_the_file(tmp_path):
+    from pipeline.core.params import peek
+
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  allocator: mimalloc\n  unknown_key: 1\n")
+    assert peek(f, "train.allocator") == "mimalloc"
+    assert peek(f, "train.nothing") is None and peek(f, "base.model") is None
+    assert peek(tmp_path / "missing.yaml", "train.allocator") is None
+    f.write_text("train: [unclosed\n")
+    assert peek(f, "train.allocator") is None
+
+
+BNB_PROBE = """
+import sys
+from pipeline.core.params import peek
+from pipeline.core.stage import without_bitsandbytes
+print(without_bitsandbytes(peek(sys.argv[1], "train.quantization"), peek(sys.argv[1], "train.optimizer")))
+import peft, transformers.utils
+print(transformers.utils.is_bitsandbytes_available(), sys.modules.get('bitsandbytes') is not None)
+"""
+
+
+@pytest.mark.parametrize("over, skipped", [({}, True), ({"train.optimizer": "adamw_8bit"}, False),
+                                           ({"train.quantization": {"load_in_4bit": True}}, False)])
+def test_stage_programs_skip_bitsandbytes_unless_params_need_it(tmp_path, over, skipped):
+    """A stage program (pipeline.core.stage.entry) whose params quantize nothing and use AdamW runs without
+    bitsandbytes: PEFT and transformers then take it for not installed. 8-bit optimizers or a quantized base
+    keep it. (In a subprocess: the choice holds for a whole process.)"""
+    import subprocess
+    import sys
+
+    import yaml
+
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw_params(**over)))
+    r = subprocess.run([sys.executable, "-c", BNB_PROBE, str(f)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    did, line = r.stdout.split("\n")[:2]
+    assert did == str(skipped)
+    assert line == ("False False" if skipped else "True True")
+
+
+def test_a_quantized_adapter_in_a_program_without_bitsandbytes_is_one_clear_error(tmp_path, tiny_base):
+    """The edge of that choice: an adapter trained quantized, loaded by a stage whose params.yaml no longer
+    quantizes (`dvc repro --single-item`), is refused with a line saying what to run."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; sys.modules['bitsandbytes'] = None\n"
+             "from pipeline.core.modeling import load_base_model\nfrom pipeline.core.stage import PipelineError\n"
+             "try:\n    load_base_model(sys.argv[1], None, {'load_in_4bit': True})\n"
+             "except PipelineError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(tiny_base)], cwd=ROOT, capture_output=True, text=True)
+    assert "started without bitsandbytes" in r.stdout and "dvc repro" in r.stdout, r.stdout + r.stderr[-2000:]

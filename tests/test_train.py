@@ -188,3 +188,32 @@ def test_an_fsdp_config_on_cpu_runs_as_ddp_and_says_so(trained, tiny_base, tmp_p
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "asks for FSDP but accelerate runs it as MULTI_CPU" in r.stderr
     assert_same_run(trained, tmp_path, 2, "MULTI_CPU")
+
+
+def test_the_stage_runs_under_mimalloc_and_trains_the_same_tensors(trained, tiny_base, tmp_path):
+    """`train.allocator: mimalloc` (the default): the stage program re-executes itself with mimalloc preloaded,
+    and run.json names the allocator that ran; the adapter's tensors are the same bits as under the system
+    allocator (an allocator moves tensors, never their values)."""
+    weights = {}
+    for name in ("mimalloc", "system"):
+        (tmp_path / name).mkdir()
+        r = launch_train(trained, tiny_base, tmp_path / name, **{"train.allocator": name})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert json.loads((tmp_path / name / "live" / "run.json").read_text())["allocator"] == name
+        weights[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    assert weights["mimalloc"].keys() == weights["system"].keys()
+    assert all(torch.equal(weights["mimalloc"][k], weights["system"][k]) for k in weights["system"])
+
+
+def test_an_allocator_that_cannot_be_preloaded_is_not_retried(monkeypatch, capsys):
+    """A library already in LD_PRELOAD that is not mapped (the loader refused it) is not exec'd again: the
+    program says so and goes on with the system allocator (no loop of re-executions)."""
+    from pipeline.core import training
+
+    lib = training.allocator_library("mimalloc")
+    assert lib, "cmeel-mimalloc is in the lock: its library must be found"
+    monkeypatch.setenv("LD_PRELOAD", lib)
+    monkeypatch.setattr(training.os, "execve", lambda *a: pytest.fail("re-executed"))
+    training.preload_allocator("mimalloc")
+    assert "could not be preloaded" in capsys.readouterr().err
+    training.preload_allocator("system")  # nothing to do

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -134,6 +135,10 @@ def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quan
     dev = dev or device()
     kw = {"attn_implementation": attention(attn_implementation, dev, packing)}
     if quantization:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:  # stage.without_bitsandbytes
+            raise PipelineError(f"{model_dir}: this program started without bitsandbytes, as params.yaml quantizes "
+                                "nothing, but the adapter was trained on a quantized base: run `dvc repro` (the train "
+                                "stage reruns with the params as they are now)")
         kw |= {"quantization_config": quantization_config(quantization), "device_map": {"": str(dev)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False,

@@ -118,6 +118,7 @@ class Train(Section):
     packing: bool  # rows packed into few sequences, attention confined to each row
     activation_checkpointing: ActivationCheckpointing | None  # null: keep activations (fastest)
     max_batch_tokens: int | None  # a micro-batch above this many padded tokens runs in several passes (memory)
+    allocator: Literal["mimalloc", "system"]  # the train program's malloc (core/training.py: preload_allocator)
     lean: bool  # frozen weights in the autocast dtype, 1-byte dropout masks, attention core and MLP gate recomputed
     # auto: eager attention on CPU (measured faster than sdpa for training at these lengths); on GPU varlen
     # (torch's flash varlen kernel, pipeline/core/varlen.py) when packing, else sdpa
@@ -320,6 +321,19 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return parse_params(raw)
+
+
+def peek(path: str | Path, key: str) -> Any:
+    """One value of a params file by its dotted key ("train.allocator"), read without checking the file:
+    None when the file, the key or valid YAML is missing. For what a program decides before the imports
+    that checking costs (load_params imports PEFT); load_params still checks everything after."""
+    try:
+        node = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def parse_params(raw: dict) -> Params:

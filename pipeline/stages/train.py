@@ -51,13 +51,15 @@ from pipeline.core.modeling import (
     nondeterministic_ops,
     seed_everything,
 )
-from pipeline.core.params import Params, Train, load_params, params_dict, section_dict
+from pipeline.core.params import Params, Train, load_params, params_dict, peek, section_dict
 from pipeline.core.stage import PipelineError, entry
 from pipeline.core.training import (
     Processes,
+    allocator_in_use,
     end_processes,
     is_main_process,
     peak_rss_mb,
+    preload_allocator,
     stepper,
     tune_allocator,
 )
@@ -245,7 +247,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
     metrics, facts = report(t, steps, log, method.trainable(model), dpo_metrics)
     facts |= {"seconds": round(seconds, 1), "tokens": tokens, "device": dev.type, "resumed_from_step": start,
               "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "processes": procs.world,
-              "distributed": procs.kind(model)}
+              "distributed": procs.kind(model), "allocator": allocator_in_use()}
     if dpo_metrics:
         facts["dpo_seconds"] = round(time.time() - t0 - seconds, 1)
     log.end(metrics)
@@ -327,6 +329,7 @@ def main(
     checkpoints: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
+    preload_allocator(peek(params, "train.allocator"))  # first: it may re-execute this program, once
     p = load_params(params)
     cmd = launch_command(p.train, sys.argv[1:])
     if cmd:
