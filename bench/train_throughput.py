@@ -12,6 +12,7 @@ Training variants (each in its own subprocess, so peak RSS is its own):
      sets itself up (`train.allocator` preloaded, bitsandbytes skipped when the params need none)
   s  d on the system allocator (`train.allocator: system`: glibc's malloc, as tuned by the stage)
   g  b on mimalloc (preloaded as the stage preloads it): how much of d's lead is the allocator
+  u  d with mimalloc handing freed memory back to the OS after 10 ms (its default; the stage keeps it)
   p  d with `train.shared_prefix: false` (left-padded batches: what the shared prefix saves)
   l  d with `train.lean: false` (frozen weights cast on every call, fp32 dropout masks, eager attention and
      MLP activations kept: what pipeline/core/lean.py saves)
@@ -30,13 +31,15 @@ Inputs: the base model folder (`dvc repro base`), ../shared/datasets/financial_p
 Outputs: bench/results/train_throughput.{json,md}.
 Run: `make bench` (or `python bench/train_throughput.py --steps 12`). `--seeds 1,2,3` trains every
 variant once per seed (data order, dropout and LoRA init) and reports the mean and spread: one seed
-cannot tell a better recipe from a luckier data order.
+cannot tell a better recipe from a luckier data order. An interrupted run, started again with the same
+arguments (or more variants), keeps the (variant, seed) results it had finished (<out>/runs/) and trains the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -70,8 +73,9 @@ NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic pad
          "l": "peftflow train stage, train.lean false",
          "t": "peftflow train stage, train.max_batch_tokens --budget", "q": "peftflow train stage, QLoRA 4-bit",
          "k": "peftflow train stage, packing", "m": "peftflow train stage, packing, sdpa mask",
-         "s": "peftflow train stage, train.allocator system (glibc)", "g": "HF Trainer as b, on mimalloc"}
-STAGE = "dpltkmqs"  # the variants that run the train stage (the others are the baselines)
+         "s": "peftflow train stage, train.allocator system (glibc)", "g": "HF Trainer as b, on mimalloc",
+         "u": "peftflow train stage, mimalloc purging freed memory after 10 ms"}
+STAGE = "dpltkmqsu"  # the variants that run the train stage (the others are the baselines)
 ALLOCATOR = {"s": "system", "g": "mimalloc"}  # else: the stage's variants params.yaml's, the baselines the system's
 
 
@@ -208,6 +212,10 @@ def worker_s(args, work: Path) -> tuple:
     return worker_d(args, work, None, "s", allocator="system")
 
 
+def worker_u(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "u")
+
+
 def worker_g(args, work: Path) -> tuple:
     return worker_b(args, work)
 
@@ -275,6 +283,8 @@ def setup_process(name: str, args, work: Path) -> None:
     from pipeline.core.training import preload_allocator
 
     stage = peek(ROOT / "params.yaml", "train.allocator")  # not bench_params: checking params imports PEFT
+    if name == "u":
+        os.environ["MIMALLOC_PURGE_DELAY"] = "10"  # mimalloc's default; an explicit setting wins over the stage's
     preload_allocator(ALLOCATOR.get(name, stage if name in STAGE else "system"))
     if name in STAGE and name != "q":
         without_bitsandbytes(None, "adamw")
@@ -487,7 +497,7 @@ def main() -> None:
             for seed in seeds:
                 print(f"bench: training variant {name} ({NAMES[name].replace('--budget', str(args.budget))}), seed {seed}",
                       file=sys.stderr, flush=True)
-                r = run_worker(name, args, work, seed)
+                r = resumed_or_run(name, args, work, seed)
                 if "error" in r:
                     res["train"][name] = r
                     break
@@ -513,6 +523,23 @@ def main() -> None:
         res["tokenize"] = bench_tokenize(args, work)
     res["dvc"] = bench_dvc()
     finish(args, res, "train_throughput")
+
+
+def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
+    """A (variant, seed) result kept under <out>/runs/ by an interrupted run with the same settings, or a fresh
+    one (kept there as soon as it ends; git ignores runs/, delete it to start afresh after a code change)."""
+    settings = {k: str(v) for k, v in sorted(vars(args).items()) if k not in
+                ("worker", "work", "dvc_only", "only_train", "seeds", "variants", "out", "seed")}
+    kept = args.out / "runs" / f"{name}-{seed}.json"
+    if kept.exists() and (old := json.loads(kept.read_text()))["settings"] == settings:
+        print(f"bench: {name} seed {seed}: kept from the interrupted run of {old['finished']}", file=sys.stderr)
+        return old["result"]
+    r = run_worker(name, args, work, seed)
+    if "error" not in r:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps({"settings": settings, "finished": time.strftime("%Y-%m-%d %H:%M"),
+                                    "result": r}, indent=2) + "\n")
+    return r
 
 
 def run_worker(name: str, args, work: Path, seed: int) -> dict:
