@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -55,9 +56,10 @@ def glibc_heap():
     return read
 
 
-def rss_mb() -> float:
+def current_rss_mb() -> float:
+    """Resident memory now (train_throughput.rss_mb is the process's peak)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class Sampler(threading.Thread):
@@ -70,7 +72,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         k = 0
         while True:
-            sample = [round(time.time() - self.t0, 3), self.step, round(rss_mb(), 1)]
+            sample = [round(time.time() - self.t0, 3), self.step, round(current_rss_mb(), 1)]
             if self.heap is not None and k % 10 == 0:
                 sample += [round(x, 1) for x in self.heap()]
             self.samples.append(sample)
@@ -108,7 +110,7 @@ def worker(allocator: str, args) -> None:
 
     def build_model(*a, **k):
         model = build(*a, **k)
-        built["mb"] = rss_mb()
+        built["mb"] = current_rss_mb()
         return model
 
     stage.build_model = build_model

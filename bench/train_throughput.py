@@ -528,8 +528,7 @@ def main() -> None:
 def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
     """A (variant, seed) result kept under <out>/runs/ by an interrupted run with the same settings, or a fresh
     one (kept there as soon as it ends; git ignores runs/, delete it to start afresh after a code change)."""
-    settings = {k: str(v) for k, v in sorted(vars(args).items()) if k not in
-                ("worker", "work", "dvc_only", "only_train", "seeds", "variants", "out", "seed")}
+    settings = {k: str(v) for k, v in sorted(worker_args(args).items()) if k not in ("variants", "out", "seed")}
     kept = args.out / "runs" / f"{name}-{seed}.json"
     if kept.exists() and (old := json.loads(kept.read_text()))["settings"] == settings:
         print(f"bench: {name} seed {seed}: kept from the interrupted run of {old['finished']}", file=sys.stderr)
@@ -544,7 +543,7 @@ def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
 
 def run_worker(name: str, args, work: Path, seed: int) -> dict:
     """One training variant in its own process (its own peak RSS); its result, or the error it ended with."""
-    forward = {k: v for k, v in vars(args).items() if k not in ("worker", "work", "dvc_only", "only_train", "seeds")}
+    forward = worker_args(args)
     cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), f"--seed={seed}"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in forward.items() if k != "seed"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -552,6 +551,11 @@ def run_worker(name: str, args, work: Path, seed: int) -> dict:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": proc.stderr.strip().splitlines()[-1][:200]}
     return json.loads((work / f"{name}.json").read_text())
+
+
+def worker_args(args) -> dict:
+    """The command-line arguments a worker process is given (the run's own: its seed list, mode, worker)."""
+    return {k: v for k, v in vars(args).items() if k not in ("worker", "work", "dvc_only", "only_train", "seeds")}
 
 
 def summarize(runs: dict[int, dict]) -> dict:
