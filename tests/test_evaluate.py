@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import numpy as np
@@ -133,6 +134,19 @@ def test_cached_choice_scores_equal_scoring_each_choice_in_full(trained, tiny_ba
         assert np.isfinite(cached).all() and np.abs(cached - full).max() < 1e-3
         with model.disable_adapter():
             assert np.abs(scoring.choice_scores(model, tok, case, 4) - scoring.full_scores(model, tok, case, 4)).max() < 1e-3
+
+
+def test_generation_from_the_shared_prefix_equals_each_prompt_alone(trained, tiny_base):
+    # batches that continue from the shared prefix's cache ([prefix | padding | row]) == each prompt left alone
+    tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
+    rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()][:6]
+    prompts = [r["prompt"] for r in rows]
+    assert scoring.shared_prefix(model, [encode_prompt(tok, p) for p in prompts], "cpu")[0] >= 8
+    for case in (prompts, prompts + ["short"]):  # with, and without, a shared prefix
+        for adapter in (True, False):
+            with contextlib.nullcontext() if adapter else model.disable_adapter():
+                alone = [scoring.generate(model, tok, p, 12)[0] for p in case]
+                assert scoring.generate_many(model, tok, case, 12, 4) == alone
 
 
 def test_fewshot_prompts_hold_solved_examples_of_every_label(prepared, tiny_base):

@@ -163,16 +163,29 @@ def generate(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
 
 @torch.no_grad()
 def generate_many(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of many prompts, left-padded in batches of similar length (answers up to EOS)."""
+    """Greedy completions of many prompts in batches of similar length (answers up to EOS).
+
+    As in label scoring, the tokens every prompt shares (system prompt, instructions, few-shot examples)
+    run once, as a KV cache each batch continues from; each row's own tokens are left-padded after it,
+    so a batch reads [shared prefix | padding | row], positions counting on from the prefix. Without a
+    shared prefix (or with a prompt-learning adapter) the prompts are left-padded whole.
+    """
     dev = next(model.parameters()).device
     encoded = [encode_prompt(tok, p) for p in prompts]
+    common, shared = (0, None) if is_prompt_learning(model) else shared_prefix(model, encoded, dev)
     out: list[str] = [""] * len(prompts)
     for idx in batches(sorted(range(len(prompts)), key=lambda i: len(encoded[i])), batch_size):
-        batch = left_pad([{"input_ids": encoded[i]} for i in idx], tok.pad_token_id, dev)
-        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+        batch = left_pad([{"input_ids": encoded[i][common:]} for i in idx], tok.pad_token_id, dev)
+        ids, mask, cache = batch["input_ids"], batch["attention_mask"], None
+        if common:
+            prefix = torch.tensor([encoded[idx[0]][:common]], device=dev).expand(len(idx), -1)
+            ids, mask = torch.cat([prefix, ids], -1), torch.cat([torch.ones_like(prefix), mask], -1)
+            cache = copy.deepcopy(shared)
+            cache.batch_repeat_interleave(len(idx))
+        gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
-        for i, new in zip(idx, gen[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+        for i, new in zip(idx, gen[:, ids.shape[1]:].tolist(), strict=True):
             out[i] = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
                                 skip_special_tokens=True)
     return out
