@@ -92,7 +92,7 @@ def load_results() -> dict:
 
 def run_row(profile: str, spec: dict, row: str) -> dict:
     overrides = {**spec["common"], **spec["rows"][row]}
-    sh("git", "checkout", "--", "params.yaml")
+    sh("git", "checkout", "HEAD", "--", "params.yaml")
     params_raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     name = f"{profile}-{row}"
     sh("dvc", "exp", "remove", name, check=False)
@@ -144,7 +144,7 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
             entry["rows"][row] = record
             atomic_write_json(RESULTS / "methods.json", results)
     finally:  # the workspace back as committed (each experiment stays in `dvc exp show`)
-        sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports", check=False)
+        sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "reports", check=False)
         sh("dvc", "checkout", "--quiet", check=False)
     table()
 
@@ -241,11 +241,17 @@ def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, f
 
 
 def measured(entry: dict) -> str:
-    """The caption's where and when, and the rows measured elsewhere or later (a rerun on another machine)."""
-    other = [f"`{r}` {x['date']} on {x['machine']}" for r, x in entry["rows"].items()
-             if x.get("machine", entry["machine"]) != entry["machine"]]
-    return (f"{entry['description']}; measured {entry['date']} on {entry['machine']}"
-            + (f" (rerun: {'; '.join(other)})." if other else "."))
+    """The caption's where and when: the rows grouped by the day and machine they were measured on (a row
+    recorded before rows carried their own date and machine counts as the profile's first run)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r, x in entry["rows"].items():
+        groups.setdefault((x.get("date", entry["date"]), x.get("machine", entry["machine"])), []).append(r)
+    if len(groups) == 1:
+        (day, where), = groups
+        return f"{entry['description']}; measured {day} on {where}."
+    parts = [f"{day} on {where}: " + ", ".join(f"`{r}`" for r in rows)
+             for (day, where), rows in sorted(groups.items(), key=lambda g: g[0][0], reverse=True)]
+    return f"{entry['description']}; measured {'; '.join(parts)}."
 
 
 def instruction_table(name: str, entry: dict) -> str:
