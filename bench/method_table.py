@@ -127,6 +127,8 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
     unknown = set(wanted) - set(spec["rows"])
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; {profile} has: {', '.join(spec['rows'])}")
+    branch = sh("git", "symbolic-ref", "--quiet", "--short", "HEAD", check=False).stdout.strip()
+    commit = sh("git", "rev-parse", "HEAD").stdout.strip()
     try:
         for row in wanted:
             results = load_results()
@@ -144,6 +146,9 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
             entry["rows"][row] = record
             atomic_write_json(RESULTS / "methods.json", results)
     finally:  # the workspace back as committed (each experiment stays in `dvc exp show`)
+        if branch and not sh("git", "symbolic-ref", "--quiet", "HEAD", check=False).stdout.strip() \
+                and sh("git", "rev-parse", "HEAD").stdout.strip() == commit:
+            sh("git", "checkout", "--quiet", branch, check=False)  # a `dvc exp run` stopped half way leaves HEAD detached
         sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "reports", check=False)
         sh("dvc", "checkout", "--quiet", check=False)
     table()
