@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,8 @@ from pipeline.core.scoring import generate_many, shared_prefix  # noqa: E402
 from pipeline.stages import format as fmt  # noqa: E402
 from pipeline.stages import validate  # noqa: E402
 from pipeline.tasks import TASKS  # noqa: E402
+
+from method_table import machine  # noqa: E402  (bench/ is the script's own folder on sys.path)
 
 
 @torch.no_grad()
@@ -111,11 +112,8 @@ def main() -> None:
                          "median_seconds": {w: round(x, 2) for w, x in med.items()},
                          "speedup": round(med["whole"] / med["prefix"], 2),
                          "same_answers": sum(a == b for a, b in zip(answers["whole"], answers["prefix"], strict=True))}
-    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                if x.startswith("model name")), platform.processor())
-    record = {"date": date.today().isoformat(), "machine": f"{cpu}, {torch.get_num_threads()} CPU threads, "
-              f"torch {torch.__version__}", "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-              "reps": args.reps, "results": results}
+    record = {"date": date.today().isoformat(), "machine": machine(), "batch_size": args.batch_size,
+              "max_new_tokens": args.max_new_tokens, "reps": args.reps, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "eval_generation.json", record)
     lines = [f"Greedy generation of the base model, {args.max_new_tokens} new tokens at most, batches of "
