@@ -39,6 +39,18 @@ def shared_prefix(model, prompts: list[list[int]], dev: torch.device, min_tokens
     return common, out.past_key_values
 
 
+
+def prefix_cache(shared, common: int, mask: torch.Tensor):
+    """(cache, mask) for a batch continuing from the shared prefix: a copy of its cache for every row,
+    and the batch's attention mask with the prefix's `common` positions in front; (None, mask) when
+    there is no shared prefix."""
+    if not common:
+        return None, mask
+    cache = copy.deepcopy(shared)
+    cache.batch_repeat_interleave(mask.shape[0])
+    return cache, torch.cat([mask.new_ones(mask.shape[0], common), mask], -1)
+
+
 @dataclass
 class ChoiceScores:
     """Log-probabilities of every choice (with EOS) after its prompt, each of shape (rows, choices)."""
@@ -71,12 +83,7 @@ def choice_logprobs(model, tok, rows: list[dict], batch_size: int) -> ChoiceScor
     common, shared = shared_prefix(model, prompts, dev)
     for idx in batches(sorted(range(len(rows)), key=lambda i: len(prompts[i])), batch_size):
         batch = left_pad([{"input_ids": prompts[i][common:]} for i in idx], 0, dev)
-        prompt_mask = batch["attention_mask"]
-        cache = None
-        if common:
-            cache = copy.deepcopy(shared)
-            cache.batch_repeat_interleave(len(idx))
-            prompt_mask = torch.cat([torch.ones_like(prompt_mask[:, :1]).expand(-1, common), prompt_mask], -1)
+        cache, prompt_mask = prefix_cache(shared, common, batch["attention_mask"])
         out = model(input_ids=batch["input_ids"], attention_mask=prompt_mask,
                     position_ids=batch["position_ids"] + common, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
@@ -176,12 +183,10 @@ def generate_many(model, tok, prompts: list[str], max_new_tokens: int, batch_siz
     out: list[str] = [""] * len(prompts)
     for idx in batches(sorted(range(len(prompts)), key=lambda i: len(encoded[i])), batch_size):
         batch = left_pad([{"input_ids": encoded[i][common:]} for i in idx], tok.pad_token_id, dev)
-        ids, mask, cache = batch["input_ids"], batch["attention_mask"], None
-        if common:
-            prefix = torch.tensor([encoded[idx[0]][:common]], device=dev).expand(len(idx), -1)
-            ids, mask = torch.cat([prefix, ids], -1), torch.cat([torch.ones_like(prefix), mask], -1)
-            cache = copy.deepcopy(shared)
-            cache.batch_repeat_interleave(len(idx))
+        ids = batch["input_ids"]
+        cache, mask = prefix_cache(shared, common, batch["attention_mask"])
+        if common:  # generate takes the whole sequence; the cache already holds the prefix's part
+            ids = torch.cat([torch.tensor([encoded[idx[0]][:common]], device=dev).expand(len(idx), -1), ids], -1)
         gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
