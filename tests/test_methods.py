@@ -171,3 +171,43 @@ def test_bitfit_trains_only_biases_and_says_when_there_are_none(prepared, tiny_b
         assert torch.allclose(a, reloaded(input_ids=batch["input_ids"]).logits, atol=1e-5)
         with reloaded.disable_adapter():
             assert not torch.allclose(a, reloaded(input_ids=batch["input_ids"]).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_adalora_step_has_peft_s_orthogonal_regularization(tiny_base, prepared, shared_prefix):
+    """PEFT adds AdaLoRA's orthogonal regularization to a loss its forward computes from labels; the train
+    loop computes its own loss and must add the same term: same loss and gradients as PEFT's forward."""
+    from test_batching import rows_of
+
+    from pipeline.core.training import Processes, Stepper
+    from pipeline.recipes import sft
+
+    p = make_params(**METHODS["adalora"])
+    method = methods.get("adalora")
+    rows = rows_of(prepared, 6)
+    out = {}
+    for way in ("loop", "peft"):
+        torch.manual_seed(0)
+        model = method.build(load_base_model(tiny_base), p.train, 20).train()
+        for n, q in model.named_parameters():  # lora_B and lora_E start at zero: move them off it
+            if "lora_" in n:
+                q.data.normal_(0, 0.5)
+        params = [q for q in model.parameters() if q.requires_grad]
+        if way == "loop":
+            stepper = Stepper(torch.optim.SGD(params, lr=0.0), params, "fp32", None, torch.device("cpu"))
+            loop = sft.Loop(model, model, stepper, None, Processes(torch.device("cpu")), "fp32", method.after_step,
+                            method.penalty, shared_prefix=shared_prefix)
+            loss, _ = sft.step(loop, [rows])
+        else:  # one row per forward (no padding); the rows' losses weighted by their labelled tokens make
+            # the step's mean NLL, and the term each loss carries comes out once
+            counts = [sum(x != -100 for x in r["labels"][1:]) for r in rows]
+            total = sum(c * model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+                        for r, c in zip(rows, counts, strict=True)) / sum(counts)
+            total.backward()
+            loss = total.item()
+        out[way] = (loss, {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad})
+    (mine, g1), (theirs, g2) = out["loop"], out["peft"]
+    assert method.penalty(model) > 0.01  # the term is there to compare
+    assert mine == pytest.approx(theirs, rel=1e-5)
+    for name, g in g1.items():
+        assert (g - g2[name]).abs().max() <= 1e-4 * g.abs().max() + 1e-7, name

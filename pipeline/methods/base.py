@@ -40,6 +40,11 @@ class Method:
     def after_step(self, model, step: int) -> None:
         """Called after every optimizer step."""
 
+    def penalty(self, model) -> torch.Tensor | None:
+        """A term the method adds to every optimizer step's loss (AdaLoRA's orthogonal regularization);
+        None: the loss is the response tokens' mean NLL alone."""
+        return None
+
     def save(self, model, folder: Path) -> None:
         raise NotImplementedError
 

@@ -1,8 +1,8 @@
 """PEFT's methods, every one by name: `train.method: <name>`, `train.<name>`: its config class's own arguments
 (`LoraConfig(**p.lora)`), passed through unchanged, plus target-module presets by architecture.
 
-`AdaLora` is the one PEFT method that needs more than its config: the total step count, and a rank
-reallocation after every optimizer step. QLoRA (a quantized base), LoRA+ and the optimizer are training
+`AdaLora` is the one PEFT method that needs more than its config: the total step count, a rank
+reallocation after every optimizer step, and its orthogonal regularization in the loss. QLoRA (a quantized base), LoRA+ and the optimizer are training
 options (`train.quantization`, `train.loraplus_lr_ratio`, `train.optimizer`), not methods.
 """
 
@@ -129,3 +129,15 @@ class AdaLora(Peft):
 
     def after_step(self, model, step: int) -> None:
         model.base_model.update_and_allocate(step)
+
+    def penalty(self, model) -> torch.Tensor:
+        """`orth_reg_weight` x the mean over the adapter's lora_A and lora_B of ||P Pᵀ - I||_F (rows of A,
+        columns of B kept orthonormal): what PEFT's AdaLoraModel.forward adds to a loss it computes from
+        labels. The train loop computes its own loss, so it asks for this term."""
+        name = model.base_model.trainable_adapter_name
+        terms = []
+        for key, q in model.named_parameters():
+            if key.endswith((f"lora_A.{name}", f"lora_B.{name}")):
+                cov = q @ q.T if ".lora_A." in key else q.T @ q
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), dtype=cov.dtype, device=cov.device)))
+        return model.peft_config[name].orth_reg_weight * torch.stack(terms).mean()

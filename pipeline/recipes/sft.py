@@ -67,6 +67,7 @@ class Loop:
     procs: Processes
     precision: str
     after_step: Callable[[torch.nn.Module, int], None]
+    penalty: Callable[[torch.nn.Module], torch.Tensor | None] = lambda model: None
     shared_prefix: bool = False
     packing: bool = False
     max_batch_tokens: int | None = None
@@ -105,12 +106,15 @@ def step(loop: Loop, micro: list[list[dict]]) -> tuple[float, int]:
     n_labels = sum(sum(x != IGNORE for x in r["labels"]) for mb in micro for r in mb)
     loop.stepper.zero()
     total, tokens = 0.0, 0
+    extra = loop.penalty(loop.core)  # the method's own term, once a step (every process adds it: DDP averages)
     for mb in micro:
         part, scale = loop.procs.share(mb)
         for rows in passes(part, loop.max_batch_tokens):
             with autocast(loop.precision, dev):
                 logp = logprobs(loop, rows, dev)
             loss = -logp.sum() * scale / n_labels
+            if extra is not None:
+                loss, extra = loss + extra, None
             loop.stepper.backward(loss)
             total += loss.item() / loop.procs.world
         if scale > 1 or loop.procs.main:  # a batch every process ran whole is counted once

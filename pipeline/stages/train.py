@@ -232,7 +232,7 @@ def fit(p: Params, data: Path, base_dir: Path, live_dir: Path, ckpt: Path):
         procs.wait()
 
     loop = sft.Loop(procs.wrap(model), model, opt, scheduler, procs, t.precision, method.after_step,
-                    max_batch_tokens=t.max_batch_tokens, **layouts(t, model, procs))
+                    method.penalty, max_batch_tokens=t.max_batch_tokens, **layouts(t, model, procs))
     if t.checkpoint_every and "sharded" in procs.kind(model):
         raise ResumeError("train: checkpoints of FSDP-sharded weights are not written (each process holds a "
                           "shard); set train.checkpoint_every: null, or train with DDP (docs/scaling.md)")
