@@ -1,6 +1,7 @@
 """The `peftflow` command: helpers around the DVC pipeline (the stages themselves run from
 dvc.yaml as `python -m pipeline.<stage>`).
 
+  peftflow contract  check (--write: make) each stage's dvc.yaml params and code deps from its code
   peftflow metrics   print the latest metrics of every stage as one table, and where they are
   peftflow predict   answer rows with one or more adapters, rendered as they were trained
   peftflow flow      run the DVC stages once as a Prefect flow (ephemeral, or on PREFECT_API_URL)
@@ -14,14 +15,51 @@ dvc.yaml as `python -m pipeline.<stage>`).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
+import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.core import lineage as lin
+from pipeline.core.io import read_jsonl
+from pipeline.core.stage import PipelineError, peek
+from pipeline.importing import import_data as run_import
+from pipeline.report import build as build_report
+from pipeline.sweep import compare as compare_runs
+from pipeline.sweep import label
+from pipeline.sweep import sweep as run_sweep
+from pipeline.verify import verify as run_verify
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def later(module: str) -> ModuleType:
+    """A command's module that imports PyTorch, transformers or Prefect (seconds), loaded when that command runs,
+    so `peftflow --help` and the light commands answer at once: the CLI's one lazy load, like the plug-in
+    registries' (the CLI is no DVC stage: nothing depends on its import closure)."""
+    return importlib.import_module(module)
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """A command whose PipelineError is one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
 
 
 def _load(path: Path) -> dict | None:
@@ -77,41 +115,30 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
 
 
 @app.command()
+@one_line_errors
 def predict(
     adapter: list[str] = typer.Option(..., help="adapter folder, or NAME=FOLDER; repeat for several adapters"),
     base: Path = typer.Option(Path("models/base"), help="base model folder (the base stage's output)"),
     input: str = typer.Option("-", help="jsonl file of rows, or - for stdin (JSON objects or plain text lines)"),
     with_base: bool = typer.Option(False, "--with-base", help="also answer with the base model (adapter disabled)"),
-    max_new_tokens: int = typer.Option(64, help="generation limit for instruction adapters"),
+    max_new_tokens: int = typer.Option(None, help="generation limit for free-text answers (default: params.yaml's "
+                                                  "serve.max_new_tokens)"),
+    params: Path = typer.Option(Path("params.yaml"), help="where the defaults come from (section serve)"),
     allow_other_base: bool = typer.Option(False, "--allow-other-base",
                                           help="load adapters onto base weights other than the recorded ones"),
 ) -> None:
     """Answer rows with each adapter, rendered with the template that adapter was trained with."""
-    import logging
-    import sys
-
-    from transformers.utils import logging as hf_logging
-
-    from pipeline.core.io import read_jsonl
-    from pipeline.core.stage import PipelineError
-    from pipeline.predict import Predictor
-
-    hf_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        named = dict(_split_adapter(a) for a in adapter)
-        p = Predictor(base, named, max_new_tokens=max_new_tokens, allow_other_base=allow_other_base)
-        record = next(iter(p.records.values()))
-        if input == "-":
-            rows = [_stdin_row(line, record) for line in sys.stdin if line.strip()]
-        else:
-            rows = read_jsonl(input)
-        answers = {name: p.predict(rows, name) for name in p.adapters}
-        if with_base:
-            answers["base"] = p.predict(rows, None)
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    limit = max_new_tokens or peek(params, "serve.max_new_tokens")
+    if not isinstance(limit, int):
+        raise PipelineError(f"predict: give --max-new-tokens, or run where {params} has serve.max_new_tokens")
+    named = dict(_split_adapter(a) for a in adapter)
+    p = later("pipeline.predict").Predictor(base, named, max_new_tokens=limit, allow_other_base=allow_other_base)
+    prompt = next(iter(p.prompts.values()))
+    rows = [_stdin_row(line, prompt) for line in sys.stdin if line.strip()] if input == "-" else read_jsonl(input)
+    answers = {name: p.predict(rows, name) for name in p.adapters}
+    if with_base:
+        answers["base"] = p.predict(rows, None)
     for i, _ in enumerate(rows):
         typer.echo(json.dumps({"row": i + 1, **{k: v[i] for k, v in answers.items()}}, ensure_ascii=False))
 
@@ -125,9 +152,8 @@ def run_flow(
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
 ) -> None:
     """Run the pipeline's DVC stages as a Prefect flow: each stage a task, run or skipped by DVC."""
-    from pipeline.flow import pipeline
-
-    states = pipeline(root=str(root.resolve()), overrides=set_, experiment=experiment, pull=pull, push=push)
+    states = later("pipeline.flow").pipeline(root=str(root.resolve()), overrides=set_, experiment=experiment,
+                                             pull=pull, push=push)
     typer.echo(" ".join(f"{k}:{v}" for k, v in states.items()))
 
 
@@ -141,17 +167,16 @@ def serve(
 ) -> None:
     """Serve the flow as a deployment on the Prefect server in PREFECT_API_URL, with a schedule;
     runs until stopped. A run with unchanged data and params does nothing and says so."""
-    from pipeline.flow import pipeline
-
     if (cron is None) == (interval is None):
         typer.echo("error: give exactly one of --cron or --interval", err=True)
         raise typer.Exit(2)
-    pipeline.serve(name=name, cron=cron, interval=interval,
+    later("pipeline.flow").pipeline.serve(name=name, cron=cron, interval=interval,
                    parameters={"root": str(root.resolve()), "overrides": list(set_)},
                    description="peftflow: the DVC stages of dvc.yaml as Prefect tasks")
 
 
 @app.command()
+@one_line_errors
 def lineage(
     path: Path = typer.Argument(..., help="an adapter or export folder"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
@@ -159,15 +184,8 @@ def lineage(
     """Print the chain adapter -> train data -> raw data -> base model with every hash checked
     against the workspace and the DVC cache, and the commands that reproduce it. Exit code 1 if
     anything differs."""
-    from pipeline.core import lineage as lin
-    from pipeline.core.stage import PipelineError
-
     console = Console()
-    try:
-        r = lin.check(path, root)
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    r = lin.check(path, root)
     rec = r["record"]
     made = rec.get("adapter", rec)
     console.print(f"[bold]{path}[/bold] made by stage {rec.get('stage')}")
@@ -180,9 +198,16 @@ def lineage(
     b = made.get("base", {})
     console.print(f"base model: {b.get('source')} revision {b.get('revision')} gguf {b.get('gguf_file')} "
                   f"weights sha256 {str(b.get('weights_sha256'))[:16]}")
-    t = made.get("template", {})
-    console.print(f"template: {t.get('path')} sha256 {str(t.get('sha256'))[:16]}; tokenizer sha256 "
-                  f"{str(made.get('tokenizer_sha256'))[:16]}; seed {made.get('seed')}")
+    t = made.get("prompt", {})
+    console.print(f"template: {t.get('template')} sha256 {str(t.get('template_sha256'))[:16]}; tokenizer sha256 "
+                  f"{str(made.get('tokenizer_sha256'))[:16]}; seed {made.get('params', {}).get('seed')}")
+    for split, d in made.get("data", {}).items():
+        if isinstance(d, dict):
+            console.print(f"data {split}: {d.get('path')} md5 {str(d.get('md5'))[:12]}, {d.get('accepted')} of "
+                          f"{d.get('rows')} rows accepted")
+    for path, meta in r["sources"].items():
+        console.print(f"source of {path}: {meta.get('source')} at commit {meta.get('revision')}, "
+                      f"file {meta.get('file')}")
     table = Table("stage", "role", "path", "md5", "workspace", "DVC cache", title="lineage (newest first)")
 
     def row(stage: str, role: str, v: dict) -> None:
@@ -222,13 +247,10 @@ def verify(
     """Rerun stages in a scratch copy of the workspace and compare every output hash with dvc.lock: one
     row per output (same / differs, with the files inside a folder that differ). Exit code 1 on any
     difference."""
-    from pipeline.verify import missing_deps
-    from pipeline.verify import verify as run_verify
-
     console = Console()
-    undeclared = missing_deps(root)
-    for stage, files in undeclared.items():
-        console.print(f"[red]stage {stage} imports {', '.join(files)}, not in its dvc.yaml deps[/red]")
+    undeclared = later("pipeline.dvcspec").differences(root)
+    for line in undeclared:
+        console.print(f"[red]{line}[/red]")
     try:
         rows = run_verify(root, stages or None, keep, log=lambda m: console.print(m, style="dim"))
     except (ValueError, RuntimeError) as e:
@@ -247,16 +269,31 @@ def verify(
 
 
 @app.command()
-def deps(root: Path = typer.Option(Path("."), help="the DVC project folder")) -> None:
-    """Check that every stage's dvc.yaml deps cover the project modules it imports. Exit code 1 if not."""
-    from pipeline.verify import missing_deps
-
-    undeclared = missing_deps(root)
-    for stage, files in undeclared.items():
-        typer.echo(f"stage {stage}: imports {', '.join(files)}, not in its deps")
-    if undeclared:
+def contract(
+    write: bool = typer.Option(False, "--write", help="rewrite each stage's params and code deps in dvc.yaml"),
+    table: str = typer.Option(None, help="print the table project file -> stages that rerun, for this task"),
+    root: Path = typer.Option(Path("."), help="the DVC project folder"),
+) -> None:
+    """Check that each stage's dvc.yaml params and code deps are exactly what its code reads and runs (the
+    keys it, its task and its method declare; its import closure and the plug-ins it loads). Exit code 1
+    if not; --write makes dvc.yaml say so."""
+    dvcspec = later("pipeline.dvcspec")
+    if table:
+        typer.echo("| project file | stages that rerun when it changes |\n|---|---|")
+        for f, stages in dvcspec.file_stages(root, table).items():
+            typer.echo(f"| `{f}` | {', '.join(stages)} |")
+        return
+    if write:
+        mended = dvcspec.write(root)
+        typer.echo(f"dvc.yaml: {len(mended)} line(s) mended" + "".join(f"\n  {m}" for m in mended))
+        return
+    lines = dvcspec.differences(root)
+    for line in lines:
+        typer.echo(line)
+    if lines:
+        typer.echo("run `peftflow contract --write` to make dvc.yaml say what the code does")
         raise typer.Exit(1)
-    typer.echo("every stage's deps cover its imports")
+    typer.echo("every stage's dvc.yaml params and code deps are what its code reads and runs")
 
 
 @app.command()
@@ -266,9 +303,7 @@ def report(
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
 ) -> None:
     """Markdown report for a pull request: params diff, metrics with deltas, changed plots."""
-    from pipeline.report import build
-
-    typer.echo(build(root, base, out))
+    typer.echo(build_report(root, base, out))
     typer.echo(f"written to {out / 'report.md'}", err=True)
 
 
@@ -277,17 +312,16 @@ def _split_adapter(spec: str) -> tuple[str, Path]:
     return (name, Path(path)) if sep else (Path(spec).name, Path(spec))
 
 
-def _stdin_row(line: str, record: dict) -> dict:
+def _stdin_row(line: str, prompt) -> dict:
     """A JSON object as it is, or a plain line of text as the row its task expects."""
-    from pipeline.tasks import get as get_task
-
     line = line.strip()
     if line.startswith("{"):
         return json.loads(line)
-    return get_task(record["task"]).row_from_text(line, record.get("text_field", "sentence"))
+    return later("pipeline.tasks").get(prompt.task).row_from_text(line, prompt)
 
 
 @app.command("import-data")
+@one_line_errors
 def import_data(
     dataset: str = typer.Argument(..., help="dataset id on the Hugging Face hub, e.g. owner/name"),
     file: str = typer.Argument(..., help="the file in the dataset repository, e.g. data/train.jsonl"),
@@ -296,19 +330,13 @@ def import_data(
     cache_dir: Path = typer.Option(None, help="a folder in the hub's cache layout (offline); default: HF_HUB_CACHE"),
 ) -> None:
     """Copy a pinned file of a hub dataset into the project and track it with DVC (source in OUT.dvc)."""
-    from pipeline.core.stage import PipelineError
-    from pipeline.importing import import_data as run
-
-    try:
-        meta = run(dataset, revision, file, out, cache_dir)
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    meta = run_import(dataset, revision, file, out, cache_dir)
     typer.echo(f"import-data: {meta['source']} -> {out} (sha256 {meta['sha256'][:12]}); commit {out}.dvc, then "
                f"`dvc exp run -S data.train={out}` (or data.validation)")
 
 
 @app.command()
+@one_line_errors
 def sweep(
     sets: list[str] = typer.Option(..., "--set", "-S", help="KEY=V1,V2,... (one axis of the grid) or KEY=VALUE; "
                                    "repeat for more axes; the same syntax as `dvc exp run -S`"),
@@ -320,23 +348,17 @@ def sweep(
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
 ) -> None:
     """Queue a grid of params values times seeds as DVC experiments and run them (`dvc queue start -j N`)."""
-    from pipeline.core.stage import PipelineError
-    from pipeline.sweep import sweep as run
-
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        done = run(root, name, sets, seed_list, jobs, target, wait, echo=typer.echo)
     except ValueError:
-        typer.echo(f"error: --seeds {seeds!r}: expected integers separated by commas", err=True)
-        raise typer.Exit(2) from None
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise PipelineError(f"--seeds {seeds!r}: expected integers separated by commas") from None
+    done = run_sweep(root, name, sets, seed_list, jobs, target, wait, echo=typer.echo)
     if wait:
         typer.echo(f"sweep: {len(done)} experiments done; `peftflow compare --name {name}` compares them")
 
 
 @app.command()
+@one_line_errors
 def compare(
     name: str = typer.Option(None, "--name", "-n", help="only the experiments named NAME-* (a sweep)"),
     metric: str = typer.Option(None, help="adapter metric to compare (default: accuracy, else eval_loss)"),
@@ -345,16 +367,8 @@ def compare(
 ) -> None:
     """Compare experiments from `dvc exp show --json`: mean ± spread over seeds per params point, against
     train time, as a markdown table and a plot; the best is named."""
-    from pipeline.core.stage import PipelineError
-    from pipeline.sweep import compare as run
-    from pipeline.sweep import label
-
     out = out or root / "docs" / "results" / f"sweep-{name or 'all'}"
-    try:
-        groups = run(root, out, name, metric)
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    groups = compare_runs(root, out, name, metric)
     best = groups[0]
     typer.echo(f"compare: {len(groups)} points; best {label(best['point'])}: {best['metric']['mean']:.4f} ± "
                f"{best['metric']['std']:.4f} over {best['metric']['n']} seed(s); {out.with_suffix('.md')}, "

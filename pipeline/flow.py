@@ -28,6 +28,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from pipeline import contract, methods, tasks
 from pipeline.core.io import atomic_write_json
 from pipeline.core.lineage import dvc_repo
 from pipeline.core.stage import PipelineError, tool_env
@@ -64,14 +65,13 @@ def apply_overrides(root: Path, overrides: list[str]) -> None:
     that makes the params invalid (a typo, a wrong type) is refused and params.yaml is kept."""
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    from pipeline.core.params import load_params
-
     path = root / "params.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / "params.yaml"
         shutil.copy(path, trial)
         dvc_apply(str(trial), list(overrides))
-        load_params(trial)  # raises ParamsError naming the key
+        p = contract.load(trial)  # raises ParamsError naming the key: as every stage checks it,
+        methods.check(p.train, tasks.get(p.task).dpo)  # and as the train stage checks its method
         shutil.copy(trial, path.with_suffix(".yaml.tmp"))
         path.with_suffix(".yaml.tmp").replace(path)
 

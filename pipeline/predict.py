@@ -1,9 +1,9 @@
 """Serving: answer rows with one or more adapters on one base model, asked the way they were trained.
 
-Each adapter folder carries the template it was trained with (`format.json`: template text, chat
-template flag, system prompt) and its task and labels (`peftflow.json`). `Predictor` renders every
-row with that adapter's own template through the same `Renderer` and `encode_prompt` as training,
-so training and serving see the same tokens. Several adapters share one copy of the base weights
+Each adapter folder's record (`peftflow.json`) carries the prompt it was trained with (the task,
+template text, chat template flag, system prompt and, for classification, the labels). `Predictor`
+renders every row with that adapter's own prompt through the same `Renderer` and `encode_prompt` as
+training, so training and serving see the same tokens. Several adapters share one copy of the base weights
 and are switched per request (`set_adapter`); the base model's own answer is `adapter=None`
 (`disable_adapter`).
 
@@ -15,32 +15,36 @@ Used by `peftflow predict` (see cli.py).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
-from pipeline.core.modeling import check_adapter, load_adapter, load_tokenizer, record_method
-from pipeline.core.prompting import Renderer
+from pipeline import tasks
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.prompting import Prompt, Renderer
+from pipeline.core.scoring import Scorer
 from pipeline.core.stage import PipelineError
-from pipeline.tasks import get as get_task
+from pipeline.methods.adapters import check_adapter, load_adapter, record_of, trained_method
+
+BATCH = 16  # rows scored at a time
 
 
 class Predictor:
     """A base model with named adapters loaded once; `predict(rows, adapter)` switches between them."""
 
-    def __init__(self, base_dir: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 64,
+    def __init__(self, base_dir: str | Path, adapters: dict[str, str | Path], max_new_tokens: int,
                  allow_other_base: bool = False) -> None:
         if not adapters:
             raise PipelineError("predict: give at least one adapter folder")
         self.tokenizer = load_tokenizer(base_dir)
         self.max_new_tokens = max_new_tokens
-        self.records: dict[str, dict] = {}
+        self.prompts: dict[str, Prompt] = {}
         self.renderers: dict[str, Renderer] = {}
+        self.prompt_learning: dict[str, bool] = {}
         self.model = None
         for name, path in adapters.items():
             path = Path(path)
-            method = record_method(path)
+            method = trained_method(path)
             if not method.peft and len(adapters) > 1:
                 raise PipelineError(f"predict: {path} holds the base model's own weights trained (train.method: "
                                     f"{method.name}), not a PEFT adapter; it cannot share a base with other "
@@ -50,21 +54,19 @@ class Predictor:
             else:
                 check_adapter(Path(base_dir), path, allow_other_base)
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            record = json.loads((path / "peftflow.json").read_text())
-            fmt = json.loads((path / "format.json").read_text())
-            self.records[name] = record
-            self.renderers[name] = Renderer(fmt["template_text"], f"{path}/format.json", tokenizer=self.tokenizer,
-                                            chat_template=fmt["chat_template"], system_prompt=fmt["system_prompt"])
+            self.prompts[name] = Prompt.from_record(record_of(path))
+            self.renderers[name] = self.prompts[name].renderer(self.tokenizer)
+            self.prompt_learning[name] = method.prompt_learning
         self.model.eval()
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.records)
+        return list(self.prompts)
 
     def _use(self, adapter: str | None):
         if adapter is None:
             return self.model.disable_adapter()
-        if adapter not in self.records:
+        if adapter not in self.prompts:
             raise PipelineError(f"predict: no adapter named '{adapter}' (loaded: {', '.join(self.adapters)})")
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
@@ -73,10 +75,9 @@ class Predictor:
     def predict(self, rows: list[dict], adapter: str | None) -> list[str]:
         """Answers for `rows` from `adapter` (None: the base model, rendered with the first adapter's template)."""
         name = adapter or self.adapters[0]
-        record, renderer = self.records[name], self.renderers[name]
-        task = get_task(record["task"])
-        prompts = [task.prompt(renderer, {**r, "labels": record["labels"]}, f"input row {i + 1}")
-                   for i, r in enumerate(rows)]
+        prompt, renderer = self.prompts[name], self.renderers[name]
+        task = tasks.get(prompt.task)
+        prompts = [task.prompt(prompt, renderer, r, f"input row {i + 1}") for i, r in enumerate(rows)]
+        scorer = Scorer(self.model, self.tokenizer, BATCH, adapter is not None and self.prompt_learning[name])
         with self._use(adapter):
-            return task.answer(self.model, self.tokenizer, renderer, record, rows, prompts, self.max_new_tokens)
-
+            return task.answer(scorer, prompt, renderer, rows, prompts, self.max_new_tokens)

@@ -15,6 +15,8 @@ import io
 import subprocess
 from pathlib import Path
 
+from pipeline.core.lineage import dvc_repo
+
 LOSS = "reports/train/plots/metrics/train/loss.tsv"
 CONFUSION = "reports/evaluate/confusion.png"
 
@@ -62,7 +64,6 @@ def fmt(v) -> str:
 
 def build(root: Path, base: str, out: Path) -> str:
     """Write `<out>/report.md` (and images) comparing the working tree with `base`; returns the markdown."""
-    from pipeline.core.lineage import dvc_repo
 
     out.mkdir(parents=True, exist_ok=True)
     with dvc_repo(root) as repo:

@@ -1,9 +1,6 @@
-"""Reproducibility checks: complete code deps, and `peftflow verify` (rerun stages, compare hashes).
+"""`peftflow verify`: rerun stages in a scratch copy and compare every output hash with dvc.lock.
 
 Job:
-- `missing_deps(root)`: for every stage in dvc.yaml, the project modules its `python -m` module
-  imports (the whole closure, lazy imports inside functions included) that its `deps` do not list.
-  An undeclared import means an edit to that file would rerun nothing: the test suite fails on it.
 - `verify(root, stages)`: copies the workspace's git-tracked files into a scratch folder that shares
   the DVC cache, checks out the recorded inputs there, reruns the named stages with `dvc repro
   --force`, and compares every output hash with the committed `dvc.lock`. For a folder that
@@ -16,7 +13,6 @@ the workspace is changed (the reruns' outputs enter the shared, content-addresse
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 import subprocess
@@ -30,75 +26,6 @@ import yaml
 from pipeline.core.lineage import cache_object, hardware_class, lock_outs
 from pipeline.core.stage import tool_env
 
-PACKAGE = "pipeline"
-
-
-def module_file(root: Path, module: str) -> Path | None:
-    """The file of a project module (`pipeline.core.io` -> pipeline/io.py), or None if it is not one."""
-    f = root / (module.replace(".", "/") + ".py")
-    if f.exists():
-        return f
-    f = root / module.replace(".", "/") / "__init__.py"
-    return f if f.exists() else None
-
-
-def imports(root: Path, path: Path) -> set[str]:
-    """The project modules a file imports, anywhere in it (functions' lazy imports too)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {n for n in names if n.split(".")[0] == PACKAGE and module_file(root, n)}
-    return found
-
-
-def import_closure(root: Path, module: str) -> set[str]:
-    """Every project file (relative paths) that running `python -m module` can import."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        m = todo.pop()
-        f = module_file(root, m)
-        if f is None or m in seen:
-            continue
-        seen.add(m)
-        todo += imports(root, f)
-    return {module_file(root, m).relative_to(root).as_posix() for m in seen}
-
-
-def stage_module(cmd: str) -> str | None:
-    """`python -m pipeline.stages.train --data ...` -> `pipeline.train`."""
-    words = cmd.split()
-    if "-m" in words and words.index("-m") + 1 < len(words):
-        return words[words.index("-m") + 1]
-    return None
-
-
-def covered(path: str, deps: list[str]) -> bool:
-    """Whether a file is a dep, or inside a folder that is one."""
-    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
-
-
-def missing_deps(root: Path = Path(".")) -> dict[str, list[str]]:
-    """Stage -> the project files its module imports that its dvc.yaml deps do not cover."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    out = {}
-    for name, stage in spec.items():
-        module = stage_module(" ".join(stage["cmd"]) if isinstance(stage["cmd"], list) else stage["cmd"])
-        if not module or module.split(".")[0] != PACKAGE:
-            continue
-        deps = [d for d in stage.get("deps", []) if isinstance(d, str)]
-        missing = sorted(f for f in import_closure(root, module) if not covered(f, deps))
-        if missing:
-            out[name] = missing
-    return out
-
-
-# ---- verify ---------------------------------------------------------------------------------------
 
 @dataclass
 class Row:

@@ -83,7 +83,7 @@ def raw_params(**overrides) -> dict:
         *parents, last = key.split(".")
         for k in parents:
             node = node.setdefault(k, {})
-        node[last] = value
+        node[last] = copy.deepcopy(value)  # the caller's mappings (TINY_TRAIN's) stay as they are
     return raw
 
 
@@ -96,14 +96,23 @@ TINY_TRAIN = {
 
 
 def make_params(**overrides):
-    from pipeline.core.params import parse_params
+    """params.yaml with these overrides, checked as every stage and the train stage check it."""
+    from pipeline import methods, tasks
+    from pipeline.contract import parse
 
-    return parse_params(raw_params(**{**TINY_TRAIN, **overrides}))
+    p = parse(raw_params(**{**TINY_TRAIN, **overrides}))
+    methods.check(p.train, tasks.get(p.task).dpo)
+    return p
 
 
 def section(name: str, **values):
     """One params section (`section("export", atol=1e-4)`): params.yaml's values with these overrides, checked."""
     return getattr(make_params(**{f"{name}.{k}": v for k, v in values.items()}), name)
+
+
+def prompt_of(tokenized: Path) -> Path:
+    """The format stage's record beside a tokenized folder made by `prepare` (train's `--prompt`)."""
+    return Path(tokenized).parent / "formatted" / "format.json"
 
 
 def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | None = 64, **over) -> dict[str, Path]:
@@ -140,9 +149,51 @@ def trained(tiny_base, prepared, tmp_path_factory) -> dict:
     from pipeline.stages import train
 
     tmp = tmp_path_factory.mktemp("trained")
-    metrics = train.run(prepared["params"], prepared["tokenized"], tiny_base, tmp / "adapter", tmp / "live",
-                        tmp / "ckpt")
+    metrics = train.run(prepared["params"], prepared["tokenized"], prepared["formatted"] / "format.json", tiny_base,
+                        tmp / "adapter", tmp / "live", tmp / "ckpt")
     return {**prepared, "adapter": tmp / "adapter", "live": tmp / "live", "metrics": metrics}
+
+
+def fit(p, tokenized: Path, base: Path, live: Path, ckpt: Path):
+    """The train stage's SFT recipe run on `p` (no DPO, nothing saved): (trained model, metrics, recipe)."""
+    from pipeline import methods
+    from pipeline.contract import view
+    from pipeline.recipes import sft
+    from pipeline.stages import train
+
+    method = methods.get(p.train.method)
+    v = view(p, "train", train.READS, method)
+    recipe = sft.SFT(v.train, v.seed, v.deterministic, method, "test")
+    recipe.setup(tokenized, base, live, ckpt)
+    metrics, _ = recipe.train()
+    recipe.log.end(metrics)
+    return recipe.model, metrics, recipe
+
+
+def save(recipe, p, metrics: dict, tokenized: Path, base: Path, out: Path) -> None:
+    """The train stage's save of what `fit` trained."""
+    from pipeline.stages import train
+
+    v = train.contract.view(p, "train", train.READS, recipe.method)
+    train.save(v, recipe.method, recipe.model, metrics, tokenized, prompt_of(tokenized), base, out, None)
+
+
+def recipe_on(model, method_name: str = "lora", shared_prefix: bool = True, budget: int | None = None, **over):
+    """An SFT recipe whose step runs on `model` as `setup` would have made it: fp32, SGD at lr 0."""
+    import torch
+
+    from pipeline import methods
+    from pipeline.core.optim import OptimizerStep
+    from pipeline.core.processes import Processes
+    from pipeline.recipes import sft
+
+    t = make_params(**{"train.precision": "fp32", "train.max_batch_tokens": budget, **over}).train
+    r = sft.SFT(t, 0, True, methods.get(method_name), "test")
+    params = [q for q in model.parameters() if q.requires_grad]
+    r.dev, r.model, r.wrapped, r.procs = torch.device("cpu"), model, model, Processes(torch.device("cpu"))
+    r.opt = OptimizerStep(torch.optim.SGD(params, lr=0.0), params, "fp32", None, r.dev)
+    r.layouts = {"shared_prefix": shared_prefix, "packing": False}
+    return r
 
 
 def sh(cwd: Path, *cmd: str) -> str:
@@ -165,7 +216,7 @@ def make_repo(r: Path, tiny_base: Path) -> Path:
     for f in (ROOT / "data" / "example").glob("sentiment_*.jsonl"):
         shutil.copy(f, r / "data" / "example" / f.name)
     params = raw_params(**{**TINY_TRAIN, "base.model": str(tiny_base), "base.gguf_file": None,
-                           "gguf.tokenizer_pre": "gpt-2",
+                           "gguf.tokenizer_pre": "gpt-2", "train.checkpoint_every": 10,
                            "train.epochs": 1, "data.train": "data/example/sentiment_train.jsonl",
                            "data.validation": "data/example/sentiment_validation.jsonl"})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, copy_repo, raw_params, sh
-from test_pipeline import ran
+from conftest import EXAMPLE, ROOT, TINY_TRAIN, build_tiny_base, copy_repo, prompt_of, raw_params, sh
 
 GOOD = [json.loads(x) for x in (EXAMPLE / "sentiment_train.jsonl").read_text().splitlines()[:40]]
 VAL = [json.loads(x) for x in (EXAMPLE / "sentiment_validation.jsonl").read_text().splitlines()[:10]]
@@ -24,7 +23,7 @@ VAL = [json.loads(x) for x in (EXAMPLE / "sentiment_validation.jsonl").read_text
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory, tiny_base):
     """A workspace with params, data and every stage's output, made once for all cases."""
-    from pipeline.core.params import parse_params
+    from pipeline.contract import parse as parse_params
     from pipeline.stages import format as fmt
     from pipeline.stages import tokenize, train, validate
 
@@ -40,7 +39,7 @@ def ready(tmp_path_factory, tiny_base):
     validate.run(p, w / "train.jsonl", w / "val.jsonl", w / "validated", w / "v.json")
     fmt.run(p, w / "validated", w / "prompts" / "sentiment.jinja", w / "base", w / "formatted")
     tokenize.run(p, w / "formatted", w / "base", w / "tokenized")
-    train.run(p, w / "tokenized", w / "base", w / "adapter", w / "live", w / "ckpt")
+    train.run(p, w / "tokenized", prompt_of(w / "tokenized"), w / "base", w / "adapter", w / "live", w / "ckpt")
     return w
 
 
@@ -96,8 +95,8 @@ def bad_params(**overrides):
 
 
 def train_cmd(w: Path):
-    return stage(w, "train", "--data", "tokenized", "--base", "base", "--out", "out", "--live", "live2",
-                 "--checkpoints", "ckpt2")
+    return stage(w, "train", "--data", "tokenized", "--prompt", "formatted/format.json", "--base", "base", "--out",
+                 "out", "--live", "live2", "--checkpoints", "ckpt2")
 
 
 def evaluate_cmd(w: Path, base: str = "base"):
@@ -132,6 +131,12 @@ def pickle_adapter(w):
     return evaluate_cmd(w), w / "out"
 
 
+def adapter_of_another_shape(w):
+    config = json.loads((w / "adapter" / "adapter_config.json").read_text())
+    (w / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))  # the weights are r=8
+    return evaluate_cmd(w), w / "out"
+
+
 def other_base(w):
     build_tiny_base(w / "base_other", seed=1)
     return evaluate_cmd(w, "base_other"), w / "out"
@@ -159,6 +164,8 @@ CASES = {
     "missing base model path": (missing_base, ["base.model", "no_such_model", "no such directory"]),
     "truncated safetensors": (truncated_base_weights, ["base/model.safetensors: sha256 differs", "corrupted"]),
     "corrupted adapter safetensors": (corrupted_adapter, ["adapter: cannot load the adapter"]),
+    "adapter of another shape": (adapter_of_another_shape, ["adapter: cannot load the adapter", "size mismatch for",
+                                                            "copying a param with shape"]),  # the whole reason
     "pickle adapter": (pickle_adapter, ["adapter: no adapter_model.safetensors; pickle weights are refused"]),
     "adapter for a different base model": (other_base, ["adapter was trained on base weights", "base_other holds"]),
 }
@@ -179,40 +186,75 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, ready, tmp_path):
     assert not [p for p in w.rglob("*.tmp")], "temporary files left behind"
 
 
-def test_kill_9_during_training_then_repro_resumes(history, tmp_path):
-    """SIGKILL the train stage after its first checkpoint; `dvc repro` resumes there and ends on
-    the same step count, with every other stage's outputs intact."""
-    import time
+KILLER = """
+import json, os, signal, sys
+from pathlib import Path
 
-    import psutil
+_POINTS = json.loads(Path(os.environ["PEFTFLOW_KILL_POINTS"]).read_text())
+_DONE = Path(os.environ["PEFTFLOW_KILL_DONE"])
+_SEEN = {}
 
-    repo = copy_repo(history["root"], tmp_path / "repo")  # every stage reproduced: train runs first here
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(epochs=12, checkpoint_every=10)  # 240 rows / 8 = 30 batches per epoch: 360 steps
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PATH": env_path})
-    ckpt = repo / "checkpoints" / "train" / "checkpoint.json"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert ckpt.exists(), "no checkpoint was written"
-    killed = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pipeline.stages.train" in " ".join(c.cmdline())]
-    assert killed, "train process not found"
-    for c in killed:
-        c.kill()  # SIGKILL
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
-    step_at_kill = json.loads(ckpt.read_text())["step"]
-    assert 10 <= step_at_kill < 360
-    assert not (repo / "models" / "adapter").exists()
 
-    out = sh(repo, sys.executable, "-m", "dvc", "repro")
-    assert ran(out) == ["train", "evaluate", "export", "gguf"]
-    metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
-    facts = json.loads((repo / "reports" / "train" / "run.json").read_text())  # run facts: outside dvc.lock
-    assert facts["resumed_from_step"] >= step_at_kill and metrics["steps"] == 360
-    losses = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
-    assert [int(x.split("\t")[0]) for x in losses] == list(range(1, 361))  # one point per step, none twice
+def _hook(event, args):
+    if event != "open" or not args or not isinstance(args[0], str) or not args[1] or "w" not in str(args[1]):
+        return
+    program = " ".join(sys.orig_argv)
+    for name, point in _POINTS.items():
+        if f"pipeline.stages.{point['stage']}" not in program or (_DONE / name).exists():
+            continue
+        if not all(part in args[0] for part in point["path"]):
+            continue
+        if point.get("after") and not Path(point["after"]).exists():
+            continue
+        _SEEN[name] = _SEEN.get(name, 0) + 1
+        if _SEEN[name] == point.get("nth", 1):
+            (_DONE / name).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+sys.addaudithook(_hook)
+"""
+# where each stage is killed (SIGKILL, no cleanup), each once: the file a write opens (all parts in its path)
+KILL_POINTS = {
+    "train, before its first checkpoint": {"stage": "train", "path": ["reports/train/metrics.json"], "nth": 3},
+    "train, while a checkpoint is written": {"stage": "train", "path": ["checkpoints/.train.", "checkpoint.json"]},
+    "train, just after a checkpoint": {"stage": "train", "path": ["reports/train/metrics.json"],
+                                       "after": "checkpoints/train/checkpoint.json"},
+    "train, while the adapter is written": {"stage": "train", "path": ["models/.adapter.", "peftflow.json"]},
+    "evaluate, while writing": {"stage": "evaluate", "path": ["reports/.evaluate.", "predictions.json"]},
+    "export, while writing": {"stage": "export", "path": ["models/.export.", "README.md"]},
+    "gguf, while writing": {"stage": "gguf", "path": ["models/.gguf.", "Modelfile"]},
+}
+
+
+def test_kill_9_at_every_point_then_repro_gives_the_same_dvc_lock(history, tmp_path):
+    """Every stage's outputs gone, then `dvc repro` until it succeeds, each stage SIGKILLed at the points above
+    (before a checkpoint, while one is written, just after one, while the adapter, the evaluation, the export
+    and the GGUF are written): resumed or rerun, every output comes out as in the uninterrupted run, hash for
+    hash (the committed dvc.lock), and nothing half written is left where DVC looks."""
+    repo = copy_repo(history["root"], tmp_path / "repo")
+    for out in ("models", "data/validated", "data/formatted", "data/tokenized", "reports", "checkpoints",
+                ".dvc/cache"):  # (with the cache, DVC would check the outputs out instead of running the stages)
+        shutil.rmtree(repo / out, ignore_errors=True)
+    hooks, done = tmp_path / "hooks", tmp_path / "done"
+    hooks.mkdir()
+    done.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    (tmp_path / "points.json").write_text(json.dumps(KILL_POINTS))
+    env = {**os.environ, "PYTHONPATH": str(hooks), "PEFTFLOW_KILL_POINTS": str(tmp_path / "points.json"),
+           "PEFTFLOW_KILL_DONE": str(done), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    runs = []
+    for _ in range(len(KILL_POINTS) + 1):
+        r = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        runs.append(r)
+        if r.returncode == 0:
+            break
+    assert runs[-1].returncode == 0, runs[-1].stdout[-3000:] + runs[-1].stderr[-3000:]
+    ran_stages = [[line for line in r.stdout.splitlines() if line.startswith(("Running stage", "ERROR"))] for r in runs]
+    assert sorted(p.name for p in done.iterdir()) == sorted(KILL_POINTS), ran_stages
+    assert len(runs) == len(KILL_POINTS) + 1
+    facts = json.loads((repo / "reports" / "train" / "run.json").read_text())
+    assert facts["resumed_from_step"] == 20  # the last run resumed from the step-20 checkpoint
+    assert (repo / "dvc.lock").read_text() == sh(repo, "git", "show", "HEAD:dvc.lock")
+    assert not [p for p in repo.rglob(".*.tmp") if ".dvc" not in p.parts], "half-written output left behind"
     assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")

@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 
-from pipeline.core import batching
-from pipeline.core import varlen
-from pipeline.core.modeling import IGNORE, attention
+from pipeline.core import batching, varlen
+from pipeline.core.encoding import IGNORE
 
 
 def lora_model(base, seed: int = 0, attn: str = "eager"):
@@ -18,7 +17,7 @@ def lora_model(base, seed: int = 0, attn: str = "eager"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation=attention(attn, torch.device("cpu")))
+    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation=varlen.implementation(attn, torch.device("cpu"), False))
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], init_lora_weights=False)
     return get_peft_model(model, config).train()  # B != 0: the adapters change the prefix's keys and values

@@ -6,16 +6,16 @@ import json
 import pytest
 from conftest import EXAMPLE, make_params, prepare
 
-from pipeline.core.encoding import encode_prompt, labelled_runs, mask_audit
-from pipeline.core.modeling import IGNORE, load_tokenizer
-from pipeline.core.prompting import Renderer, TemplateError
-from pipeline.core.stage import PipelineError
+from pipeline import tasks
+from pipeline.core.encoding import IGNORE, encode_prompt, labelled_runs, mask_audit
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.prompting import Renderer
+from pipeline.core.stage import PipelineError, TemplateError
 from pipeline.stages import format as fmt
 from pipeline.stages import tokenize, train, validate
-from pipeline.tasks import TASKS
 from pipeline.tasks import chat as chat_task
 
-CHAT = TASKS["chat"]
+CHAT = tasks.get("chat")
 CONVO = [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": "Add up the numbers.\n\n2 + 3"}, {"role": "assistant", "content": "5"},
          {"role": "user", "content": "And if you subtract 1 from that?"}, {"role": "assistant", "content": "4"}]
@@ -101,8 +101,8 @@ def test_loss_on_last_masks_the_earlier_turns(tiny_base, tmp_path):
 
 def test_a_wrong_mask_fails_the_audit_naming_the_row(chat_prepared, tiny_base, tmp_path, monkeypatch):
     tok = load_tokenizer(tiny_base)
-    text, spans = chat_task.assistant_spans(tok, CONVO, False, "row")
-    right = chat_task.encode_chat(tok, text, spans, 256, "response")
+    text, spans = chat_task.assistant_spans(tok, CONVO, "row")
+    right = chat_task.encode_chat(tok, text, chat_task.loss_spans(spans, "all"), 256, "response")
     assert right["expected"] == ["5<|im_end|>", "4<|im_end|>"]
     assert mask_audit(tok, right["input_ids"], right["labels"], right["expected"], False) is None
     first = labelled_runs(right["labels"])[1][0]
@@ -153,17 +153,21 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_unless_loss_on_last(t
                  chat_template=True)
     row = {"row": 1, "messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "Five."},
                                   {"role": "user", "content": "Minus one?"}, {"role": "assistant", "content": "Four."}]}
-    with pytest.raises(TemplateError, match=r"renders assistant turn 2 differently .* set tokenize.loss_on: last"):
-        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")
-    item = CHAT.render(make_params(**{"task": "chat", "tokenize.loss_on": "last"}), r, row, "t.jsonl row 1")
-    assert [item["text"][a:b] for a, b in item["spans"]] == ["Four.<|im_end|>"]
+    item = CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")  # format finds what it can
+    with pytest.raises(TemplateError, match=r"t.jsonl row 1: .* renders assistant turn 2 differently .* set "
+                                            r"tokenize.loss_on: last"):
+        chat_task.loss_spans(item["spans"], "all")  # tokenize, with loss_on: all, cannot go on
+    assert [item["text"][a:b] for a, b in chat_task.loss_spans(item["spans"], "last")] == ["Four.<|im_end|>"]
+
+    def spans_of(row: dict) -> list[list[int]]:
+        return chat_task.loss_spans(CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")["spans"], "all")
 
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(TemplateError, match=r"has no generation prompt that ends where assistant turn 2 begins"):
-        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")
+        spans_of(row)
     tok.chat_template += "{% if add_generation_prompt %}assistant: {% endif %}"
     with pytest.raises(TemplateError, match=r"ends an assistant turn with nothing"):
-        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 1")
+        spans_of(row)
     with pytest.raises(TemplateError, match=r"tool_calls but the chat template .* does not render them"):
         CHAT.render(make_params(task="chat"), r, {"row": 2, "messages": [
             {"role": "user", "content": "Weather?"},
@@ -188,14 +192,15 @@ def test_serving_the_next_turn_uses_the_training_tokens(chat_prepared, tiny_base
     p = chat_prepared["params"]
     out = tmp_path / "adapter"
     train.run(p.model_copy(update={"train": p.train.model_copy(update={"epochs": 1})}), chat_prepared["tokenized"],
-              tiny_base, out, tmp_path / "live", tmp_path / "ckpt")
+              chat_prepared["formatted"] / "format.json", tiny_base, out, tmp_path / "live", tmp_path / "ckpt")
     pred = Predictor(tiny_base, {"a": out}, max_new_tokens=4)
     tok = load_tokenizer(tiny_base)
     tokenized = {r["row"]: r for r in load_from_disk(str(chat_prepared["tokenized"] / "validation"))}
     raw = [json.loads(x) for x in (chat_prepared["validated"] / "validation.jsonl").read_text().splitlines()]
     assert len(raw) == len(tokenized) == 40
     for row in raw:
-        served = encode_prompt(tok, CHAT.prompt(pred.renderers["a"], {"messages": row["messages"][:-1]}, "row"))
+        served = encode_prompt(tok, CHAT.prompt(pred.prompts["a"], pred.renderers["a"],
+                                                {"messages": row["messages"][:-1]}, "row"))
         t = tokenized[row["row"]]
         last = labelled_runs(t["labels"])[-1][0]
         assert served == t["input_ids"][:last]
@@ -208,8 +213,8 @@ def test_serving_the_next_turn_uses_the_training_tokens(chat_prepared, tiny_base
 def test_format_writes_the_text_and_spans_it_will_train_on(chat_prepared):
     rows = [json.loads(x) for x in (chat_prepared["formatted"] / "train.jsonl").read_text().splitlines()]
     for r in rows:
-        assert [r["text"][a:b] for a, b in r["spans"]] == [m["content"] + "<|im_end|>" for m in r["messages"]
-                                                         if m["role"] == "assistant"]
+        assert [r["text"][a:b] for a, b in chat_task.loss_spans(r["spans"], "all")] == [
+            m["content"] + "<|im_end|>" for m in r["messages"] if m["role"] == "assistant"]
         assert r["text"].startswith(r["prompt"]) and r["response"] == r["messages"][-1]["content"]
 
 
@@ -229,7 +234,7 @@ def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(tmp_pa
     from pipeline.stages import base, evaluate, export, gguf
 
     b = tmp_path / "base"
-    base.run(make_params().base, b)
+    base.run(make_params(), b)
     alpaca = {s: [json.loads(x) for x in (SHARED / "alpaca_small" / f"{s}.jsonl").read_text().splitlines()]
               for s in ("train", "validation")}
     for s, rows in alpaca.items():
@@ -267,7 +272,7 @@ def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(tmp_pa
         validate.run(p, src["train"], src["validation"], w / "v", w / "v.json")
         fmt.run(p, w / "v", ROOT / "prompts" / template, b, w / "f")
         tokenize.run(p, w / "f", b, w / "t")
-        train.run(p, w / "t", b, w / "a", w / "live", w / "c")
+        train.run(p, w / "t", w / "f" / "format.json", b, w / "a", w / "live", w / "c")
         r = evaluate.run(p, b, w / "a", w / "f", w / "t", w / "ev", w / "v")
         assert r["adapter"]["eval_loss"] < r["base"]["eval_loss"]
         losses[task] = r["adapter"]["eval_loss"]
@@ -286,7 +291,8 @@ def test_the_gguf_carries_the_chat_template_and_llama_cpp_formats_like_training(
     from pipeline.stages import export, gguf
 
     p = chat_prepared["params"]
-    train.run(p, chat_prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    train.run(p, chat_prepared["tokenized"], chat_prepared["formatted"] / "format.json", tiny_base, tmp_path / "a",
+              tmp_path / "live", tmp_path / "c")
     export.run(p, tiny_base, tmp_path / "a", chat_prepared["tokenized"], tmp_path / "x")
     gp = make_params(task="chat", **{"gguf.tokenizer_pre": "gpt-2", "gguf.outtype": "f32", "gguf.llama_cpp_rows": 20,
                                      "gguf.max_new_tokens": 4, "gguf.min_agreement": 0.0})
@@ -301,3 +307,45 @@ def test_the_gguf_carries_the_chat_template_and_llama_cpp_formats_like_training(
     write(wrong / "validation.jsonl", rows)
     with pytest.raises(gguf.GgufError, match=rf"validation row {rows[2]['row']}: the chat template .* other tokens"):
         gguf.run(gp, tmp_path / "x", wrong, chat_prepared["validated"], tmp_path / "g2")
+
+
+def test_a_conversation_that_opens_with_the_assistant(tiny_base, tmp_path):
+    """An assistant turn with nothing before it: validate accepts the row, format records why that turn has no
+    span, and tokenize with loss_on: all stops with one line naming the file, the row and what to set, while
+    loss_on: last trains on the final turn."""
+    opening = {"messages": [{"role": "assistant", "content": "Hello, how can I help?"},
+                            {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
+    rows = [json.loads(x) for x in (EXAMPLE / "chat_train.jsonl").read_text().splitlines()[:10]]
+    val = [json.loads(x) for x in (EXAMPLE / "chat_validation.jsonl").read_text().splitlines()[:4]]
+    over = {"task": "chat", "format.template": str(EXAMPLE.parent.parent / "prompts" / "chat.jinja"),
+            "validate.max_reject_ratio": 0.0}
+    for loss_on in ("all", "last"):
+        p = make_params(**over, **{"tokenize.loss_on": loss_on})
+        w = tmp_path / loss_on
+        w.mkdir()
+        validate.run(p, write(w / "t.jsonl", rows + [opening]), write(w / "v.jsonl", val), w / "v", w / "m.json")
+        fmt.run(p, w / "v", EXAMPLE.parent.parent / "prompts" / "chat.jinja", tiny_base, w / "f")
+        if loss_on == "all":
+            with pytest.raises(TemplateError) as e:
+                tokenize.run(p, w / "f", tiny_base, w / "t")
+            assert "\n" not in str(e.value) and f"{w / 'v' / 'train.jsonl'} row 11" in str(e.value)
+            assert "assistant turn 1 opens the conversation" in str(e.value) and "tokenize.loss_on: last" in str(e.value)
+            assert not (w / "t").exists()
+        else:
+            report = tokenize.run(p, w / "f", tiny_base, w / "t")
+            assert report["train"]["kept"] == 11 and report["train"]["mask_audit"]["failed"] == 0
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_one_line(tiny_base):
+    """A chat template that raises (e.g. one requiring user and assistant to alternate) names the row."""
+    tok = load_tokenizer(tiny_base)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    r = Renderer("{% block prompt %}{{ content }}{% endblock %}{% block response %}{{ content }}{% endblock %}",
+                 "chat.jinja", tokenizer=tok, chat_template=True)
+    row = {"row": 4, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                  {"role": "assistant", "content": "c"}]}
+    with pytest.raises(TemplateError, match=r"t.jsonl row 4: the chat template of .* refuses the conversation: "
+                                            r"Conversation roles must alternate"):
+        CHAT.render(make_params(task="chat"), r, row, "t.jsonl row 4")

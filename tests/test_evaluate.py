@@ -2,13 +2,15 @@ import contextlib
 import json
 
 import numpy as np
-from conftest import prepare
+from conftest import prepare, prompt_of
 
+from pipeline import tasks
 from pipeline.core import scoring
 from pipeline.core.encoding import encode_prompt
-from pipeline.core.modeling import load_adapter, load_tokenizer
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.prompting import Prompt
+from pipeline.methods.adapters import load_adapter
 from pipeline.stages import evaluate, train
-from pipeline.tasks import TASKS
 from pipeline.tasks.classification import RULES, classification_metrics, parse_label, rule_predictions
 
 
@@ -26,9 +28,9 @@ def test_classification_metrics_and_plots(trained, tiny_base, tmp_path):
     tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
     rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()]
     truth = [trained["params"].labels.index(x["label"]) for x in rows]
-    adapter = scoring.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
+    adapter = scoring.choice_logprobs(model, tok, rows, 16).total[np.arange(len(rows)), truth].mean()
     with model.disable_adapter():
-        base = scoring.choice_scores(model, tok, rows, 16)[np.arange(len(rows)), truth].mean()
+        base = scoring.choice_logprobs(model, tok, rows, 16).total[np.arange(len(rows)), truth].mean()
     assert adapter > base + 1.0
     preds = json.loads((tmp_path / "ev" / "predictions.json").read_text())
     assert len(preds) == 32
@@ -95,10 +97,10 @@ def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):
     tok = load_tokenizer(tiny_base)
     model = load_adapter(tiny_base, trained["adapter"])
     rows = [{"prompt": "Sentence: x", "choices": ["negative", "neutral", "positive"]}]
-    scores = scoring.choice_scores(model, tok, rows, batch_size=2)
+    scores = scoring.choice_logprobs(model, tok, rows, 2).total
     # scoring one choice at a time gives the same numbers as the batched pass
     for j, c in enumerate(rows[0]["choices"]):
-        single = scoring.choice_scores(model, tok, [{"prompt": "Sentence: x", "choices": [c]}], batch_size=1)
+        single = scoring.choice_logprobs(model, tok, [{"prompt": "Sentence: x", "choices": [c]}], 1).total
         assert abs(single[0, 0] - scores[0, j]) < 1e-4
 
 
@@ -110,7 +112,7 @@ def test_classification_metrics_known_values():
 
 def test_instruction_eval_loss_and_samples(tiny_base, tmp_path):
     prep = prepare(tmp_path, tiny_base, task="instruction", rows=32)
-    train.run(prep["params"], prep["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    train.run(prep["params"], prep["tokenized"], prompt_of(prep["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     r = evaluate.run(prep["params"], tiny_base, tmp_path / "a", prep["formatted"], prep["tokenized"], tmp_path / "ev",
                      prep["validated"])
     assert r["adapter"]["eval_loss"] < r["base"]["eval_loss"]
@@ -130,10 +132,10 @@ def test_cached_choice_scores_equal_scoring_each_choice_in_full(trained, tiny_ba
     unshared = rows + [{"prompt": "short", "choices": ["a much longer answer than the others", "no", "maybe"]}]
     assert scoring.shared_prefix(model, prompts + [encode_prompt(tok, "short")], "cpu")[0] == 0
     for case in (rows, unshared):
-        cached, full = scoring.choice_scores(model, tok, case, 4), scoring.full_scores(model, tok, case, 4)
+        cached, full = scoring.choice_logprobs(model, tok, case, 4).total, scoring.full_logprobs(model, tok, case, 4).total
         assert np.isfinite(cached).all() and np.abs(cached - full).max() < 1e-3
         with model.disable_adapter():
-            assert np.abs(scoring.choice_scores(model, tok, case, 4) - scoring.full_scores(model, tok, case, 4)).max() < 1e-3
+            assert np.abs(scoring.choice_logprobs(model, tok, case, 4).total - scoring.full_logprobs(model, tok, case, 4).total).max() < 1e-3
 
 
 def test_generation_from_the_shared_prefix_equals_each_prompt_alone(trained, tiny_base):
@@ -149,9 +151,17 @@ def test_generation_from_the_shared_prefix_equals_each_prompt_alone(trained, tin
                 assert scoring.generate_many(model, tok, case, 12, 4) == alone
 
 
+def eval_inputs(prepared, tiny_base) -> tasks.EvalInputs:
+    """What the evaluate stage hands a task, without a model (for the parts that render prompts)."""
+    prompt = Prompt.load(prepared["formatted"])
+    return tasks.EvalInputs(None, prompt, prompt.renderer(load_tokenizer(tiny_base)), [], prepared["tokenized"],
+                            prepared["validated"], None, {}, None)
+
+
 def test_fewshot_prompts_hold_solved_examples_of_every_label(prepared, tiny_base):
     p = prepared["params"]
-    rows = TASKS["classification"].fewshot_rows(p, load_tokenizer(tiny_base), prepared["formatted"], prepared["validated"])
+    x = eval_inputs(prepared, tiny_base)
+    rows = tasks.get("classification").fewshot_rows(x, tasks.get("classification").shots(p, x))
     plain = [json.loads(x) for x in (prepared["formatted"] / "validation.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rows] == [r["row"] for r in plain] and rows[0]["choices"] == plain[0]["choices"]
     first = rows[0]["prompt"]

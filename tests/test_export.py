@@ -2,9 +2,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_params
+from conftest import make_params, prompt_of
 
-from pipeline.core.modeling import left_pad, load_base_model
+from pipeline.core.loading import load_base_model
+from pipeline.core.modeling import device, left_pad
 from pipeline.stages import export
 
 
@@ -14,9 +15,9 @@ def test_merged_model_matches_adapter(trained, tiny_base, tmp_path):
     out = tmp_path / "x"
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert not (out / "adapter_config.json").exists()
-    assert json.loads((out / "peftflow.json").read_text())["train"]["method"] == "lora"
+    assert json.loads((out / "peftflow.json").read_text())["adapter"]["params"]["train"]["method"] == "lora"
     # the saved merged model is a plain transformers checkpoint that differs from the base
-    merged, base = load_base_model(out), load_base_model(tiny_base)
+    merged, base = load_base_model(out, device()), load_base_model(tiny_base, device())
     batch = left_pad([{"input_ids": [5, 6, 7, 8]}], 0, torch.device("cpu"))
     with torch.no_grad():
         assert not torch.allclose(merged(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits)
@@ -25,10 +26,9 @@ def test_merged_model_matches_adapter(trained, tiny_base, tmp_path):
 def test_untrained_adapter_fails_loudly(trained, tiny_base, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_base_model(tiny_base), LoraConfig(r=4, target_modules=["q_proj"]))  # B = 0: no-op
+    model = get_peft_model(load_base_model(tiny_base, device()), LoraConfig(r=4, target_modules=["q_proj"]))  # B = 0
     model.save_pretrained(tmp_path / "noop")
-    for name in ("peftflow.json", "format.json"):
-        (tmp_path / "noop" / name).write_text((trained["adapter"] / name).read_text())
+    (tmp_path / "noop" / "peftflow.json").write_text((trained["adapter"] / "peftflow.json").read_text())
     with pytest.raises(export.ExportError, match="does not change the base model"):
         export.run(make_params(), tiny_base, tmp_path / "noop", trained["tokenized"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -41,7 +41,7 @@ def test_full_fine_tune_is_evaluated_against_its_base_and_exported_whole(trained
     from pipeline.stages import evaluate, train
 
     p = make_params(**{"train.method": "full", "train.lr": 2e-3, "train.epochs": 1})
-    train.run(p, trained["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    train.run(p, trained["tokenized"], prompt_of(trained["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     assert (tmp_path / "a" / "model.safetensors").exists() and not (tmp_path / "a" / "adapter_config.json").exists()
     args = (trained["formatted"], trained["tokenized"])
     full = evaluate.run(p, tiny_base, tmp_path / "a", *args, tmp_path / "ev", trained["validated"])

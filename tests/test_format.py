@@ -1,15 +1,18 @@
 import pytest
 from conftest import ROOT, make_params
 
-from pipeline.core.modeling import load_tokenizer
-from pipeline.core.prompting import Renderer, TemplateError, pick_shots
-from pipeline.stages.format import format_rows
+from pipeline import tasks
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.prompting import Renderer
+from pipeline.core.stage import TemplateError
+from pipeline.tasks.classification import pick_shots
 
 
 def test_sentiment_template_renders_prompt_response_and_choices(tiny_base):
     p = make_params(**{"format.chat_template": False})
     r = Renderer.from_file(ROOT / "prompts" / "sentiment.jinja")
-    rows = format_rows(p, r, [{"row": 7, "sentence": "Sales rose .", "label": "positive"}], ROOT / "x.jsonl")
+    rows = [tasks.get("classification").render(p, r, {"row": 7, "sentence": "Sales rose .", "label": "positive"},
+                                               "x.jsonl row 7")]
     assert rows[0]["prompt"].endswith("Sentence: Sales rose .")
     assert "negative, neutral, positive" in rows[0]["prompt"]
     assert rows[0]["response"] == "positive" and rows[0]["choices"] == ["negative", "neutral", "positive"]

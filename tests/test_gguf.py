@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import make_params
 
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.prompting import Prompt
 from pipeline.stages import export, gguf
-from pipeline.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +68,11 @@ def test_modelfile_sends_the_training_prompt(trained, merged, tmp_path):
     prompt = json.loads((trained["formatted"] / "validation.jsonl").read_text().splitlines()[3])["prompt"]
     assert gguf.fill(go, row["sentence"]) == prompt
     # a template that uses the text twice has no single place for the user's message
-    fmt = json.loads((merged / "format.json").read_text())
-    fmt["template_text"] = fmt["template_text"].replace("Sentence: {{ sentence }}", "{{ sentence }} / {{ sentence }}")
-    from pipeline.core.modeling import load_tokenizer
-
+    record = json.loads((merged / "peftflow.json").read_text())
+    record["prompt"]["template_text"] = record["prompt"]["template_text"].replace("Sentence: {{ sentence }}",
+                                                                                  "{{ sentence }} / {{ sentence }}")
     with pytest.raises(gguf.GgufError, match="exactly once"):
-        gguf.modelfile("m.gguf", fmt, load_tokenizer(merged), {"sentence": gguf.SENTINEL, "labels": ["a", "b"]},
-                       "sentence", ["<|im_end|>"], TASKS["classification"])
+        gguf.modelfile("m.gguf", Prompt.from_record(record), load_tokenizer(merged), ["<|im_end|>"])
 
 
 def test_modelfile_parity_names_the_row_that_differs():
@@ -85,8 +84,7 @@ def test_modelfile_parity_names_the_row_that_differs():
 
 def test_what_cannot_be_written_says_why(trained, merged, tmp_path, tiny_base):
     with pytest.raises(gguf.GgufError, match="gguf.tokenizer_pre"):  # a non-GGUF base: its llama.cpp name is unknown
-        gguf.run(make_params(**{"base.gguf_file": None}), merged, trained["formatted"], trained["validated"],
-                 tmp_path / "g")
+        gguf.run(make_params(), merged, trained["formatted"], trained["validated"], tmp_path / "g")
     assert not (tmp_path / "g").exists()
     other = tmp_path / "gpt2"
     shutil.copytree(merged, other)
@@ -97,7 +95,6 @@ def test_what_cannot_be_written_says_why(trained, merged, tmp_path, tiny_base):
     prompt_only = tmp_path / "prefix"
     prompt_only.mkdir()
     shutil.copy(merged / "peftflow.json", prompt_only / "peftflow.json")
-    shutil.copy(merged / "format.json", prompt_only / "format.json")
     m = gguf.run(params(), prompt_only, trained["formatted"], trained["validated"], tmp_path / "g")
     assert not m["written"] and "nothing to write" in m["reason"]
 

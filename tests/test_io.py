@@ -45,3 +45,21 @@ def test_atomic_dir_keeps_old_output_when_interrupted(tmp_path):
             raise RuntimeError("killed")
     assert json.loads((out / "m.json").read_text()) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left behind
+
+
+def test_files_written_atomically_get_the_umask_s_mode(tmp_path):
+    """Written through a temporary file or folder (0600 / 0700 by default), they end up with the mode any new
+    file gets under the umask, so a teammate or a server under another user can read them."""
+    import os
+
+    from pipeline.core.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -13,9 +13,16 @@ from pipeline.stages import export
 
 def test_adapter_carries_one_content_only_record_in_folder_and_safetensors(trained, tmp_path):
     rec = json.loads((trained["adapter"] / "peftflow.json").read_text())
-    assert rec["stage"] == "train" and rec["seed"] == trained["params"].seed and rec["task"] == "classification"
+    assert rec["stage"] == "train" and rec["params"]["seed"] == trained["params"].seed
+    assert rec["prompt"]["task"] == "classification" and len(rec["prompt"]["template_sha256"]) == 64
     assert rec["params"]["train"]["method"] == "lora" and rec["params"]["train"]["lora"]["r"] == 8
-    assert len(rec["base"]["weights_sha256"]) == 64 and rec["template"]["sha256"]
+    assert len(rec["base"]["weights_sha256"]) == 64
+    # the data it was made from: each raw file's md5 and rows, its license, and the hashes of its inputs
+    assert rec["data"]["train"]["md5"] == lineage.md5_file(trained["validated"].parent / "raw_train.jsonl")
+    assert rec["data"]["train"]["accepted"] == 64 and rec["data"]["license"].startswith("Apache-2.0")
+    assert rec["inputs"][str(trained["tokenized"])] == lineage.md5_dir(trained["tokenized"])
+    # no code hash and no other stage's record: an edit to code or to another stage's params changes nothing here
+    assert "deps" not in rec and "upstream" not in rec
     assert rec["env"]["packages"]["torch"].startswith("2.13.0") and rec["env"]["packages"]["peft"]
     assert rec["env"]["lock_sha256"] == file_digest(ROOT / "requirements.lock")
     assert rec["hardware"]["cpu_isa"] and rec["hardware"]["torch_threads"] >= 1
@@ -51,6 +58,6 @@ def test_export_model_card_and_lineage(trained, tiny_base, tmp_path):
     card = (tmp_path / "x" / "README.md").read_text()
     assert "| accuracy | 0.25 | 0.875 |" in card
     assert "Classify a text into one of: negative, neutral, positive." in card
-    assert "Apache-2.0" in card  # the license file beside the example data
+    assert "License of the data: Apache-2.0" in card  # params.yaml's data.license, carried from validate
     assert f"`{rec['adapter']['base']['weights_sha256']}`" in card
     assert "dvc repro export" in card

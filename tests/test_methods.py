@@ -5,13 +5,15 @@ import math
 
 import pytest
 import torch
-from conftest import make_params
+from conftest import fit, make_params, prompt_of, recipe_on, save
 from datasets import load_from_disk
 
 from pipeline import methods
-from pipeline.core.modeling import device, left_pad, load_adapter, load_base_model
+from pipeline.core.loading import load_base_model
+from pipeline.core.modeling import device, left_pad
 from pipeline.core.params import ParamsError
 from pipeline.core.scoring import eval_loss
+from pipeline.methods.adapters import load_adapter
 from pipeline.stages import train
 
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -47,8 +49,8 @@ METHODS = {
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
     p = make_params(**{"train.epochs": 3, **METHODS[name]})
-    model, metrics, _ = train.fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
-    train.save(p, model, metrics, prepared["tokenized"], tiny_base, tmp_path / "adapter")
+    model, metrics, recipe = fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
+    save(recipe, p, metrics, prepared["tokenized"], tiny_base, tmp_path / "adapter")
     losses = [float(x.split("\t")[1]) for x in
               (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert len(losses) == metrics["steps"] == 24 and all(math.isfinite(x) for x in losses)
@@ -57,7 +59,7 @@ def test_method_trains_saves_and_reloads(name, prepared, tiny_base, tmp_path):
     model.eval()
     after = eval_loss(model, data, 16)
     if name in ("full", "bitfit-norms"):  # the base's own weights trained: the base is loaded again to compare
-        before = eval_loss(load_base_model(tiny_base), data, 16)
+        before = eval_loss(load_base_model(tiny_base, device()), data, 16)
         trained = sum(q.numel() for q in model.parameters() if q.requires_grad)
         assert metrics["trainable_params"] == trained and (trained == metrics["total_params"]) == (name == "full")
     else:
@@ -108,7 +110,7 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
     from pipeline.stages import export
 
     p = make_params(**{"train.epochs": 1, **METHODS[name]})
-    train.run(p, prepared["tokenized"], tiny_base, tmp_path / "adapter", tmp_path / "live", tmp_path / "ckpt")
+    train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "adapter", tmp_path / "live", tmp_path / "ckpt")
     m = export.run(make_params(**{"export.atol": 1e-4}), tiny_base, tmp_path / "adapter", prepared["tokenized"], tmp_path / "x")
     if name == "prompt_tuning":
         assert not m["merged"] and "cannot be merged" in m["reason"]
@@ -117,17 +119,20 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
         import numpy as np
 
         from pipeline.core.io import read_jsonl
-        from pipeline.core.modeling import is_prompt_learning, load_tokenizer
-        from pipeline.core.scoring import choice_scores, full_scores
+        from pipeline.core.loading import load_tokenizer
+        from pipeline.core.scoring import Scorer, full_logprobs
+        from pipeline.methods.adapters import trained_method
 
         model, tok = load_adapter(tiny_base, tmp_path / "adapter"), load_tokenizer(tiny_base)
         rows = read_jsonl(prepared["formatted"] / "validation.jsonl")[:8]
-        assert is_prompt_learning(model)
-        with model.disable_adapter():
-            assert not is_prompt_learning(model)
-            base_cached, base_full = choice_scores(model, tok, rows, 4), full_scores(model, tok, rows, 4)
-        assert is_prompt_learning(model) and np.abs(base_cached - base_full).max() < 1e-3
-        assert np.abs(choice_scores(model, tok, rows, 4) - base_cached).max() > 1e-3  # the adapter differs
+        method = trained_method(tmp_path / "adapter")
+        assert method.prompt_learning and not method.mergeable
+        scorer = Scorer(model, tok, 4, method.prompt_learning)
+        with scorer.base() as base:
+            assert not base.prompt_learning
+            base_cached, base_full = base.choices(rows).total, full_logprobs(model, tok, rows, 4).total
+        assert scorer.prompt_learning and np.abs(base_cached - base_full).max() < 1e-3
+        assert np.abs(scorer.choices(rows).total - base_cached).max() > 1e-3  # the adapter differs
     else:  # QLoRA merges into the full-precision base
         assert m["merged"] and m["max_abs_diff_vs_adapter"] <= 1e-4 < m["max_abs_diff_vs_base"]
         assert (tmp_path / "x" / "model.safetensors").exists()
@@ -136,7 +141,7 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
 def test_optimizer_is_chosen_by_params():
     import bitsandbytes as bnb
 
-    from pipeline.core.training import optimizer_class
+    from pipeline.core.optim import optimizer_class
 
     assert optimizer_class(make_params(**{"train.optimizer": "adamw_8bit"}).train.optimizer) is bnb.optim.AdamW8bit
     assert optimizer_class("paged_adamw_32bit") is bnb.optim.PagedAdamW32bit
@@ -152,15 +157,15 @@ def test_bitfit_trains_only_biases_and_says_when_there_are_none(prepared, tiny_b
 
     p = make_params(**{"train.method": "bitfit", "train.lr": 5e-2, "train.epochs": 1})
     with pytest.raises(PipelineError, match="LlamaForCausalLM has no bias parameters.*train.bitfit.norms: true"):
-        train.fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
+        fit(p, prepared["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
     with pytest.raises(ParamsError, match="unknown key 'train.bitfit.norm'.*Did you mean 'norms'"):
         make_params(**{"train.method": "bitfit", "train.bitfit": {"norm": True}})
     biased = build_tiny_base(tmp_path / "biased", bias=True)  # same tokenizer, so the tokenized data fits
-    model, metrics, _ = train.fit(p, prepared["tokenized"], biased, tmp_path / "live", tmp_path / "ckpt")
+    model, metrics, recipe = fit(p, prepared["tokenized"], biased, tmp_path / "live", tmp_path / "ckpt")
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     assert trained and all(n.endswith(".bias") for n in trained)
     assert metrics["trainable_params"] == sum(q.numel() for n, q in model.named_parameters() if n in trained)
-    train.save(p, model, metrics, prepared["tokenized"], biased, tmp_path / "adapter")
+    save(recipe, p, metrics, prepared["tokenized"], biased, tmp_path / "adapter")
     from safetensors.torch import load_file
 
     assert set(load_file(str(tmp_path / "adapter" / "bitfit.safetensors"))) == trained  # only what was trained
@@ -179,25 +184,20 @@ def test_adalora_step_has_peft_s_orthogonal_regularization(tiny_base, prepared, 
     loop computes its own loss and must add the same term: same loss and gradients as PEFT's forward."""
     from test_batching import rows_of
 
-    from pipeline.core.training import Processes, Stepper
-    from pipeline.recipes import sft
-
     p = make_params(**METHODS["adalora"])
     method = methods.get("adalora")
     rows = rows_of(prepared, 6)
     out = {}
     for way in ("loop", "peft"):
         torch.manual_seed(0)
-        model = method.build(load_base_model(tiny_base), p.train, 20).train()
+        model = method.build(load_base_model(tiny_base, device()), p.train, 20).train()
         for n, q in model.named_parameters():  # lora_B and lora_E start at zero: move them off it
             if "lora_" in n:
                 q.data.normal_(0, 0.5)
-        params = [q for q in model.parameters() if q.requires_grad]
         if way == "loop":
-            stepper = Stepper(torch.optim.SGD(params, lr=0.0), params, "fp32", None, torch.device("cpu"))
-            loop = sft.Loop(model, model, stepper, None, Processes(torch.device("cpu")), "fp32", method.after_step,
-                            method.penalty, shared_prefix=shared_prefix)
-            loss, _ = sft.step(loop, [rows])
+            loss, _ = recipe_on(model, "adalora", shared_prefix, None, **{k: v for k, v in METHODS["adalora"].items()
+                                                                           if k != "train.method"},
+                                **{"train.method": "adalora"}).step([rows])
         else:  # one row per forward (no padding); the rows' losses weighted by their labelled tokens make
             # the step's mean NLL, and the term each loss carries comes out once
             counts = [sum(x != -100 for x in r["labels"][1:]) for r in rows]

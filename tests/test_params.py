@@ -1,13 +1,22 @@
 import pytest
 from conftest import ROOT, raw_params
 
+from pipeline import methods, tasks
+from pipeline.contract import parse
 from pipeline.core.params import ParamsError, load_params, parse_params
+
+
+def check_all(raw: dict):
+    """params checked as every stage checks them, and as the train stage checks its method."""
+    p = parse(raw)
+    methods.check(p.train, tasks.get(p.task).dpo)
+    return p
 
 
 def test_repository_params_load():
     p = load_params(ROOT / "params.yaml")
     assert p.train.method == "lora"
-    assert p.train.peft_kwargs["r"] == 16
+    assert p.train.lora["r"] == 16
     assert p.labels == ["negative", "neutral", "positive"]
 
 
@@ -23,8 +32,8 @@ def test_profile_params_load_and_name_their_template():
             mine, default = yaml.safe_load(path.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
             changed = {f"{k}.{j}" for k in mine if isinstance(mine[k], dict)
                        for j in mine[k] if mine[k][j] != default[k][j]}
-            assert changed == {"data.train", "data.validation", "format.template", "format.chat_template",
-                               "train.epochs", "train.checkpoint_every"}
+            assert changed == {"data.train", "data.validation", "data.license", "format.template",
+                               "format.chat_template", "train.epochs", "train.checkpoint_every"}
 
 
 @pytest.mark.parametrize(
@@ -42,7 +51,7 @@ def test_profile_params_load_and_name_their_template():
 )
 def test_bad_params_name_the_key(overrides, message):
     with pytest.raises(ParamsError) as e:
-        parse_params(raw_params(**overrides))
+        check_all(raw_params(**overrides))
     assert message in str(e.value)
 
 
@@ -54,13 +63,13 @@ def test_missing_required_key():
 
 
 def test_float_strings_and_other_methods_pass():
-    p = parse_params(raw_params(**{"train.lr": "1e-4", "train.method": "ia3", "train.ia3": {"target_modules": ["k_proj"]}}))
+    p = check_all(raw_params(**{"train.lr": "1e-4", "train.method": "ia3", "train.ia3": {"target_modules": ["k_proj"]}}))
     assert p.train.lr == 1e-4
-    assert p.train.peft_kwargs == {"target_modules": ["k_proj"]}
+    assert p.train.ia3 == {"target_modules": ["k_proj"]}
 
 
 def test_peek_reads_one_key_without_checking_the_file(tmp_path):
-    from pipeline.core.params import peek
+    from pipeline.core.stage import peek
 
     f = tmp_path / "params.yaml"
     f.write_text("train:\n  allocator: mimalloc\n  unknown_key: 1\n")
@@ -73,8 +82,7 @@ def test_peek_reads_one_key_without_checking_the_file(tmp_path):
 
 BNB_PROBE = """
 import sys
-from pipeline.core.params import peek
-from pipeline.core.stage import without_bitsandbytes
+from pipeline.core.stage import peek, without_bitsandbytes
 print(without_bitsandbytes(peek(sys.argv[1], "train.quantization"), peek(sys.argv[1], "train.optimizer")))
 import peft, transformers.utils
 print(transformers.utils.is_bitsandbytes_available(), sys.modules.get('bitsandbytes') is not None)
@@ -108,8 +116,8 @@ def test_a_quantized_adapter_in_a_program_without_bitsandbytes_is_one_clear_erro
     import sys
 
     probe = ("import sys; sys.modules['bitsandbytes'] = None\n"
-             "from pipeline.core.modeling import load_base_model\nfrom pipeline.core.stage import PipelineError\n"
-             "try:\n    load_base_model(sys.argv[1], None, {'load_in_4bit': True})\n"
+             "from pipeline.core.loading import load_base_model\nfrom pipeline.core.stage import PipelineError\n"
+             "try:\n    load_base_model(sys.argv[1], __import__('torch').device('cpu'), {'load_in_4bit': True})\n"
              "except PipelineError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", probe, str(tiny_base)], cwd=ROOT, capture_output=True, text=True)
     assert "started without bitsandbytes" in r.stdout and "dvc repro" in r.stdout, r.stdout + r.stderr[-2000:]

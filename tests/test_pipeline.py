@@ -17,7 +17,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(history):
     assert ran(first_run) == STAGES
     lock = yaml.safe_load(sh(repo, "git", "show", f"{history['first']}:dvc.lock"))
     assert set(lock["stages"]) == set(STAGES)
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == TINY_TRAIN["train.lr"]
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == TINY_TRAIN["train.lr"]
     assert (repo / "models" / "export" / "model.safetensors").exists()
     metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
     assert "gain" in metrics and metrics["rows"] == 60
@@ -41,12 +41,12 @@ def test_instruction_preference_and_chat_tasks_run_through_every_stage(repo):
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params.update(task=task)
         params["format"]["template"] = f"prompts/{template}.jinja"
-        params["data"] = {"train": f"data/example/{task}_train.jsonl", "validation": f"data/example/{task}_validation.jsonl"}
+        params["data"].update(train=f"data/example/{task}_train.jsonl", validation=f"data/example/{task}_validation.jsonl")
         params["train"]["dpo"]["steps"] = 4
         params["evaluate"]["samples"] = 1
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         out = sh(repo, sys.executable, "-m", "dvc", "repro")
-        # the first run also converts the base model; the second has it already
+        # the base model is the same for every task: converted once, before the first
         assert ran(out) == (STAGES if task == "instruction" else STAGES[1:]), out[-2000:]
         metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
         key = "reward_accuracy" if task == "preference" else "eval_loss"
@@ -84,3 +84,18 @@ def test_remote_round_trip_reproduces_the_adapter_without_training(history, tmp_
     assert (clone / adapter).read_bytes() == (repo / adapter).read_bytes()
     out = sh(clone, *dvc, "repro")
     assert ran(out) == [] and "Data and pipelines are up to date" in sh(clone, *dvc, "status")
+
+
+def test_an_edit_reruns_only_the_stages_that_import_the_file(history, tmp_path):
+    """A comment in pipeline/stages/gguf.py reruns gguf alone; one in pipeline/core/varlen.py (only training
+    imports it) reruns train, whose adapter comes out the same bytes, so nothing after it reruns."""
+    repo = copy_repo(history["root"], tmp_path / "repo")
+    for f, expected in (("pipeline/stages/gguf.py", ["gguf"]), ("pipeline/core/varlen.py", ["train"])):
+        with open(repo / f, "a") as out:
+            out.write("# an edit that changes no behaviour\n")
+        assert ran(sh(repo, sys.executable, "-m", "dvc", "repro")) == expected, f
+    assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")
+    sh(repo, "git", "diff", "--exit-code", "--", "models", "reports/evaluate")  # (no tracked output moved)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    before = yaml.safe_load(sh(repo, "git", "show", "HEAD:dvc.lock"))["stages"]
+    assert lock["train"]["outs"] == before["train"]["outs"] and lock["export"] == before["export"]

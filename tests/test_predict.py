@@ -4,12 +4,12 @@ import json
 import re
 import shutil
 
-from conftest import make_params
+from conftest import make_params, prompt_of
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core.encoding import encode, encode_prompt
-from pipeline.core.modeling import load_tokenizer
+from pipeline.core.loading import load_tokenizer
 from pipeline.predict import Predictor
 from pipeline.stages import train
 
@@ -19,7 +19,7 @@ def test_serving_renders_the_same_tokens_as_training(trained, tiny_base):
     template stored in the adapter, equal the prompt part of the ids the model was trained on."""
     from datasets import load_from_disk
 
-    p = Predictor(tiny_base, {"a": trained["adapter"]})
+    p = Predictor(tiny_base, {"a": trained["adapter"]}, max_new_tokens=8)
     tok = load_tokenizer(tiny_base)
     tokenized = {r["row"]: r for r in load_from_disk(str(trained["tokenized"] / "validation"))}
     raw = [json.loads(x) for x in (trained["formatted"].parent / "validated" / "validation.jsonl").read_text().splitlines()]
@@ -46,15 +46,15 @@ def test_two_adapters_one_base_switch_without_reload(trained, prepared, tiny_bas
     shutil.rmtree(flipped / "train")
     Dataset.from_list(rows).save_to_disk(str(flipped / "train"))
     p2 = make_params(**{"train.epochs": 3})
-    train.run(p2, flipped, tiny_base, tmp_path / "pos", tmp_path / "live", tmp_path / "ckpt")
+    train.run(p2, flipped, prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "pos", tmp_path / "live", tmp_path / "ckpt")
 
     import peft
 
     rows = [{"sentence": "Kestrel Steel will cut 40 jobs at its Oulu plant ."},
             {"sentence": "Nordvik Paper is headquartered in Oulu ."}]
-    alone = Predictor(tiny_base, {"task": trained["adapter"]})  # the adapter loaded alone: its own answers
+    alone = Predictor(tiny_base, {"task": trained["adapter"]}, max_new_tokens=8)  # the adapter loaded alone: its own answers
     alone_task, alone_base = alone.predict(rows, "task"), alone.predict(rows, None)
-    p = Predictor(tiny_base, {"task": trained["adapter"], "positive": tmp_path / "pos"})
+    p = Predictor(tiny_base, {"task": trained["adapter"], "positive": tmp_path / "pos"}, max_new_tokens=8)
     loads = []
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: loads.append(a))
     always = p.predict(rows, "positive")
@@ -93,8 +93,8 @@ def test_adapter_for_another_base_is_refused_unless_forced(trained, tiny_base, t
     record["base"]["weights_sha256"] = "0" * 64
     (other / "peftflow.json").write_text(json.dumps(record))
     with pytest.raises(PipelineError, match="only fits the base model version it was trained on"):
-        Predictor(tiny_base, {"a": trained["adapter"], "b": other})
-    forced = Predictor(tiny_base, {"b": other}, allow_other_base=True)
+        Predictor(tiny_base, {"a": trained["adapter"], "b": other}, max_new_tokens=8)
+    forced = Predictor(tiny_base, {"b": other}, max_new_tokens=8, allow_other_base=True)
     assert forced.adapters == ["b"]
     r = CliRunner().invoke(app, ["predict", "--adapter", str(other), "--base", str(tiny_base)], input="Sales rose .\n")
     assert r.exit_code == 2 and "only fits the base model version" in r.output

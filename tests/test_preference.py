@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import torch
-from conftest import prepare
+from conftest import prepare, prompt_of
 
-from pipeline.core.modeling import load_adapter
-from pipeline.core.preference import dpo_loss, pair_logprobs, reward_metrics
+from pipeline.core.scoring import pair_logprobs
+from pipeline.methods.adapters import load_adapter
+from pipeline.recipes.dpo import dpo_loss
 from pipeline.stages import evaluate, train, validate
+from pipeline.tasks.preference import reward_metrics
 
 
 def test_dpo_loss_known_values():
@@ -51,7 +53,7 @@ def test_sft_then_dpo_raises_the_reward_of_chosen_answers(tiny_base, tmp_path):
 
     dpo = p.train.dpo.model_copy(update={"beta": 0.5, "steps": 24, "lr": 2e-2, "batch_size": 8})
     p = p.model_copy(update={"train": p.train.model_copy(update={"epochs": 1.0, "dpo": dpo})})
-    metrics = train.run(p, prep["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    metrics = train.run(p, prep["tokenized"], prompt_of(prep["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     assert (tmp_path / "a" / "sft" / "adapter_model.safetensors").exists() and metrics["dpo_seconds"] > 0
     curve = [float(x.split("\t")[1]) for x in
              (tmp_path / "live" / "plots" / "metrics" / "dpo" / "loss.tsv").read_text().splitlines()[1:]]

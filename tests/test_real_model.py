@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, make_params
 
-from pipeline.core.modeling import load_base_model, load_tokenizer
+from pipeline.core.loading import load_base_model, load_tokenizer
+from pipeline.core.modeling import device
 from pipeline.stages import base, evaluate, export, gguf, tokenize, train, validate
 from pipeline.stages import format as fmt
 
@@ -24,7 +25,7 @@ def test_smollm2_from_gguf_through_all_stages(tmp_path):
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert record["parameters"] == 134_515_008 and len(record["weights_sha256"]) == 64
 
-    tok, model = load_tokenizer(b), load_base_model(b)
+    tok, model = load_tokenizer(b), load_base_model(b, device())
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
@@ -38,7 +39,7 @@ def test_smollm2_from_gguf_through_all_stages(tmp_path):
     validate.run(p, tmp_path / "train.jsonl", tmp_path / "validation.jsonl", tmp_path / "v", tmp_path / "v.json")
     fmt.run(p, tmp_path / "v", ROOT / "prompts" / "sentiment.jinja", b, tmp_path / "f")
     tokenize.run(p, tmp_path / "f", b, tmp_path / "t")
-    m = train.run(p, tmp_path / "t", b, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    m = train.run(p, tmp_path / "t", tmp_path / "f" / "format.json", b, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     losses = [float(x.split("\t")[1]) for x in
               (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert m["steps"] == 8 and losses[-1] < losses[0]

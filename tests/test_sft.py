@@ -4,10 +4,9 @@ loss and gradients as one pass (tiny model, fp32, in the shared-prefix and padde
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import recipe_on
 from test_batching import lora_model, rows_of
 
-from pipeline.core.training import Processes, Stepper
 from pipeline.recipes import sft
 
 
@@ -33,11 +32,7 @@ def test_split_step_gives_the_same_loss_and_gradients(tiny_base, prepared, share
     for budget in (None, 3 * widest):  # one pass; three
         assert len(sft.passes(rows, budget)) == (1 if budget is None else 3)
         model = lora_model(tiny_base)
-        params = [q for q in model.parameters() if q.requires_grad]
-        stepper = Stepper(torch.optim.SGD(params, lr=0.0), params, "fp32", None, torch.device("cpu"))
-        loop = sft.Loop(model, model, stepper, None, Processes(torch.device("cpu")), "fp32", lambda m, k: None,
-                        shared_prefix=shared_prefix, max_batch_tokens=budget)
-        loss, tokens = sft.step(loop, [rows])
+        loss, tokens = recipe_on(model, "lora", shared_prefix, budget).step([rows])
         out[budget] = (loss, tokens, {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad})
     (l1, t1, g1), (l3, t3, g3) = out.values()
     assert t1 == t3 == sum(len(r["input_ids"]) for r in rows)

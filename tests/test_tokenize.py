@@ -1,8 +1,10 @@
+import json
+
 import pytest
 from datasets import load_from_disk
 
-from pipeline.core.encoding import encode, encode_prompt
-from pipeline.core.modeling import IGNORE, load_tokenizer
+from pipeline.core.encoding import IGNORE, encode, encode_prompt
+from pipeline.core.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -48,4 +50,5 @@ def test_stage_writes_arrow_and_counts(prepared):
     ds = load_from_disk(str(prepared["tokenized"] / "train"))
     assert len(ds) == 64 and set(ds.column_names) >= {"input_ids", "labels", "length"}
     assert all(len(r["input_ids"]) == len(r["labels"]) == r["length"] for r in ds)
-    assert (prepared["tokenized"] / "format.json").exists()
+    assert not (prepared["tokenized"] / "format.json").exists()  # the prompt is recorded once, by format
+    assert json.loads((prepared["formatted"] / "format.json").read_text())["prompt"]["task"] == "classification"

@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_params
+from conftest import fit, make_params, prompt_of
 from safetensors.torch import load_file
 
-from pipeline.core.modeling import left_pad, load_adapter
+from pipeline.core.modeling import left_pad
+from pipeline.methods.adapters import load_adapter
 from pipeline.stages import train
 
 
@@ -15,9 +16,14 @@ def test_loss_goes_down_and_adapter_is_saved(trained):
     assert len(losses) == trained["metrics"]["steps"] == 16  # 64 rows / 8 per batch * 2 epochs
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
     files = {p.name for p in trained["adapter"].iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "peftflow.json", "format.json"} <= files
+    assert {"adapter_model.safetensors", "adapter_config.json", "peftflow.json"} <= files
+    assert "format.json" not in files  # the prompt travels inside the record
     record = json.loads((trained["adapter"] / "peftflow.json").read_text())
-    assert record["train"]["lora"]["r"] == 8 and record["base"]["weights_sha256"]
+    assert record["params"]["train"]["lora"]["r"] == 8 and record["base"]["weights_sha256"]
+    assert record["prompt"]["task"] == "classification" and record["prompt"]["facts"]["labels"] == trained["params"].labels
+    # the record holds what the train stage reads, nothing else: no other stage's params
+    assert set(record["params"]) == {"seed", "deterministic", "task", "train"}
+    assert "bitfit" not in record["params"]["train"] and "dpo" not in record["params"]["train"]
     # r=8 on q_proj (64 -> 64) and v_proj (64 -> 32), 2 layers: A (r x in) + B (out x r)
     assert trained["metrics"]["trainable_params"] == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8))
 
@@ -42,7 +48,7 @@ def test_reloaded_adapter_gives_identical_logits(trained, tiny_base):
 
 
 def test_same_seed_same_adapter(trained, prepared, tiny_base, tmp_path):
-    train.run(prepared["params"], prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    train.run(prepared["params"], prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     w1 = load_file(str(trained["adapter"] / "adapter_model.safetensors"))
     w2 = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys() and all((w1[k] == w2[k]).all() for k in w1)
@@ -51,13 +57,13 @@ def test_same_seed_same_adapter(trained, prepared, tiny_base, tmp_path):
 @pytest.mark.parametrize("layout", [{"train.shared_prefix": False, "train.packing": True},
                                     {"train.shared_prefix": False, "train.packing": True,
                                      "train.attn_implementation": "varlen"},
-                                    {"train.shared_prefix": False, "train.activation_checkpointing": {}}])
+                                    {"train.shared_prefix": False, "train.activation_checkpointing": {"every_n_layers": 1, "offload": False}}])
 def test_every_layout_trains_the_same_adapter(trained, prepared, tiny_base, tmp_path, layout):
     """The default (shared prefix), packing (mask or varlen) and activation checkpointing: the same steps, the
     same adapter to float32 rounding (the tiny params have no dropout)."""
     assert prepared["params"].train.shared_prefix  # `trained` ran the default layout
     p = make_params(**layout)
-    m = train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+    m = train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
     assert abs(m["final_loss"] - trained["metrics"]["final_loss"]) < 1e-3
     w1 = load_file(str(trained["adapter"] / "adapter_model.safetensors"))
     w2 = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
@@ -70,7 +76,7 @@ def test_lean_trains_the_same_adapter_bit_for_bit(prepared, tiny_base, tmp_path)
     out = {}
     for on in (True, False):
         p = make_params(**{"train.precision": "bf16", "train.lean": on, "train.max_steps": 4})
-        train.run(p, prepared["tokenized"], tiny_base, tmp_path / str(on), tmp_path / f"live{on}", tmp_path / "c")
+        train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / str(on), tmp_path / f"live{on}", tmp_path / "c")
         out[on] = load_file(str(tmp_path / str(on) / "adapter_model.safetensors"))
     assert out[True].keys() == out[False].keys()
     assert all(torch.equal(out[True][k], out[False][k]) for k in out[True])
@@ -82,13 +88,15 @@ def test_packing_refuses_prompt_learning(prepared, tiny_base, tmp_path):
     p = make_params(**{"train.method": "prompt_tuning", "train.prompt_tuning": {"num_virtual_tokens": 4},
                        "train.packing": True})
     with pytest.raises(PipelineError, match="train.packing"):
-        train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
+        train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", tmp_path / "c")
 
 
 def test_interrupted_run_resumes_from_checkpoint(prepared, tiny_base, tmp_path, monkeypatch):
+    """Stopped after its step-4 checkpoint, the run resumes there and ends with the same adapter folder, byte
+    for byte, as an uninterrupted run: weights, and the record's metrics (the running loss average too)."""
     p = make_params(**{"train.checkpoint_every": 4})
     ckpt = tmp_path / "ckpt"
-    real_step = train.torch.optim.AdamW.step
+    real_step = torch.optim.AdamW.step
     calls = {"n": 0}
 
     def crashing_step(self, *a, **k):
@@ -97,31 +105,35 @@ def test_interrupted_run_resumes_from_checkpoint(prepared, tiny_base, tmp_path, 
             raise KeyboardInterrupt("killed")
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(train.torch.optim.AdamW, "step", crashing_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
+        train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
     assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 4
     assert not (tmp_path / "a").exists()
-    monkeypatch.setattr(train.torch.optim.AdamW, "step", real_step)
-    m = train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    m = train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
     assert m["resumed_from_step"] == 4 and m["steps"] == 16
     assert not ckpt.exists()
     # the resumed run ends where an uninterrupted run ends
-    train.run(p, prepared["tokenized"], tiny_base, tmp_path / "b", tmp_path / "live2", tmp_path / "ckpt2")
+    train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "b", tmp_path / "live2", tmp_path / "ckpt2")
     w1 = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     w2 = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-    assert all(((w1[k] - w2[k]).abs().max() < 1e-5) for k in w1)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    for name in ("adapter_model.safetensors", "peftflow.json", "adapter_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "live" / "metrics.json").read_text() == (tmp_path / "live2" / "metrics.json").read_text()
 
 
 def test_checkpoint_from_other_params_is_refused(prepared, tiny_base, tmp_path):
-    p = make_params(**{"train.checkpoint_every": 4})
+    from pipeline.recipes.sft import ResumeError
+
+    p = make_params(**{"train.checkpoint_every": 4, "train.max_steps": 4})
     ckpt = tmp_path / "ckpt"
-    model = train.build_model(p.train, tiny_base, train.device(), steps=16)
-    opt = train.torch.optim.AdamW([q for q in model.parameters() if q.requires_grad])
-    sched = train.torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    train.save_checkpoint(ckpt, model, opt, sched, 4, "another-fingerprint")
-    with pytest.raises(train.ResumeError, match="made with other params or data; delete"):
-        train.run(p, prepared["tokenized"], tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
+    _, _, recipe = fit(p, prepared["tokenized"], tiny_base, tmp_path / "live0", tmp_path / "ckpt0")
+    recipe.ckpt, recipe.fingerprint = ckpt, "another-fingerprint"
+    recipe.save_checkpoint(4)
+    with pytest.raises(ResumeError, match="made with other params or data; delete"):
+        train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
 
 
 def test_unknown_peft_argument_is_caught_before_training():
@@ -141,7 +153,8 @@ def launch_train(trained: dict, tiny_base, tmp_path, **overrides):
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw_params(**{**TINY_TRAIN, **overrides})))
-    return subprocess.run([sys.executable, "-m", "pipeline.stages.train", "--data", str(trained["tokenized"]), "--base",
+    return subprocess.run([sys.executable, "-m", "pipeline.stages.train", "--data", str(trained["tokenized"]),
+                           "--prompt", str(trained["formatted"] / "format.json"), "--base",
                            str(tiny_base), "--out", str(tmp_path / "adapter"), "--live", str(tmp_path / "live"),
                            "--checkpoints", str(tmp_path / "ckpt"), "--params", str(params)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -208,7 +221,7 @@ def test_the_stage_runs_under_mimalloc_and_trains_the_same_tensors(trained, tiny
 def test_an_allocator_that_cannot_be_preloaded_is_not_retried(monkeypatch, capsys):
     """A library already in LD_PRELOAD that is not mapped (the loader refused it) is not exec'd again: the
     program says so and goes on with the system allocator (no loop of re-executions)."""
-    from pipeline.core import training
+    from pipeline.core import allocator as training
 
     lib = training.allocator_library("mimalloc")
     assert lib, "cmeel-mimalloc is in the lock: its library must be found"

@@ -97,3 +97,49 @@ def test_windows_exports_are_read_and_wrong_types_are_named(tmp_path):
     (tmp_path / "empty.csv").write_bytes(b"")
     with pytest.raises(PipelineError, match=r"empty.csv: file is empty"):
         run(p, train, tmp_path / "empty.csv", tmp_path / "v2", tmp_path / "m2.json")
+
+
+def test_a_failed_validate_leaves_its_metrics_and_writes_the_quarantine_alone(tmp_path):
+    """Too many rejects: the tracked metrics file stays as the last good run left it, and the output folder
+    (run into one that held an earlier run's rows) holds the quarantine alone, never a mix of the two runs."""
+    p = make_params()
+    train = write(tmp_path / "train.jsonl", [good(i) for i in range(10)])
+    val = write(tmp_path / "val.jsonl", [good(100), good(101)])
+    run(p, train, val, tmp_path / "v", tmp_path / "m.json")
+    before = (tmp_path / "m.json").read_text()
+    write(train, [good(i) for i in range(10)] + [{"sentence": "x", "label": "neutral"}] * 3)
+    with pytest.raises(DataError):
+        run(p, train, val, tmp_path / "v", tmp_path / "m.json")
+    assert (tmp_path / "m.json").read_text() == before
+    assert sorted(f.name for f in (tmp_path / "v").iterdir()) == ["quarantine.jsonl"]
+    assert len((tmp_path / "v" / "quarantine.jsonl").read_text().splitlines()) == 3
+
+
+def test_quarantine_and_continue_trains_on_the_accepted_rows(tmp_path, tiny_base):
+    """Rejects under validate.max_reject_ratio: the stage goes on, the quarantine lists every rejected row with
+    file, row, field and reason, and the rows the adapter trains on are exactly the accepted ones."""
+    from datasets import load_from_disk
+
+    from pipeline.stages import format as fmt
+    from pipeline.stages import tokenize, train
+
+    p = make_params(**{"validate.max_reject_ratio": 0.2, "train.max_steps": 2})
+    rows = [json.loads(x) for x in (EXAMPLE / "sentiment_train.jsonl").read_text().splitlines()[:20]]
+    bad = [{"sentence": "Profit fell .", "label": "bearish"}, {"sentence": 7, "label": "neutral"}, rows[0]]
+    src = write(tmp_path / "train.jsonl", rows[:10] + bad[:2] + rows[10:] + bad[2:])
+    val = write(tmp_path / "val.jsonl", (EXAMPLE / "sentiment_validation.jsonl").read_text().splitlines()[:8])
+    report = run(p, src, val, tmp_path / "validated", tmp_path / "m.json")
+    assert (report["train"]["accepted"], report["train"]["rejected"]) == (20, 3)
+    q = [json.loads(x) for x in (tmp_path / "validated" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in q] == [(11, "label"), (12, "sentence"), (23, "sentence")]
+    assert q[2]["reason"] == "duplicate of row 1" and all(r["file"] == str(src) for r in q)
+    fmt.run(p, tmp_path / "validated", EXAMPLE.parent.parent / "prompts" / "sentiment.jinja", tiny_base,
+            tmp_path / "formatted")
+    tokenize.run(p, tmp_path / "formatted", tiny_base, tmp_path / "tokenized")
+    trained = sorted(r["row"] for r in load_from_disk(str(tmp_path / "tokenized" / "train")))
+    assert trained == [*range(1, 11), *range(13, 23)]  # the accepted rows, by their source row numbers
+    m = train.run(p, tmp_path / "tokenized", tmp_path / "formatted" / "format.json", tiny_base, tmp_path / "a",
+                  tmp_path / "live", tmp_path / "c")
+    record = json.loads((tmp_path / "a" / "peftflow.json").read_text())
+    assert m["steps"] == 2 and record["data"]["train"] == {"path": str(src), "md5": record["data"]["train"]["md5"],
+                                                           "rows": 23, "accepted": 20}

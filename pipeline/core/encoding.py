@@ -9,7 +9,7 @@ the start of the prompt, `drop` drops the row.
 
 from __future__ import annotations
 
-from pipeline.core.modeling import IGNORE
+IGNORE = -100  # the label of a position with no loss (PyTorch's and transformers' ignore index)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -55,7 +55,6 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: s
     return encode_many(tokenizer, [prompt], [response], max_length, truncation)[0]
 
 
-
 def labelled_runs(labels: list[int]) -> list[tuple[int, int]]:
     """(start, end) of each run of consecutive positions that have a label (a loss)."""
     runs, start = [], None
@@ -85,3 +84,15 @@ def mask_audit(tokenizer, input_ids: list[int], labels: list[int], expected: lis
                for i, (g, w) in enumerate(zip(got, want, strict=True))):
             return None
     return f"the loss covers {got!r}, expected a part of {expected!r}"
+
+
+def sides(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Preference pairs as two lists of rows: prompt + chosen, prompt + rejected."""
+    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pairs]
+    rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in pairs]
+    return chosen, rejected
+
+
+def token_count(rows: list[dict]) -> int:
+    """How many labelled tokens the rows hold."""
+    return sum(sum(t != IGNORE for t in r["labels"]) for r in rows)

@@ -90,12 +90,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    """A new temporary file or folder beside `path`, with the mode a plain new one gets (tempfile makes them
+    0600 / 0700, which a teammate or a server under another user could not read once renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if is_dir:  # what a killed run left half written (a stage's outputs are written by one process at a time)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())
+        return tmp
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    Path(name).chmod(0o666 & ~_umask())
     return Path(name)
 
 

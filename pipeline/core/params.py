@@ -1,20 +1,25 @@
-"""Load `params.yaml` into typed, frozen sections (pydantic v2 models).
+"""Load `params.yaml` into typed, frozen sections (pydantic v2 models), and give each stage its view.
 
 Job: the one source of configuration. `params.yaml` holds every value, defaults included: the
 models below hold types and choices only, no default of their own, so a key missing from the file
 is an error, as is an unknown or mistyped key (`extra="forbid"`), a wrong type or a bad choice.
 Each is one `ParamsError` line naming the key, with a "did you mean" hint for unknown keys.
-PEFT method sections (`train.lora`, `train.ia3`, ...) use the PEFT config class's own argument
-names and are checked against that class's fields; `train.quantization` against
-BitsAndBytesConfig's arguments.
+The method sections (`train.lora`, `train.ia3`, `train.bitfit`, ...) are mappings here; the method
+registry (pipeline/methods) checks them against the method's own arguments.
 
-Input: a params.yaml path. Output: a `Params` object.
+A stage reads its params through `view(params, stage, keys)`: the keys it declares (its own, its
+task's, its method's; the same lists `dvc.yaml` gives DVC). Reading any other key raises
+`UndeclaredParam` naming the stage and the key, so a stage's output can depend on no key that DVC
+does not watch for it. `View.dump()` is what the stage read, in params.yaml's shape (its records).
+
+Input: a params.yaml path. Output: a `Params` object, and per stage a `View` of it.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +33,13 @@ from pipeline.core.stage import PipelineError
 
 class ParamsError(PipelineError, ValueError):
     """A params.yaml problem; the message names the key."""
+
+
+class UndeclaredParam(PipelineError, KeyError):
+    """A stage read a params key it does not declare (so DVC would not rerun it when the key changes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _number(v: Any) -> Any:
@@ -59,6 +71,7 @@ class Base(Section):
 class Data(Section):
     train: str
     validation: str
+    license: str | None  # the data's license, carried into every record and the model card
 
 
 class Validate(Section):
@@ -97,11 +110,15 @@ class ActivationCheckpointing(Section):
     in the backward pass instead of keeping them (every `every_n_layers`-th layer; `offload`: keep the
     layer inputs in host memory, for GPUs)."""
 
-    every_n_layers: int = 1
-    offload: bool = False
+    every_n_layers: int
+    offload: bool
 
 
 class Train(Section):
+    # the sections named after methods (train.lora, train.ia3, train.bitfit, ...) are extra keys,
+    # mappings checked by the method registry against the method's own arguments
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
     method: str
     epochs: Number
     max_steps: int | None
@@ -131,38 +148,15 @@ class Train(Section):
     num_processes: int  # > 1: the stage runs itself under `accelerate launch` (DDP; gloo on CPU)
     accelerate_config: str | None  # an accelerate config file (FSDP, DeepSpeed ZeRO, multi-node)
     dpo: Dpo  # used by task `preference` only
-    # method name -> its section's arguments ({"lora": {"r": 16, ...}}): filled from the sections named
-    # after methods (train.lora, train.ia3, train.bitfit, ...), not a key of params.yaml itself
-    methods: dict = Field(default_factory=dict)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _method_sections(cls, raw: Any) -> Any:
-        from pipeline import methods  # the registry: PEFT's methods by name, and this project's own
-
-        if not isinstance(raw, dict):
-            return raw
-        raw, sections = dict(raw), {}
-        known = peft_methods()
-        for key in [k for k in raw if k not in cls.model_fields]:
-            own = methods.METHODS.get(key)
-            if own is not None and own.section is not None:
-                sections[key] = _section(own.section, raw.pop(key), f"train.{key}").model_dump()
-            elif key in known:
-                sections[key] = _check_method_section(known[key], raw.pop(key), f"train.{key}")
-        method = methods.get(raw.get("method"))  # an unknown name is an error listing the valid ones
-        if not method.peft and raw.get("quantization"):
-            raise ParamsError(f"params.yaml: 'train.method' is {method.name!r}, which trains the base model's own "
-                              "weights: 'train.quantization' must be null (a quantized base trains through an adapter)")
-        if method.section is not None and method.name not in sections:
-            raise ParamsError(f"params.yaml: 'train.method' is {method.name!r}: add its section 'train.{method.name}'.")
-        if raw.get("quantization"):
-            _check_quantization(raw["quantization"], "train.quantization")
-        return {**raw, "methods": sections}
-
-    @property
-    def peft_kwargs(self) -> dict:
-        return dict(self.methods.get(self.method, {}))
+    @model_validator(mode="after")
+    def _sections_are_mappings(self) -> Train:
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):  # a scalar is no method section: a mistyped key
+                raise ParamsError(f"params.yaml: unknown key 'train.{key}'." + _hint(key, _keys(Train)))
+        if self.quantization:
+            check_arguments(_bnb_config(), self.quantization, "train.quantization")
+        return self
 
 
 class Evaluate(Section):
@@ -186,6 +180,12 @@ class Gguf(Section):
     max_new_tokens: int
 
 
+class Serve(Section):
+    """What serving (`peftflow predict`) uses unless told otherwise; no stage reads it."""
+
+    max_new_tokens: int  # the limit of a free-text answer
+
+
 class Params(Section):
     seed: int
     deterministic: bool
@@ -200,6 +200,7 @@ class Params(Section):
     evaluate: Evaluate
     export: Export
     gguf: Gguf
+    serve: Serve
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -208,12 +209,98 @@ class Params(Section):
         return self.validate_
 
 
-def peft_methods() -> dict[str, type]:
-    """PEFT method name (lower case, as used in params) -> its config class."""
-    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+# ---- the view a stage reads through ------------------------------------------------------------------
 
-    return {str(k.value).lower(): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+def _child(node: BaseModel, name: str) -> Any:
+    """The value of key `name` of a params model (a field by its params.yaml name, or a method section)."""
+    for field, info in type(node).model_fields.items():
+        if name in (field, info.alias):
+            return getattr(node, field)
+    extra = node.model_extra or {}
+    if name in extra:
+        return extra[name]
+    raise AttributeError(name)
 
+
+class View:
+    """The params a stage may read: attribute access like `Params`, limited to `allowed` dotted keys (a key
+    gives its whole subtree). A section partly allowed is a View itself; anything else is an error."""
+
+    __slots__ = ("_node", "_key", "_allowed", "_stage")
+
+    def __init__(self, node: BaseModel, key: str, allowed: frozenset[str], stage: str) -> None:
+        self._node, self._key, self._allowed, self._stage = node, key, allowed, stage
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = f"{self._key}.{name}" if self._key else name
+        try:
+            value = _child(self._node, name)
+        except AttributeError:
+            raise AttributeError(f"params has no key '{key}'") from None
+        if any(key == a or key.startswith(a + ".") for a in self._allowed):
+            return value
+        if isinstance(value, BaseModel) and any(a.startswith(key + ".") for a in self._allowed):
+            return View(value, key, self._allowed, self._stage)
+        raise UndeclaredParam(f"stage {self._stage} read params key '{key}', which it does not declare (so `dvc "
+                              f"repro` would not rerun it when the key changes): add '{key}' to the stage's, its "
+                              "task's or its method's READS, then `peftflow contract --write`")
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    def dump(self) -> dict:
+        """The keys this view may read, with their values, in params.yaml's shape."""
+        return _keep(dump(self._node), self._key, self._allowed)
+
+
+def _keep(d: dict, prefix: str, allowed: frozenset[str]) -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if any(key == a or key.startswith(a + ".") for a in allowed):
+            out[k] = v
+        elif isinstance(v, dict) and any(a.startswith(key + ".") for a in allowed):
+            out[k] = _keep(v, key, allowed)
+    return out
+
+
+def lookup(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of a params mapping or model (None where there is none)."""
+    for part in dotted.split("."):
+        if isinstance(tree, BaseModel):
+            try:
+                tree = _child(tree, part)
+            except AttributeError:
+                return None
+        else:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def interpolate(key: str, params: Params | dict) -> str:
+    """A declared key with its `${a.b}` parts replaced by those params values, as DVC fills dvc.yaml."""
+    return re.sub(r"\$\{\s*([\w.]+)\s*\}", lambda m: str(lookup(params, m.group(1))), key)
+
+
+def view(params: Params | View, stage: str, keys: Iterable[str]) -> View:
+    """`params` as `stage` may read it: only `keys` (DVC's params syntax: a section or a dotted key, `${...}`
+    filled from the params themselves). A View of the same stage is returned as it is."""
+    if isinstance(params, View):
+        if params.stage != stage:
+            raise TypeError(f"a view of stage {params.stage} handed to stage {stage}")
+        return params
+    return View(params, "", frozenset(interpolate(k, params) for k in keys), stage)
+
+
+def dump(obj: BaseModel | View) -> dict:
+    """A params model or view as a plain dict in params.yaml's shape (for records and metrics)."""
+    return obj.dump() if isinstance(obj, View) else obj.model_dump(by_alias=True)
+
+
+# ---- errors as one line naming the key ----------------------------------------------------------------
 
 def _hint(key: str, valid: Iterable[str]) -> str:
     valid = sorted(valid)
@@ -223,7 +310,7 @@ def _hint(key: str, valid: Iterable[str]) -> str:
 
 
 def _keys(model: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in model.model_fields.items() if name != "methods"]
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def _field(model: type[BaseModel], key: str) -> tuple[type[BaseModel] | None, Any]:
@@ -277,38 +364,33 @@ def _first(e: ValidationError) -> dict:
     return sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")[0]
 
 
-def _section(model: type[Section], raw: Any, where: str) -> Section:
+def section(model: type[Section], raw: Any, where: str) -> Section:
+    """A params section checked against its model (`where`: its dotted key, for the error line)."""
     try:
         return model.model_validate(raw if raw is not None else {})
     except ValidationError as e:
         raise ParamsError(_message(model, _first(e), f"{where}.")) from None
 
 
-def _check_method_section(config_cls: type, section: Any, where: str) -> dict:
-    import dataclasses
-
-    if section is None:
-        return {}
+def check_arguments(target: Any, section: Any, where: str) -> dict:
+    """A params mapping of a library class's own arguments (a PEFT config dataclass, BitsAndBytesConfig):
+    every key must be one of them; returns it as a dict."""
+    name = getattr(target, "__name__", str(target))
     if not isinstance(section, dict):
-        raise ParamsError(f"params.yaml: '{where}' must be a mapping of {config_cls.__name__} arguments.")
-    valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
+        raise ParamsError(f"params.yaml: '{where}' must be a mapping of {name} arguments.")
+    valid = {k for k, a in inspect.signature(target).parameters.items()
+             if a.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
     for key in section:
         if key not in valid:
-            raise ParamsError(f"params.yaml: unknown key '{where}.{key}' ({config_cls.__name__} has no such "
-                              "argument)." + _hint(key, valid))
+            raise ParamsError(f"params.yaml: unknown key '{where}.{key}' ({name} has no such argument)."
+                              + _hint(key, valid))
     return dict(section)
 
 
-def _check_quantization(section: Any, where: str) -> None:
+def _bnb_config() -> type:
     from transformers import BitsAndBytesConfig
 
-    if not isinstance(section, dict):
-        raise ParamsError(f"params.yaml: '{where}' must be a mapping of BitsAndBytesConfig arguments.")
-    valid = {k for k in inspect.signature(BitsAndBytesConfig.__init__).parameters if k not in ("self", "kwargs")}
-    for key in section:
-        if key not in valid:
-            raise ParamsError(f"params.yaml: unknown key '{where}.{key}' (BitsAndBytesConfig has no such argument)."
-                              + _hint(key, valid))
+    return BitsAndBytesConfig
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -323,44 +405,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw)
 
 
-def peek(path: str | Path, key: str) -> Any:
-    """One value of a params file by its dotted key ("train.allocator"), read without checking the file:
-    None when the file, the key or valid YAML is missing. For what a program decides before the imports
-    that checking costs (load_params imports PEFT); load_params still checks everything after."""
-    try:
-        node = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def parse_params(raw: dict) -> Params:
     """Check a params mapping (as read from params.yaml)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"params.yaml: must be a mapping, got {raw!r}.")
     try:
-        params = Params.model_validate(raw)
+        return Params.model_validate(raw)
     except ValidationError as e:
         raise ParamsError(_message(Params, _first(e))) from None
-    from pipeline.tasks import get as get_task  # the registered tasks (as PEFT registers its methods)
-
-    problem = get_task(params.task).check_params(params)
-    if problem:
-        raise ParamsError(problem)
-    return params
-
-
-def section_dict(obj: BaseModel) -> dict:
-    """A params section as a plain dict, in params.yaml's own shape (for records and metrics)."""
-    d = obj.model_dump(by_alias=True)
-    d.update(d.pop("methods", {}))
-    return d
-
-
-def params_dict(p: Params) -> dict:
-    """All params as a plain dict in params.yaml's shape."""
-    d = p.model_dump(by_alias=True)
-    d["train"] = section_dict(p.train)
-    return d

@@ -1,27 +1,30 @@
-"""Prompt rendering: the one sandboxed jinja2 `Renderer` used by format, evaluate, predict and gguf.
+"""Prompts: the one sandboxed jinja2 `Renderer`, and the one prompt record (`Prompt`) every reader uses.
 
 A template file in `prompts/` defines two blocks, `prompt` and `response`, over the row's
 fields. Templates run in jinja2's immutable sandbox with `StrictUndefined`: an unknown variable
 or an attempt to reach Python internals is an error naming the template and row. With
 `format.chat_template: true` the rendered prompt becomes the user turn of the base model's own
-chat template (plus `format.system_prompt` if set). The same `Renderer` serves training,
-evaluation and prediction, so a model is always asked the way it was trained.
+chat template (plus `format.system_prompt` if set).
+
+The format stage writes the prompt once (`Prompt.record()`, the `prompt` of `format.json`); the
+train stage puts the same record into the adapter's record, export into the export's. Evaluate,
+export, gguf, predict and serving rebuild it with `Prompt.from_record` and render with
+`Prompt.renderer(tokenizer)`, so a model is always asked the way it was trained.
 """
 
 from __future__ import annotations
 
-import random
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from pipeline.core.params import Params
-from pipeline.core.stage import PipelineError
+from pipeline.core.stage import PipelineError, TemplateError
 
-
-class TemplateError(PipelineError, ValueError):
-    """A template could not render a row; the message names the template and row."""
+RECORD_FILE = "format.json"  # the format stage's record: {"prompt": ..., "data": ..., "rows": ...}
 
 
 class Renderer:
@@ -73,33 +76,45 @@ class Renderer:
     def response(self, row: dict, where: str = "row") -> str:
         return self.block("response", row, where)
 
-
-def label_choices(r: Renderer, row: dict, label_field: str, labels: list[str], where: str = "row") -> list[str]:
-    """The rendered response for every label, in label order (what classification scores)."""
-    return [r.response({**row, label_field: lab}, where) for lab in labels]
-
-
-def pick_shots(rows: list[dict], label_field: str, labels: list[str], k: int, seed: int) -> list[dict]:
-    """`k` solved examples for few-shot prompts: drawn with `seed`, taking the labels in turn so every
-    label is shown (then shuffled, so the last example's label is no hint)."""
-    rng = random.Random(seed)
-    pools = {lab: [r for r in rows if r.get(label_field) == lab] for lab in labels}
-    for pool in pools.values():
-        rng.shuffle(pool)
-    picked: list[dict] = []
-    while len(picked) < k and any(pools.values()):
-        for lab in labels:
-            if pools[lab] and len(picked) < k:
-                picked.append(pools[lab].pop())
-    rng.shuffle(picked)
-    return [{**r, "labels": list(labels)} for r in picked]
+    def choices(self, row: dict, label_field: str, labels: list[str], where: str = "row") -> list[str]:
+        """The rendered response for every label, in label order (what classification scores)."""
+        return [self.response({**row, label_field: lab}, where) for lab in labels]
 
 
-def renderer_for(p: Params, template: Path, tokenizer_dir: Path | None) -> Renderer:
-    tok = None
-    if p.format.chat_template:
-        from pipeline.core.modeling import load_tokenizer
+@dataclass(frozen=True)
+class Prompt:
+    """How a model is asked: the task, the template (path and text), the chat template switch and system
+    prompt, and the facts the task adds for serving (classification: labels, text and label fields)."""
 
-        tok = load_tokenizer(tokenizer_dir)
-    return Renderer.from_file(template, tokenizer=tok, chat_template=p.format.chat_template,
-                              system_prompt=p.format.system_prompt)
+    task: str
+    template: str
+    template_text: str
+    chat_template: bool
+    system_prompt: str | None
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def template_sha256(self) -> str:
+        return hashlib.sha256(self.template_text.encode("utf-8")).hexdigest()
+
+    def renderer(self, tokenizer) -> Renderer:
+        return Renderer(self.template_text, self.template, tokenizer=tokenizer, chat_template=self.chat_template,
+                        system_prompt=self.system_prompt)
+
+    def record(self) -> dict:
+        return {**asdict(self), "template_sha256": self.template_sha256}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Prompt:
+        """The prompt of a record that carries one (format.json, an adapter's or an export's peftflow.json)."""
+        if "prompt" not in record:
+            raise PipelineError("the record holds no prompt: it was not made by this pipeline's format, train or "
+                                "export stage (or by an older version of it)")
+        rec = dict(record["prompt"])
+        rec.pop("template_sha256", None)
+        return cls(**rec)
+
+    @classmethod
+    def load(cls, folder: Path) -> Prompt:
+        """The prompt the format stage wrote into `folder`."""
+        return cls.from_record(json.loads((Path(folder) / RECORD_FILE).read_text(encoding="utf-8")))

@@ -1,6 +1,7 @@
-"""How a stage module runs as `python -m pipeline.<stage>`: typer parses the paths, and a
+"""How a stage module runs as `python -m pipeline.stages.<name>`: typer parses the paths, and a
 pipeline error (bad params, bad data, bad template, ...) is one line on stderr and exit code 2
-instead of a traceback.
+instead of a traceback. Also the errors every module raises, and `peek`, one params value read
+before the imports that checking the whole file costs.
 """
 
 from __future__ import annotations
@@ -10,18 +11,38 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 
 
 class PipelineError(Exception):
     """An error the user can fix; its message names the file, row, field or params key."""
 
 
+class TemplateError(PipelineError, ValueError):
+    """A template could not render a row; the message names the template and row."""
+
+
 def tool_env() -> dict[str, str]:
     """The environment for DVC and the stage commands it starts: this interpreter's bin folder first on
     PATH, so `dvc` (and its queue workers) and `python -m pipeline.<stage>` are this installation's."""
     return {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+
+
+def peek(path: str | Path, key: str) -> Any:
+    """One value of a params file by its dotted key ("train.allocator"), read without checking the file:
+    None when the file, the key or valid YAML is missing. For what a program decides before the imports
+    that checking costs; the stage checks the whole file after."""
+    try:
+        node = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def without_bitsandbytes(quantization: dict | None, optimizer: str | None) -> bool:
@@ -37,17 +58,14 @@ def without_bitsandbytes(quantization: dict | None, optimizer: str | None) -> bo
     return True
 
 
-def entry(fn: Callable) -> None:
-    """Run `fn` as a command-line program."""
-
-    # bitsandbytes warns on import that an optional CPU kernel package is missing: harmless
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+def command(fn: Callable, whole_process: bool = True) -> typer.Typer:
+    """`fn` as a typer program: a PipelineError is one line on stderr and exit code 2. A `whole_process`
+    (`python -m`) also leaves bitsandbytes out when its params need none; a program run inside another
+    process (tests, the contract check) must not change that process's imports."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if "params" in kwargs:  # read before the params are checked: that imports PEFT
-            from pipeline.core.params import peek
-
+        if whole_process and "params" in kwargs:  # read before the params are checked: that imports PEFT
             params = kwargs["params"]
             without_bitsandbytes(peek(params, "train.quantization"), peek(params, "train.optimizer"))
         try:
@@ -58,4 +76,11 @@ def entry(fn: Callable) -> None:
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(wrapper)
-    app()
+    return app
+
+
+def entry(fn: Callable) -> None:
+    """Run `fn` as a command-line program."""
+    # bitsandbytes warns on import that an optional CPU kernel package is missing: harmless
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    command(fn)()

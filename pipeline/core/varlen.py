@@ -98,6 +98,17 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def implementation(name: str, dev: torch.device, packing: bool) -> str:
+    """`train.attn_implementation` as transformers takes it: `auto` is eager on CPU (training steps measured
+    faster than sdpa there), on a GPU this kernel for packed half-precision training (`packing`) where torch
+    has it, else sdpa. NAME is registered with transformers when chosen."""
+    if name == "auto":
+        name = "eager" if dev.type == "cpu" else NAME if packing and available_on_cuda() else "sdpa"
+    if name == NAME:
+        register()
+    return name
+
+
 def in_use(model) -> bool:
     """Whether `model` (a PEFT model or a plain one) was loaded with this attention."""
     base = getattr(model, "get_base_model", lambda: model)()

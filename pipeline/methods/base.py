@@ -1,10 +1,11 @@
-"""The shape every fine-tuning method has: build the trainable model, count, save and load it.
+"""The shape every fine-tuning method has: check its params section, build the trainable model, count,
+save and load it, and answer what it can do (capabilities) so no caller derives them itself.
 
 A method is a small class; `pipeline/methods/__init__.py` registers it by name (`train.method`).
 PEFT's methods all share one class (`Peft`, any method PEFT knows, by name); a method that needs
 more than its config class (AdaLoRA's step hooks) or trains the base model's own weights (`full`,
-`bitfit`) is its own subclass. The train stage, `load_adapter`, predict and export call these
-methods and never branch on a method's name.
+`bitfit`) is its own subclass. The train stage, the evaluate and export stages, predict and the
+recipes call these methods and never branch on a method's name.
 """
 
 from __future__ import annotations
@@ -15,19 +16,50 @@ from typing import Any
 
 import torch
 
+from pipeline.core.params import ParamsError
+
 
 class Method:
-    """One way to fine-tune. Subclasses set `name` and implement `build`, `save` and `load`."""
+    """One way to fine-tune. Subclasses implement `check`, `build`, `save` and `load`."""
 
-    name: str = ""
     peft: bool = False  # a PEFT adapter over the base (several can share one base; DPO's reference is the base)
     weights: str = "adapter_model.safetensors"  # the weights file its output folder holds
-    section: Any = None  # the params model of its `train.<name>` section, for this project's own methods
+    # params each stage reads for the method (DVC's params syntax): its own section, `train.<name>`
+    reads: dict[str, tuple[str, ...]] = {"train": ("train.${train.method}",)}
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    # ---- capabilities
+    @property
+    def prompt_learning(self) -> bool:
+        """Virtual tokens before every row (prefix, prompt, P-tuning): no shared prefix, no packing, no
+        KV cache of a shared prompt, nothing to merge."""
+        return False
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether export can fold the training into the base weights."""
+        return not self.prompt_learning
+
+    def layouts(self, shared_prefix: bool, packing: bool) -> dict[str, bool]:
+        """The batch layouts (pipeline/core/batching.py) this method's model runs: those asked for, less
+        what virtual tokens before every row rule out (packing asked for is then an error)."""
+        if self.prompt_learning and packing:
+            raise ParamsError(f"params.yaml: 'train.packing' is true, but '{self.name}' adds virtual tokens before "
+                              "every row, which packing cannot share between rows: set train.packing: false")
+        return {"shared_prefix": shared_prefix and not self.prompt_learning, "packing": packing}
+
+    # ---- params
+    def check(self, section: Any) -> dict:
+        """The method's `train.<name>` section, checked (ParamsError naming the key)."""
+        raise NotImplementedError
 
     def configure(self, kwargs: dict, steps: int) -> dict:
         """The method's arguments, completed with what depends on the run (e.g. the total step count)."""
         return kwargs
 
+    # ---- training
     def build(self, model, t, steps: int):
         """The base model made trainable by this method (`t`: the train params section)."""
         raise NotImplementedError
@@ -45,6 +77,7 @@ class Method:
         None: the loss is the response tokens' mean NLL alone."""
         return None
 
+    # ---- output
     def save(self, model, folder: Path) -> None:
         raise NotImplementedError
 

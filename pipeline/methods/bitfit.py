@@ -7,8 +7,12 @@ of the base. A model with none of those parameters is an error saying what to se
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pipeline.core.params import Section
+from safetensors.torch import load_file, save_file
+
+from pipeline.core.loading import load_base_model
+from pipeline.core.params import Section, section
 from pipeline.core.stage import PipelineError
 from pipeline.methods.base import FullModel, Method
 
@@ -29,12 +33,13 @@ def bitfit_names(model, norms: bool) -> list[str]:
 
 
 class BitFit(Method):
-    name = "bitfit"
     weights = "bitfit.safetensors"
-    section = BitFitSection
+
+    def check(self, raw: Any) -> dict:
+        return section(BitFitSection, raw, "train.bitfit").model_dump()
 
     def build(self, model, t, steps: int):
-        names = set(bitfit_names(model, t.peft_kwargs["norms"]))
+        names = set(bitfit_names(model, self.check(getattr(t, self.name))["norms"]))
         if not names:
             raise PipelineError(
                 f"params.yaml: train.method 'bitfit': {type(model).__name__} has no bias parameters "
@@ -45,16 +50,10 @@ class BitFit(Method):
         return model
 
     def save(self, model, folder: Path) -> None:
-        from safetensors.torch import save_file
-
         save_file({n: q.detach().cpu().contiguous() for n, q in model.named_parameters() if q.requires_grad},
                   str(Path(folder) / self.weights), metadata={"format": "pt"})
 
     def load(self, base, folder: Path, base_dir: Path, dev, adapter_name: str):
-        from safetensors.torch import load_file
-
-        from pipeline.core.modeling import load_base_model
-
         tuned = load_base_model(base_dir, dev)  # the base with the trained biases (and norms) put back in
         result = tuned.load_state_dict(load_file(str(Path(folder) / self.weights)), strict=False)
         if result.unexpected_keys:

@@ -2,17 +2,21 @@
 (`LoraConfig(**p.lora)`), passed through unchanged, plus target-module presets by architecture.
 
 `AdaLora` is the one PEFT method that needs more than its config: the total step count, a rank
-reallocation after every optimizer step, and its orthogonal regularization in the loss. QLoRA (a quantized base), LoRA+ and the optimizer are training
-options (`train.quantization`, `train.loraplus_lr_ratio`, `train.optimizer`), not methods.
+reallocation after every optimizer step, and its orthogonal regularization in the loss. QLoRA (a
+quantized base), LoRA+ and the optimizer are training options (`train.quantization`,
+`train.loraplus_lr_ratio`, `train.optimizer`), not methods.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from pipeline.core.loading import one_line
+from pipeline.core.params import check_arguments
 from pipeline.core.stage import PipelineError
 from pipeline.methods.base import Method
 
@@ -69,21 +73,36 @@ def save_peft(model, folder: Path) -> None:
             f.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
+def config_classes() -> dict[str, type]:
+    """PEFT method name (lower case, as used in params) -> its config class."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return {str(k.value).lower(): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
 class Peft(Method):
-    """Any PEFT method, by the name PEFT gives it (lora, dora through `use_dora`, ia3, prefix_tuning, ...)."""
+    """Any PEFT method, by the name PEFT gives it (lora, DoRA as lora's `use_dora`, ia3, prefix_tuning, ...)."""
 
     peft = True
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    @property
+    def config_class(self) -> type:
+        return config_classes()[self.name]
+
+    @property
+    def prompt_learning(self) -> bool:
+        from peft import PromptLearningConfig
+
+        return issubclass(self.config_class, PromptLearningConfig)
+
+    def check(self, section: Any) -> dict:
+        return check_arguments(self.config_class, section, f"train.{self.name}")
 
     def config(self, t, steps: int, model_type: str):
         """The PEFT config object, built from `train.<method>` as given (plus what the run decides)."""
-        from pipeline.core.params import peft_methods
-
-        kwargs = resolve_targets(self.configure(t.peft_kwargs, steps), model_type)
+        kwargs = resolve_targets(self.configure(self.check(getattr(t, self.name)), steps), model_type)
         kwargs.setdefault("task_type", "CAUSAL_LM")
-        return peft_methods()[self.name](**kwargs)
+        return self.config_class(**kwargs)
 
     def build(self, model, t, steps: int):
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -115,14 +134,11 @@ class Peft(Method):
         try:
             return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
         except Exception as e:  # safetensors, shape and config errors all mean the same to the user
-            raise PipelineError(f"{folder}: cannot load the adapter: {str(e).splitlines()[0]}") from None
+            raise PipelineError(f"{folder}: cannot load the adapter: {one_line(e)}") from None
 
 
 class AdaLora(Peft):
     """AdaLoRA: its schedule needs the run's total step count, and ranks are reallocated after each step."""
-
-    def __init__(self) -> None:
-        super().__init__("adalora")
 
     def configure(self, kwargs: dict, steps: int) -> dict:
         return {**kwargs, "total_step": kwargs.get("total_step") or steps}

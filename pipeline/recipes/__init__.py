@@ -1,2 +1,2 @@
-"""Training recipes, one readable module each: `sft` (loss on the response tokens) and `dpo` (preference
-pairs against the base model). They share the optimizer, precision and clipping (`core/training.py`)."""
+"""Training recipes, one readable module each: `sft` (loss on the response tokens: setup, resume, step,
+logging, checkpoints) and `dpo` (preference pairs against the base model, after the SFT steps)."""

@@ -7,7 +7,8 @@ Inputs: `base.model`, one of
   - a local directory (a transformers checkpoint, or a GGUF file in it with `base.gguf_file`);
   - a hub id (needs the internet once; `base.revision` pins it).
 Outputs: `<out>/` with `model.safetensors`, `config.json`, tokenizer files and chat template,
-and `<out>/base.json` recording the source, revision, dtype and the sha256 of every file.
+and `<out>/base.json` recording the source, revision, dtype, the sha256 of every file and, for a GGUF
+source, llama.cpp's name of its pre-tokenizer (what the gguf stage writes back).
 
 GGUF weights are dequantized by transformers. `save_pretrained` refuses a GGUF-loaded model,
 so the model class is rebuilt from its config and the state dict loaded into it.
@@ -22,13 +23,26 @@ import torch
 import typer
 
 from pipeline.core.io import atomic_dir, atomic_write_json, sha256_file, sha256_text
-from pipeline.core.modeling import DTYPES, resolve_source
-from pipeline.core.params import Base, load_params
+from pipeline.core.loading import DTYPES, one_line, resolve_source
+from pipeline.core.params import Params, load_params, view
 from pipeline.core.stage import PipelineError, entry
 
+STAGE = "base"
+READS = ("base",)
+LOADS = ()
 
-def load(p: Base):
-    """Load tokenizer and model from the source in params."""
+
+def source_file(p, src: str, pattern: str) -> str:
+    """What a load error names: the GGUF file, the folder's one file matching `pattern`, or the source."""
+    if p.gguf_file:
+        return str(Path(src) / p.gguf_file)
+    files = sorted(Path(src).glob(pattern)) if Path(src).is_dir() else []
+    return str(files[0]) if len(files) == 1 else src
+
+
+def load(p):
+    """Load tokenizer and model from the source in params (`p`: the base section); a file the libraries
+    refuse (truncated, another format) is one error naming it, with their whole reason."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(p.model)
@@ -37,21 +51,24 @@ def load(p: Base):
         kw["gguf_file"] = p.gguf_file
     elif not p.allow_pickle:
         kw["use_safetensors"] = True  # pickle checkpoints are refused unless base.allow_pickle
-    tok = AutoTokenizer.from_pretrained(src, **kw)
+        if Path(src).is_dir() and not list(Path(src).glob("*.safetensors")):
+            raise PipelineError(f"params.yaml: base.model '{p.model}' has no safetensors weights; pickle "
+                                "checkpoints are refused (set base.allow_pickle: true if you trust the file)")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+    except Exception as e:  # whatever the libraries refuse a file for, the user gets one line
+        raise PipelineError(f"{source_file(p, src, 'tokenizer.json')}: cannot load the base model's tokenizer "
+                            f"(base.model '{p.model}'): {one_line(e)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[p.dtype], **kw)
-    except OSError:
-        if kw.get("use_safetensors") and Path(src).is_dir() and not list(Path(src).glob("*.safetensors")):
-            raise PipelineError(f"params.yaml: base.model '{p.model}' has no safetensors weights; pickle "
-                                "checkpoints are refused (set base.allow_pickle: true if you trust the file)") from None
-        raise
+    except Exception as e:
+        raise PipelineError(f"{source_file(p, src, '*.safetensors')}: cannot load the base model (base.model "
+                            f"'{p.model}'): {one_line(e)}") from None
     if p.gguf_file:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights are dequantized: a plain checkpoint
-        rebuilt = AutoModelForCausalLM.from_config(
-            config, dtype=DTYPES[p.dtype], trust_remote_code=p.trust_remote_code
-        )
+        rebuilt = AutoModelForCausalLM.from_config(config, dtype=DTYPES[p.dtype], trust_remote_code=p.trust_remote_code)
         result = rebuilt.load_state_dict(model.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise RuntimeError(f"GGUF conversion lost weights: {result}")
@@ -62,6 +79,16 @@ def load(p: Base):
     return tok, model
 
 
+def tokenizer_pre(p, src: str) -> str | None:
+    """llama.cpp's name of the source GGUF's pre-tokenizer (None for other sources)."""
+    if not p.gguf_file:
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(Path(src) / p.gguf_file).get_field("tokenizer.ggml.pre")
+    return str(field.contents()) if field is not None else None
+
+
 def weights_digest(weights: dict[str, str]) -> str:
     """One hash for the weights: the file's sha256, or a hash over the shards' hashes."""
     if len(weights) == 1:
@@ -69,7 +96,9 @@ def weights_digest(weights: dict[str, str]) -> str:
     return sha256_text(json.dumps(weights, sort_keys=True))
 
 
-def run(p: Base, out: Path) -> dict:
+def run(params: Params, out: Path) -> dict:
+    """Convert and save; returns the record written as `<out>/base.json`."""
+    p = view(params, STAGE, READS).base
     tok, model = load(p)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -80,6 +109,7 @@ def run(p: Base, out: Path) -> dict:
             "source": p.model,
             "gguf_file": p.gguf_file,
             "gguf_sha256": sha256_file(Path(resolve_source(p.model)) / p.gguf_file) if p.gguf_file else None,
+            "tokenizer_pre": tokenizer_pre(p, resolve_source(p.model)),
             "revision": p.revision,
             "dtype": p.dtype,
             "architecture": type(model).__name__,
@@ -96,7 +126,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     torch.set_grad_enabled(False)
-    record = run(load_params(params).base, out)
+    record = run(load_params(params), out)
     typer.echo(f"base: {record['architecture']} {record['parameters']:,} params -> {out} "
                f"(weights sha256 {record['weights_sha256'][:12]})")
 

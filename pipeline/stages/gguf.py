@@ -19,8 +19,8 @@ Checks, before anything is kept:
 Only Llama-architecture models (Llama, SmolLM, Mistral without sliding window) are written;
 prompt-learning adapters have no merged weights, so the stage records why it wrote nothing.
 
-Inputs: export folder, formatted and validated validation rows (and, for the tokenizer's
-llama.cpp name, the base model's source GGUF named in params).
+Inputs: export folder (its record: the prompt, and the base's pre-tokenizer name that the base stage
+read from the source GGUF), formatted and validated validation rows.
 Outputs: `<out>/model-<outtype>.gguf`, `<out>/Modelfile`, `<out>/gguf.json`; a metrics file.
 """
 
@@ -32,12 +32,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
+from transformers import AutoModelForCausalLM
 
+from pipeline import tasks
+from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
-from pipeline.core.modeling import left_pad, load_tokenizer
-from pipeline.core.params import Gguf, Params, load_params
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.modeling import left_pad
+from pipeline.core.params import Gguf, Params, load_params, view
+from pipeline.core.prompting import Prompt
+from pipeline.core.scoring import generate
 from pipeline.core.stage import PipelineError, entry
-from pipeline.tasks import get as get_task
+
+STAGE = "gguf"
+READS = ("gguf",)
+LOADS = ("task",)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SENTINEL = "\x00PROMPT\x00"
@@ -72,19 +81,12 @@ def tensor_data(name: str, w: torch.Tensor, outtype: str):
     return gguf.quants.quantize(a, kind), kind
 
 
-def tokenizer_pre(params: Params) -> str:
-    """llama.cpp's name for the pre-tokenizer: from params, else from the base model's source GGUF."""
-    if params.gguf.tokenizer_pre:
-        return params.gguf.tokenizer_pre
-    if params.base.gguf_file:
-        from gguf import GGUFReader
-
-        from pipeline.core.modeling import resolve_source
-
-        field = GGUFReader(Path(resolve_source(params.base.model)) / params.base.gguf_file).get_field(
-            "tokenizer.ggml.pre")
-        if field is not None:
-            return str(field.contents())
+def tokenizer_pre(p: Gguf, record: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer: from params, else the base model's source GGUF's (recorded by
+    the base stage, carried in the adapter's record)."""
+    name = p.tokenizer_pre or record["adapter"]["base"].get("tokenizer_pre")
+    if name:
+        return name
     raise GgufError("params.yaml: gguf.tokenizer_pre: the base model did not come from a GGUF file that names its "
                     "pre-tokenizer, so llama.cpp's name for it is not known; set it (e.g. llama-bpe, smollm, "
                     "qwen2, mistral-bpe)")
@@ -195,10 +197,6 @@ def add_tensors(w, tensors: dict[str, torch.Tensor], config: dict, outtype: str)
 @torch.no_grad()
 def reread_logit_diff(model_dir: Path, path: Path, prompts: list[str], tok) -> float:
     """Max |logits| difference between the merged model and the GGUF read back by transformers."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.core.encoding import encode_prompt
-
     merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     batch = left_pad([{"input_ids": encode_prompt(tok, q)} for q in prompts], tok.pad_token_id or 0,
@@ -209,21 +207,19 @@ def reread_logit_diff(model_dir: Path, path: Path, prompts: list[str], tok) -> f
     return float(((merged(**kw).logits - back(**kw).logits) * mask).abs().max())
 
 
-def modelfile(gguf_name: str, fmt: dict, tok, row: dict, field: str, eos: list[str], task) -> tuple[str, str]:
-    """(Modelfile text, its Go template) for Ollama: the training prompt of `row` (the task's row for one
-    line of text, that text a sentinel) with its `field` as {{ .Prompt }}."""
-    from pipeline.core.prompting import Renderer
-
-    r = Renderer(fmt["template_text"], "format.json", tokenizer=tok, chat_template=fmt["chat_template"],
-                 system_prompt=fmt["system_prompt"])
-    text = task.prompt(r, row, "the Modelfile template")
+def modelfile(gguf_name: str, prompt: Prompt, tok, eos: list[str]) -> tuple[str, str]:
+    """(Modelfile text, its Go template) for Ollama: the training prompt of the task's row for one line of
+    text (that text a sentinel), the sentinel as {{ .Prompt }}."""
+    task = tasks.get(prompt.task)
+    field = task.prompt_field(prompt)
+    text = task.prompt(prompt, prompt.renderer(tok), task.row_from_text(SENTINEL, prompt), "the Modelfile template")
     if text.count(SENTINEL) != 1:
-        raise GgufError(f"gguf: the template {fmt.get('template')} does not use '{field}' exactly once; "
+        raise GgufError(f"gguf: the template {prompt.template} does not use '{field}' exactly once; "
                         "the Modelfile needs one place for the user's text")
     go = text.replace("{{", '{{ "{{" }}').replace(SENTINEL, "{{ .Prompt }}") + "{{ .Response }}"
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in eos)
     body = (f"# Ollama: ollama create <name> -f Modelfile; the message you send is the `{field}` the\n"
-            f"# adapter was trained on (template {fmt.get('template')}, sha256 {fmt.get('template_sha256')}).\n"
+            f"# adapter was trained on (template {prompt.template}, sha256 {prompt.template_sha256}).\n"
             f"FROM ./{gguf_name}\n"
             f'TEMPLATE """{go}"""\n'
             f"{stops}PARAMETER temperature 0\n")
@@ -243,11 +239,6 @@ def llama_cpp_parity(path: Path, model_dir: Path, prompts: list[str], tok, label
     except ImportError:
         raise GgufError("gguf.llama_cpp_rows > 0 needs llama-cpp-python (pip install -e '.[gguf]', "
                         "see README); set gguf.llama_cpp_rows: 0 to skip the llama.cpp check") from None
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.core.encoding import encode_prompt
-    from pipeline.core.scoring import generate
-
     merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=max(1, torch.get_num_threads()), verbose=False,
                 seed=0)
@@ -288,8 +279,6 @@ def chat_template_parity(path: Path, tok, rows: list[dict]) -> dict:
 
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from pipeline.core.encoding import encode_prompt
 
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     template = llm.metadata.get("tokenizer.chat_template")
@@ -339,48 +328,51 @@ def modelfile_parity(go: str, field: str, source_rows: list[dict], formatted_row
 
 
 def run(params: Params, export_dir: Path, formatted: Path, validated: Path, out: Path) -> dict:
-    p = params.gguf
+    """Write the GGUF file and the Modelfile and check both; returns the metrics (also `<out>/gguf.json`)."""
+    p = view(params, STAGE, READS).gguf
     record = json.loads((export_dir / "peftflow.json").read_text())
-    fmt = json.loads((export_dir / "format.json").read_text())
     with atomic_dir(out) as tmp:
         if not (export_dir / "config.json").exists():  # adapter-only export (prompt learning)
-            metrics = {"written": False, "reason": f"{record['train']['method']} exports an adapter, not merged "
-                       "weights; GGUF holds a whole model, so there is nothing to write"}
+            metrics = {"written": False, "reason": f"{record['adapter']['params']['train']['method']} exports an "
+                       "adapter, not merged weights; GGUF holds a whole model, so there is nothing to write"}
             atomic_write_json(tmp / "gguf.json", metrics)
             return metrics
-        tok = load_tokenizer(export_dir)
-        name = f"model-{p.outtype}.gguf"
-        info = write(export_dir, tmp / name, p, tokenizer_pre(params), f"peftflow {record['train']['method']}")
+        tok, prompt, name = load_tokenizer(export_dir), Prompt.from_record(record), f"model-{p.outtype}.gguf"
+        info = write(export_dir, tmp / name, p, tokenizer_pre(p, record),
+                     f"peftflow {record['adapter']['params']['train']['method']}")
         rows = read_jsonl(formatted / "validation.jsonl")
         prompts = [r["prompt"] for r in rows]
         diff = reread_logit_diff(export_dir, tmp / name, prompts[: p.check_rows], tok)
         if diff > TOLERANCE[p.outtype]:
             raise GgufError(f"gguf: {name} read back by transformers differs from the merged model by {diff:.3g} "
                             f"in the logits (> {TOLERANCE[p.outtype]} allowed for {p.outtype})")
-        eos = [t for t in dict.fromkeys([tok.eos_token, tok.pad_token]) if t]
-        t = get_task(params.task)
-        field = t.prompt_field(params.validate.text_field)
-        row = {**t.row_from_text(SENTINEL, params.validate.text_field), "labels": list(params.labels)}
-        text, go = modelfile(name, fmt, tok, row, field, eos, t)
+        text, go = modelfile(name, prompt, tok, [t for t in dict.fromkeys([tok.eos_token, tok.pad_token]) if t])
+        field = tasks.get(prompt.task).prompt_field(prompt)
         checked = modelfile_parity(go, field, read_jsonl(validated / "validation.jsonl"), rows)
         atomic_write_text(tmp / "Modelfile", text)
         metrics = {"written": True, "file": name, "outtype": p.outtype, **info,
                    "max_abs_logit_diff_reread": diff, "rows_checked": min(p.check_rows, len(prompts)),
                    "modelfile_rows_checked": checked}
         if p.llama_cpp_rows:
-            labels = get_task(params.task).serving_labels(params.labels)
-            parity = llama_cpp_parity(tmp / name, export_dir, prompts[: p.llama_cpp_rows], tok, labels,
-                                      p.max_new_tokens)
-            metrics["llama_cpp"] = parity
-            conversations = [r for r in rows if "messages" in r][: p.llama_cpp_rows]  # (task chat)
-            if conversations:
-                metrics["llama_cpp"]["chat_template"] = chat_template_parity(tmp / name, tok, conversations)
-            agreement = parity.get("label_agreement", parity["answer_agreement"])
-            if agreement < p.min_agreement:
-                raise GgufError(f"gguf: llama.cpp agrees with the PyTorch merged model on {agreement:.1%} of "
-                                f"{parity['rows']} rows (gguf.min_agreement: {p.min_agreement})")
+            metrics["llama_cpp"] = llama_cpp_check(p, tmp / name, export_dir, rows, tok, prompt)
         atomic_write_json(tmp / "gguf.json", metrics)
     return metrics
+
+
+def llama_cpp_check(p: Gguf, path: Path, export_dir: Path, rows: list[dict], tok, prompt: Prompt) -> dict:
+    """llama.cpp's answers and tokens against PyTorch's on `gguf.llama_cpp_rows` rows (conversations also
+    through the stored chat template); below `gguf.min_agreement` the stage fails."""
+    labels = tasks.get(prompt.task).serving_labels(prompt)
+    parity = llama_cpp_parity(path, export_dir, [r["prompt"] for r in rows][: p.llama_cpp_rows], tok, labels,
+                              p.max_new_tokens)
+    conversations = [r for r in rows if "messages" in r][: p.llama_cpp_rows]  # (task chat)
+    if conversations:
+        parity["chat_template"] = chat_template_parity(path, tok, conversations)
+    agreement = parity.get("label_agreement", parity["answer_agreement"])
+    if agreement < p.min_agreement:
+        raise GgufError(f"gguf: llama.cpp agrees with the PyTorch merged model on {agreement:.1%} of "
+                        f"{parity['rows']} rows (gguf.min_agreement: {p.min_agreement})")
+    return parity
 
 
 def main(
@@ -391,8 +383,7 @@ def main(
     metrics: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    p = load_params(params)
-    m = run(p, export, formatted, validated, out)
+    m = run(load_params(params), export, formatted, validated, out)
     atomic_write_json(metrics, {k: v for k, v in m.items() if k != "answers"})
     if m["written"]:
         extra = ""

@@ -12,22 +12,27 @@ stops the stage naming the row.
 
 Inputs: formatted `train.jsonl` / `validation.jsonl`, the base tokenizer folder.
 Outputs: `<out>/{train,validation}/` as `datasets` Arrow folders (input_ids, labels, length, row)
-and `<out>/tokenize.json` (counts, rows audited); a metrics file with the same counts.
+and `<out>/tokenize.json` (counts, rows audited, the tokenizer's sha256); a metrics file with the
+same counts.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
 
-from pipeline.core.encoding import mask_audit
+from pipeline import contract
+from pipeline.core.encoding import IGNORE, mask_audit
 from pipeline.core.io import atomic_dir, atomic_write_json, read_jsonl, sha256_file
-from pipeline.core.modeling import IGNORE, load_tokenizer
-from pipeline.core.params import Params, load_params
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.params import Params
 from pipeline.core.stage import PipelineError, entry
 from pipeline.tasks import get as get_task
+
+STAGE = "tokenize"
+READS = ("task",)  # + the task's (max_length, truncation; chat: loss_on)
+LOADS = ("task",)
 
 
 def strip_expected(e: dict) -> dict:
@@ -54,9 +59,10 @@ def audit(tok, rows: list[dict], encoded: list[dict | None], src: Path) -> None:
                             f"first: row {row}: {why}")
 
 
-def run(p: Params, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
+def run(params: Params, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
     from datasets import Dataset
 
+    p = contract.view(params, STAGE, READS)
     tok = load_tokenizer(tokenizer_dir)
     task = get_task(p.task)
     report: dict = {}
@@ -68,8 +74,8 @@ def run(p: Params, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
             encoded = [{**strip_expected(e), "row": r["row"]} for r, e in zip(rows, many, strict=True) if e is not None]
             dropped = len(rows) - len(encoded)
             if not encoded:
-                raise PipelineError(f"tokenize: every {split} row was dropped "
-                                    f"(tokenize.max_length={p.tokenize.max_length})")
+                raise PipelineError(f"tokenize: every {split} row of {formatted / (split + '.jsonl')} was dropped: "
+                                    f"too long for tokenize.max_length={p.tokenize.max_length}, or nothing to learn")
             Dataset.from_list(encoded).save_to_disk(str(tmp / split))
             lengths = [e["length"] for e in encoded]
             report[split] = {
@@ -83,7 +89,6 @@ def run(p: Params, formatted: Path, tokenizer_dir: Path, out: Path) -> dict:
                 "response_tokens": sum(sum(t != IGNORE for t in e["labels"]) for e in encoded),
                 "mask_audit": {"checked": len(encoded), "failed": 0},
             }
-        shutil.copy(formatted / "format.json", tmp / "format.json")  # travels with the data to the adapter
         atomic_write_json(tmp / "tokenize.json", {
             **report, "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json")
             if (Path(tokenizer_dir) / "tokenizer.json").exists() else None,
@@ -98,7 +103,7 @@ def main(
     metrics: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    report = run(load_params(params), formatted, tokenizer, out)
+    report = run(contract.load(params), formatted, tokenizer, out)
     atomic_write_json(metrics, report)
     for split, r in report.items():
         typer.echo(f"tokenize: {split}: {r['kept']} rows, {r['truncated']} truncated, {r['dropped']} dropped, "

@@ -9,9 +9,11 @@ row whose text is also in train).
 
 Inputs: the two data files (jsonl, csv or parquet).
 Outputs: `<out>/train.jsonl` and `<out>/validation.jsonl` (accepted rows, each with its source
-`row`), `<out>/quarantine.jsonl` (every rejected row with file, row, field and reason) and a
-metrics file with the counts. The stage fails when a split's reject ratio exceeds
-`validate.max_reject_ratio`.
+`row`), `<out>/quarantine.jsonl` (every rejected row with file, row, field and reason),
+`<out>/data.json` (each file's path, md5 and row counts, and `data.license`: the data's part of every
+record downstream) and a metrics file with the counts. The stage fails when a split's reject ratio
+exceeds `validate.max_reject_ratio`; the folder then holds the quarantine alone, and the metrics
+file is left as it was.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ import pandas as pd
 import pandera.pandas as pa
 import typer
 
-from pipeline.core.io import Record, atomic_write_json, read_records, write_jsonl
-from pipeline.core.params import Params, load_params
+from pipeline import contract
+from pipeline.core.io import Record, atomic_dir, atomic_write_json, file_digest, read_records, write_jsonl
+from pipeline.core.params import Params
 from pipeline.core.stage import PipelineError, entry
 from pipeline.tasks import get as get_task
 from pipeline.tasks.base import RowError
+
+STAGE = "validate"
+READS = ("task", "validate.max_chars", "validate.max_reject_ratio", "data.license")  # + the task's
+LOADS = ("task",)
 
 
 class DataError(PipelineError, ValueError):
@@ -144,22 +151,8 @@ def drop_duplicates(p: Params, path: Path, rows: list[dict], seen: dict | None =
     return kept, rejected
 
 
-def run(p: Params, train: Path, validation: Path, out: Path, metrics: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
-    quarantine: list[dict] = []
-    train_rows, rej = check_split(p, train, read_records(train))
-    train_rows, dup = drop_duplicates(p, train, train_rows)
-    quarantine += rej + dup
-    results["train"] = (train_rows, rej + dup)
-    val_rows, rej = check_split(p, validation, read_records(validation))
-    val_rows, dup = drop_duplicates(p, validation, val_rows)
-    train_keys = {get_task(p.task).key(p, r): r["row"] for r in train_rows}
-    val_rows, leak = drop_duplicates(p, validation, val_rows, seen=train_keys,
-                                     why=f"leakage: also in {train} row {{row}}")
-    quarantine += rej + dup + leak
-    results["validation"] = (val_rows, rej + dup + leak)
-
+def split_report(p: Params, results: dict[str, tuple[list[dict], list[dict]]]) -> dict:
+    """The counts per split: rows, accepted, rejected, their ratio, the reasons, and what the task adds."""
     report: dict = {}
     for split, (rows, rejected) in results.items():
         total = len(rows) + len(rejected)
@@ -171,8 +164,11 @@ def run(p: Params, train: Path, validation: Path, out: Path, metrics: Path) -> d
             "reasons": dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)),
             **get_task(p.task).counts(p, rows),
         }
-    write_jsonl(out / "quarantine.jsonl", quarantine)
-    atomic_write_json(metrics, report)
+    return report
+
+
+def too_many_rejected(p: Params, results: dict, report: dict, out: Path) -> DataError | None:
+    """The error for the first split with no accepted row or a reject ratio over the limit, or None."""
     for split, (rows, rejected) in results.items():
         ratio = report[split]["reject_ratio"]
         if not rows or ratio > p.validate.max_reject_ratio:
@@ -180,13 +176,43 @@ def run(p: Params, train: Path, validation: Path, out: Path, metrics: Path) -> d
                 f"{r['file']} row {r['row']}" + (f" field '{r['field']}'" if r["field"] else "") + f": {r['reason']}"
                 for r in rejected[:3]
             )
-            raise DataError(
+            return DataError(
                 f"validate: {split} rejected {len(rejected)} of {report[split]['rows']} rows "
                 f"({ratio:.1%} > validate.max_reject_ratio={p.validate.max_reject_ratio:.1%}); "
                 f"first: {first}; all in {out / 'quarantine.jsonl'}"
             )
-    write_jsonl(out / "train.jsonl", results["train"][0])
-    write_jsonl(out / "validation.jsonl", results["validation"][0])
+    return None
+
+
+def run(params: Params, train: Path, validation: Path, out: Path, metrics: Path) -> dict:
+    """Check both files; write the accepted rows, the quarantine and the data record into `out` (atomically)
+    and the counts into `metrics`. Too many rejects: `out` holds the quarantine alone, `metrics` is untouched."""
+    p = contract.view(params, STAGE, READS)
+    task = get_task(p.task)
+    results: dict = {}
+    train_rows, rej = check_split(p, train, read_records(train))
+    train_rows, dup = drop_duplicates(p, train, train_rows)
+    results["train"] = (train_rows, rej + dup)
+    val_rows, rej = check_split(p, validation, read_records(validation))
+    val_rows, dup = drop_duplicates(p, validation, val_rows)
+    train_keys = {task.key(p, r): r["row"] for r in train_rows}
+    val_rows, leak = drop_duplicates(p, validation, val_rows, seen=train_keys,
+                                     why=f"leakage: also in {train} row {{row}}")
+    results["validation"] = (val_rows, rej + dup + leak)
+    report = split_report(p, results)
+    error = too_many_rejected(p, results, report, out)
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "quarantine.jsonl", [r for _, rejected in results.values() for r in rejected])
+        if error is None:
+            for split, (rows, _) in results.items():
+                write_jsonl(tmp / f"{split}.jsonl", rows)
+            atomic_write_json(tmp / "data.json", {
+                split: {"path": str(path), "md5": file_digest(path, "md5"), "rows": report[split]["rows"],
+                        "accepted": report[split]["accepted"]}
+                for split, path in (("train", train), ("validation", validation))} | {"license": p.data.license})
+    if error is not None:
+        raise error
+    atomic_write_json(metrics, report)
     return report
 
 
@@ -197,7 +223,7 @@ def main(
     metrics: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    report = run(load_params(params), train, validation, out, metrics)
+    report = run(contract.load(params), train, validation, out, metrics)
     for split, r in report.items():
         typer.echo(f"validate: {split}: {r['accepted']}/{r['rows']} accepted, {r['rejected']} quarantined")
 

@@ -2,20 +2,29 @@
 
 A task is a small class with the methods below; `pipeline/tasks/__init__.py` registers it by name
 (`params.yaml: task`). The stages call these methods and never branch on a task's name, so a new
-kind of data is one new module and one registration line.
+kind of data is one new module and one registration line. `reads` says which params keys the task
+reads in which stage (DVC's params syntax): the stage's params view allows them, and `dvc.yaml`
+lists them (`peftflow contract --write`). What a task needs to score or generate it gets from the
+stage (`EvalInputs.scorer`, a `Scorer`), so a task module imports no model code.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from datasets import load_from_disk
+
+from pipeline.core.encoding import encode_many
 
 if TYPE_CHECKING:
     import pandera.pandas as pa
 
     from pipeline.core.params import Params
-    from pipeline.core.prompting import Renderer
+    from pipeline.core.prompting import Prompt, Renderer
+    from pipeline.core.scoring import Scorer
 
 
 class RowError(ValueError):
@@ -28,26 +37,29 @@ class RowError(ValueError):
 
 @dataclass
 class EvalInputs:
-    """What the evaluate stage hands a task: the model (adapter on, `disable_adapter()` for the base), its
-    tokenizer, the rendered and tokenized validation rows, and the folders for anything else it needs."""
+    """What the evaluate stage hands a task: the scorer (the model with the adapter on; `scorer.base()`
+    for the base model), the training prompt and its renderer, the rendered validation rows, the data
+    folders, the adapter's record, and the folder being written (plots, predictions, samples)."""
 
-    model: Any
-    tok: Any
+    scorer: Scorer
+    prompt: Prompt
+    renderer: Renderer
     rows: list[dict]  # formatted validation rows (prompt, response, ...)
     tokenized: Path  # tokenized data folder (train/, validation/)
-    formatted: Path
     validated: Path | None
     adapter_dir: Path
-    out: Path  # the evaluate output folder being written (plots, predictions, samples)
+    adapter_record: dict
+    out: Path
 
 
 class Task:
-    """One kind of data. Subclasses set `name` and implement what differs; defaults fit most tasks."""
+    """One kind of data. Subclasses set `name` and `reads` and implement what differs; defaults fit most."""
 
     name: str = ""
     dpo: bool = False  # train: after the SFT steps, DPO steps on (chosen, rejected) pairs
+    reads: dict[str, tuple[str, ...]] = {}  # stage -> params keys the task's methods read in that stage
 
-    # ---- params
+    # ---- params (the whole file, checked by every stage)
     def check_params(self, p: Params) -> str | None:
         """A problem with params for this task (one line naming the key), or None."""
         return None
@@ -76,19 +88,23 @@ class Task:
 
     def key_field(self, p: Params) -> str:
         """The field a duplicate is reported on."""
-        return self.prompt_field(p.validate.text_field)
+        raise NotImplementedError
 
     def counts(self, p: Params, rows: list[dict]) -> dict:
         """Extra per-split counts for the validate metrics."""
         return {}
 
     # ---- format
-    def render(self, p: Params, r: Renderer, row: dict, where: str, shots: list[dict] = ()) -> dict:
+    def render(self, p: Params, r: Renderer, row: dict, where: str) -> dict:
         """One formatted row: at least `prompt` and `response` (the training target)."""
-        return {"row": row.get("row"), "prompt": r.prompt(row, where, shots), "response": r.response(row, where)}
+        return {"row": row.get("row"), "prompt": r.prompt(row, where), "response": r.response(row, where)}
 
-    def prompt(self, r: Renderer, row: dict, where: str) -> str:
-        """The prompt a row is answered from (training's `prompt`, predict, the Modelfile)."""
+    def facts(self, p: Params) -> dict:
+        """What serving needs beyond the template (recorded with the prompt), e.g. the label set."""
+        return {}
+
+    def prompt(self, prompt: Prompt, r: Renderer, row: dict, where: str) -> str:
+        """The prompt a row is answered from (predict, the Modelfile, serving)."""
         return r.prompt(row, where)
 
     # ---- tokenize
@@ -96,8 +112,6 @@ class Task:
         """Formatted rows -> `input_ids`, `labels` (IGNORE where there is no loss), `length`, `truncated`,
         and `expected`: the texts the labelled tokens must decode to, in order (the mask audit).
         None for a row dropped by `tokenize.truncation`."""
-        from pipeline.core.encoding import encode_many
-
         many = encode_many(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
                            p.tokenize.max_length, p.tokenize.truncation)
         return [None if e is None else {**e, "expected": [r["response"] + tok.eos_token]}
@@ -109,21 +123,41 @@ class Task:
         raise NotImplementedError
 
     # ---- serving (predict, gguf, the command line)
-    def prompt_field(self, text_field: str) -> str:
+    def prompt_field(self, prompt: Prompt) -> str:
         """The row field a plain line of text fills (stdin of `peftflow predict`, the Ollama Modelfile)."""
         raise NotImplementedError
 
-    def row_from_text(self, line: str, text_field: str) -> dict:
+    def row_from_text(self, line: str, prompt: Prompt) -> dict:
         """A row from one plain line of text."""
-        return {self.prompt_field(text_field): line}
+        return {self.prompt_field(prompt): line}
 
-    def serving_labels(self, labels: list[str]) -> list[str]:
+    def serving_labels(self, prompt: Prompt) -> list[str]:
         """The answers serving is scored on (empty: free text)."""
         return []
 
-    def answer(self, model, tok, r: Renderer, record: dict, rows: list[dict], prompts: list[str],
+    def answer(self, scorer: Scorer, prompt: Prompt, r: Renderer, rows: list[dict], prompts: list[str],
                max_new_tokens: int) -> list[str]:
         """The model's answers to rendered prompts (default: greedy generation up to EOS)."""
-        from pipeline.core.scoring import generate
+        return scorer.generate(prompts, max_new_tokens)
 
-        return [generate(model, tok, prompt, max_new_tokens)[0] for prompt in prompts]
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+def loss_report(p, x: EvalInputs) -> dict:
+    """Eval loss and perplexity on the validation rows' labelled tokens, base and adapter, and greedy
+    samples of both side by side (the instruction and chat tasks' evaluation)."""
+    data = [{"input_ids": r["input_ids"], "labels": r["labels"]}
+            for r in load_from_disk(str(x.tokenized / "validation"))]
+    results = {}
+    with x.scorer.base() as base:
+        results["base"] = {"eval_loss": base.loss(data)}
+    results["adapter"] = {"eval_loss": x.scorer.loss(data)}
+    for m in results.values():
+        m["perplexity"] = round(math.exp(min(m["eval_loss"], 50)), 3)
+        m["eval_loss"] = round(m["eval_loss"], 4)
+    results["adapter"]["stopped_ratio"] = x.scorer.samples(x.rows, p.evaluate.samples, p.evaluate.max_new_tokens,
+                                                           x.out / "samples.jsonl")
+    results["gain"] = {"eval_loss": round(results["base"]["eval_loss"] - results["adapter"]["eval_loss"], 4)}
+    results["rows"] = len(data)
+    return results

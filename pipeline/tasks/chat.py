@@ -10,19 +10,27 @@ The loss is on every assistant turn's content and its end-of-turn token (`tokeni
 or on the last one only (`last`). Where those tokens are is found from the chat template itself:
 the conversation up to assistant turn k rendered with the generation prompt must be a prefix of the
 conversation rendered through turn k, and the rest must start with the turn's content; the span
-is that content plus the template's end-of-turn text. A template that renders earlier turns
-differently once a later one follows cannot be masked this way, and says so. The tokenize stage
-then proves the mask (core/encoding.py:mask_audit): the labelled tokens decode to exactly those
-spans. Evaluated by eval loss and perplexity on assistant tokens, base and adapter, with sample
-answers to the last user turn; served by answering the next assistant turn of a conversation.
+is that content plus the template's end-of-turn text. The format stage finds the span of every
+assistant turn, or why it has none (a template that renders earlier turns differently once a later
+one follows, a conversation that opens with the assistant); the tokenize stage takes the spans
+`tokenize.loss_on` asks for, fails naming the row when one of them has none, and proves the mask
+(core/encoding.py:mask_audit): the labelled tokens decode to exactly those spans. Evaluated by eval
+loss and perplexity on assistant tokens, base and adapter, with sample answers to the last user
+turn; served by answering the next assistant turn of a conversation.
 """
 
 from __future__ import annotations
 
-from pipeline.core.modeling import IGNORE
-from pipeline.core.prompting import Renderer, TemplateError
-from pipeline.tasks.base import RowError
-from pipeline.tasks.instruction import Instruction
+from typing import TYPE_CHECKING
+
+import jinja2
+
+from pipeline.core.encoding import IGNORE
+from pipeline.core.stage import TemplateError
+from pipeline.tasks.base import EvalInputs, RowError, Task, loss_report
+
+if TYPE_CHECKING:
+    from pipeline.core.prompting import Renderer
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -98,44 +106,80 @@ def render_turns(r: Renderer, messages: list[dict], where: str) -> list[dict]:
     return out
 
 
-def chat_text(tok, messages: list[dict], generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def chat_text(tok, messages: list[dict], generation_prompt: bool, where: str = "a conversation") -> str:
+    """The conversation as the tokenizer's chat template renders it (a template's refusal, one line)."""
+    if not messages:
+        raise TemplateError(f"{where}: nothing before the turn to render")
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise TemplateError(f"{where}: the chat template of {tok.name_or_path} refuses the conversation: "
+                            f"{reason}") from None
 
 
-def assistant_spans(tok, messages: list[dict], last_only: bool, where: str) -> tuple[str, list[list[int]]]:
-    """The whole conversation as the chat template renders it, and the character spans the loss is on:
-    each (or the last) assistant turn's content and the template's end-of-turn text after it."""
-    text = chat_text(tok, messages, False)
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+def turn_span(tok, messages: list[dict], k: int, text: str, where: str) -> list[int]:
+    """The character span the loss is on for assistant turn `k` (0-based) of the rendered `text`: the
+    turn's content and the template's end-of-turn text after it. TemplateError says why there is none."""
+    model = tok.name_or_path
+    if k == 0 or all(m["role"] == "system" for m in messages[:k]):
+        raise TemplateError(f"{where}: assistant turn {k + 1} opens the conversation, with no turn of the user "
+                            "before it, so where its answer starts cannot be found; set tokenize.loss_on: last "
+                            "or start the conversation with the user")
+    before, through = chat_text(tok, messages[:k], True, where), chat_text(tok, messages[: k + 1], False, where)
+    if not through.startswith(before) or not text.startswith(through):
+        raise TemplateError(
+            f"{where}: the chat template of {model} renders assistant turn {k + 1} differently once later "
+            "turns follow, so its tokens cannot be marked for the loss; set tokenize.loss_on: last (the "
+            "loss on the final turn only) or give a base model whose template keeps earlier turns")
+    rest = through[len(before):]
+    content = messages[k]["content"]
+    if before == chat_text(tok, messages[:k], False, where):
+        raise TemplateError(f"{where}: the chat template of {model} has no generation prompt that ends where "
+                            f"assistant turn {k + 1} begins (add_generation_prompt), so the answer cannot be "
+                            "told from the text before it; use a base model with a chat template made for chat")
+    if not rest.startswith(content):
+        raise TemplateError(f"{where}: the chat template of {model} changes the content of assistant turn "
+                            f"{k + 1} (e.g. trims it), so its tokens cannot be marked for the loss; set "
+                            "tokenize.loss_on: last or clean the data")
+    end = rest[len(content):].rstrip()
+    if not end:
+        raise TemplateError(f"{where}: the chat template of {model} ends an assistant turn with nothing, so "
+                            "the model would not learn to stop; use a base model with an end-of-turn token")
+    return [len(before), len(before) + len(content) + len(end)]
+
+
+def assistant_spans(tok, messages: list[dict], where: str) -> tuple[str, list[dict]]:
+    """The whole conversation as the chat template renders it, and for every assistant turn the character
+    span the loss would be on (`span`), or why there is none (`problem`)."""
+    text = chat_text(tok, messages, False, where)
     spans = []
-    for k in turns[-1:] if last_only else turns:
-        before, through = chat_text(tok, messages[:k], True), chat_text(tok, messages[: k + 1], False)
-        model = tok.name_or_path
-        if not through.startswith(before) or not text.startswith(through):
-            raise TemplateError(
-                f"{where}: the chat template of {model} renders assistant turn {k + 1} differently once later "
-                "turns follow, so its tokens cannot be marked for the loss; set tokenize.loss_on: last (the "
-                "loss on the final turn only) or give a base model whose template keeps earlier turns")
-        rest = through[len(before):]
-        content = messages[k]["content"]
-        if content and content in rest[1:]:
-            raise TemplateError(f"{where}: the chat template of {model} has no generation prompt that ends where "
-                                f"assistant turn {k + 1} begins (add_generation_prompt), so the answer cannot be "
-                                "told from the text before it; use a base model with a chat template made for chat")
-        if not rest.startswith(content):
-            raise TemplateError(f"{where}: the chat template of {model} changes the content of assistant turn "
-                                f"{k + 1} (e.g. trims it), so its tokens cannot be marked for the loss; set "
-                                "tokenize.loss_on: last or clean the data")
-        end = rest[len(content):].rstrip()
-        if not end:
-            raise TemplateError(f"{where}: the chat template of {model} ends an assistant turn with nothing, so "
-                                "the model would not learn to stop; use a base model with an end-of-turn token")
-        spans.append([len(before), len(before) + len(content) + len(end)])
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            try:
+                spans.append({"turn": k + 1, "span": turn_span(tok, messages, k, text, where)})
+            except TemplateError as e:
+                spans.append({"turn": k + 1, "problem": str(e)})
     return text, spans
 
 
-class Chat(Instruction):
+def loss_spans(spans: list[dict], loss_on: str) -> list[list[int]]:
+    """The spans `tokenize.loss_on` puts the loss on: every assistant turn's, or the last one's; a turn
+    whose span could not be found stops the stage with its reason."""
+    chosen = spans if loss_on == "all" else spans[-1:]
+    missing = [s for s in chosen if "span" not in s]
+    if missing:
+        raise TemplateError(missing[0]["problem"])
+    return [s["span"] for s in chosen]
+
+
+class Chat(Task):
     name = "chat"
+    reads = {
+        "validate": ("validate.max_chars",),
+        "tokenize": ("tokenize.loss_on", "tokenize.max_length", "tokenize.truncation"),
+        "evaluate": ("evaluate.max_new_tokens", "evaluate.samples"),
+    }
 
     def check_params(self, p) -> str | None:
         if not p.format.chat_template:
@@ -164,17 +208,17 @@ class Chat(Instruction):
         return {"turns": sum(len(r["messages"]) for r in rows), "assistant_turns": sum(answers),
                 "multi_turn_rows": sum(a > 1 for a in answers)}
 
-    def render(self, p, r: Renderer, row: dict, where: str, shots: list[dict] = ()) -> dict:
+    def render(self, p, r, row: dict, where: str) -> dict:
         if any(m.get("tool_calls") for m in row["messages"]) and "tool_calls" not in (r.tokenizer.chat_template or ""):
             raise TemplateError(f"{where}: a turn has tool_calls but the chat template of {r.tokenizer.name_or_path} "
                                 "does not render them (they would be lost); drop them or use a base model "
                                 "whose template has tool calls")
         messages = render_turns(r, row["messages"], where)
-        text, spans = assistant_spans(r.tokenizer, messages, p.tokenize.loss_on == "last", where)
+        text, spans = assistant_spans(r.tokenizer, messages, where)
         return {"row": row.get("row"), "messages": messages, "text": text, "spans": spans,
-                "prompt": chat_text(r.tokenizer, messages[:-1], True), "response": messages[-1]["content"]}
+                "prompt": chat_text(r.tokenizer, messages[:-1], True, where), "response": messages[-1]["content"]}
 
-    def prompt(self, r: Renderer, row: dict, where: str) -> str:
+    def prompt(self, prompt, r, row: dict, where: str) -> str:
         """The next assistant turn's prompt: the conversation so far (ending with a user or tool turn)."""
         try:
             turns = check_turns(to_messages(row), None, answered=False)
@@ -182,16 +226,19 @@ class Chat(Instruction):
             raise TemplateError(f"{where}: {e}") from None
         if turns[-1]["role"] == "assistant":
             raise TemplateError(f"{where}: the conversation ends with an assistant turn; nothing to answer")
-        return chat_text(r.tokenizer, render_turns(r, turns, where), True)
+        return chat_text(r.tokenizer, render_turns(r, turns, where), True, where)
 
     def encode(self, p, tok, rows: list[dict]) -> list[dict | None]:
-        return [encode_chat(tok, r["text"], r["spans"], p.tokenize.max_length, p.tokenize.truncation)
-                for r in rows]
+        return [encode_chat(tok, r["text"], loss_spans(r["spans"], p.tokenize.loss_on), p.tokenize.max_length,
+                            p.tokenize.truncation) for r in rows]
 
-    def prompt_field(self, text_field: str) -> str:
+    def evaluate(self, p, x: EvalInputs) -> dict:
+        return loss_report(p, x)
+
+    def prompt_field(self, prompt) -> str:
         return "content"
 
-    def row_from_text(self, line: str, text_field: str) -> dict:
+    def row_from_text(self, line: str, prompt) -> dict:
         return {"messages": [{"role": "user", "content": line}]}
 
 

@@ -11,18 +11,21 @@ the training data is reported beside them. Served like the headline (the most li
 
 from __future__ import annotations
 
-import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.core.io import atomic_write_json, read_jsonl
-from pipeline.core.prompting import Renderer, TemplateError, label_choices, pick_shots
-from pipeline.core.scoring import ChoiceScores, choice_logprobs, choice_scores, generate_many, write_samples
-from pipeline.core.stage import PipelineError
+from pipeline.core.stage import PipelineError, TemplateError
 from pipeline.tasks.base import EvalInputs, Task
+
+if TYPE_CHECKING:
+    from pipeline.core.prompting import Prompt, Renderer
+    from pipeline.core.scoring import ChoiceScores, Scorer
 
 # How a model's answer is read, each named in the metrics (`rules`):
 #   loglik       the choice with the highest summed log-probability (tokens + EOS): the headline rule
@@ -58,6 +61,22 @@ def parse_label(text: str, choices: list[str], labels: list[str]) -> int | None:
             if m and (first is None or m.start() < first[0]):
                 first = (m.start(), k)
     return None if first is None else first[1]
+
+
+def pick_shots(rows: list[dict], label_field: str, labels: list[str], k: int, seed: int) -> list[dict]:
+    """`k` solved examples for few-shot prompts: drawn with `seed`, taking the labels in turn so every
+    label is shown (then shuffled, so the last example's label is no hint)."""
+    rng = random.Random(seed)
+    pools = {lab: [r for r in rows if r.get(label_field) == lab] for lab in labels}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    picked: list[dict] = []
+    while len(picked) < k and any(pools.values()):
+        for lab in labels:
+            if pools[lab] and len(picked) < k:
+                picked.append(pools[lab].pop())
+    rng.shuffle(picked)
+    return [{**r, "labels": list(labels)} for r in picked]
 
 
 def shares(predicted: list[str]) -> float:
@@ -112,6 +131,12 @@ def plot_confusion(results: dict[str, dict], labels: list[str], path: Path) -> N
 
 class Classification(Task):
     name = "classification"
+    reads = {
+        "validate": ("labels", "validate.text_field", "validate.label_field", "validate.min_chars"),
+        "format": ("labels", "validate.text_field", "validate.label_field"),
+        "tokenize": ("tokenize.max_length", "tokenize.truncation"),
+        "evaluate": ("seed", "evaluate.shots", "evaluate.max_new_tokens", "evaluate.samples"),
+    }
 
     def check_params(self, p) -> str | None:
         if len(p.labels) < 2:
@@ -134,110 +159,125 @@ class Classification(Task):
     def key(self, p, row: dict) -> tuple:
         return (str(row[p.validate.text_field]).strip().lower(),)
 
+    def key_field(self, p) -> str:
+        return p.validate.text_field
+
     def counts(self, p, rows: list[dict]) -> dict:
         return {"labels": dict(Counter(r[p.validate.label_field] for r in rows))}
 
-    def render(self, p, r: Renderer, row: dict, where: str, shots: list[dict] = ()) -> dict:
-        item = super().render(p, r, row, where, shots)
-        item["label"] = row[p.validate.label_field]
-        item["choices"] = label_choices(r, row, p.validate.label_field, list(p.labels), where)
-        if len(set(item["choices"])) != len(item["choices"]):
-            raise TemplateError(f"{r.name}: two labels render to the same response: {item['choices']}")
-        return item
+    def facts(self, p) -> dict:
+        return {"labels": list(p.labels), "text_field": p.validate.text_field, "label_field": p.validate.label_field}
 
-    def renderer(self, tok, formatted: Path) -> Renderer:
-        """The training prompt's renderer (same template, chat template and system prompt)."""
-        fmt = json.loads((formatted / "format.json").read_text())
-        return Renderer(fmt["template_text"], fmt["template"], tokenizer=tok, chat_template=fmt["chat_template"],
-                        system_prompt=fmt["system_prompt"])
+    def render(self, p, r: Renderer, row: dict, where: str) -> dict:
+        return self.item(r, self.facts(p), row, where)
 
-    def fewshot_rows(self, p, tok, formatted: Path, validated: Path) -> list[dict]:
-        """The validation rows re-rendered with `evaluate.shots` solved training examples before each
-        prompt (same template, chat template and system prompt as training; see prompting.pick_shots)."""
-        src, renderer, shots = validated / "validation.jsonl", self.renderer(tok, formatted), self.shots(p, validated)
-        return [self.render(p, renderer, {**row, "labels": list(p.labels)}, f"{src} row {row.get('row', '?')}", shots)
+    def item(self, r: Renderer, facts: dict, row: dict, where: str, shots: list[dict] = ()) -> dict:
+        """A formatted row: prompt (after `shots`, solved examples), the label's response, every label's."""
+        row = {**row, "labels": facts["labels"]}
+        prompt, response = r.prompt(row, where, shots), r.response(row, where)
+        choices = r.choices(row, facts["label_field"], facts["labels"], where)
+        if len(set(choices)) != len(choices):
+            raise TemplateError(f"{r.name}: {where}: two labels render to the same response: {choices}")
+        return {"row": row.get("row"), "prompt": prompt, "response": response, "label": row[facts["label_field"]],
+                "choices": choices}
+
+    def prompt(self, prompt: Prompt, r: Renderer, row: dict, where: str) -> str:
+        return r.prompt({**row, "labels": prompt.facts["labels"]}, where)
+
+    def shots(self, p, x: EvalInputs) -> list[dict]:
+        """`evaluate.shots` solved training rows (see pick_shots), none without the validated folder."""
+        if not p.evaluate.shots or x.validated is None:
+            return []
+        f = x.prompt.facts
+        return pick_shots(read_jsonl(x.validated / "train.jsonl"), f["label_field"], f["labels"], p.evaluate.shots,
+                          p.seed)
+
+    def fewshot_rows(self, x: EvalInputs, shots: list[dict]) -> list[dict]:
+        """The validation rows re-rendered with the solved examples before each prompt (same template,
+        chat template and system prompt as training)."""
+        src = x.validated / "validation.jsonl"
+        return [self.item(x.renderer, x.prompt.facts, row, f"{src} row {row.get('row', '?')}", shots)
                 for row in read_jsonl(src)]
 
-    def shots(self, p, validated: Path | None) -> list[dict]:
-        if not p.evaluate.shots or validated is None:
-            return []
-        return pick_shots(read_jsonl(validated / "train.jsonl"), p.validate.label_field, list(p.labels),
-                          p.evaluate.shots, p.seed)
-
-    def content_free(self, p, x: EvalInputs, shots: list[dict]) -> list[dict]:
+    def content_free(self, x: EvalInputs, shots: list[dict]) -> list[dict]:
         """A validation row with its text replaced by each content-free input (other fields kept, so any
         template renders), with the same shots."""
+        f = x.prompt.facts
         row = read_jsonl(x.validated / "validation.jsonl")[0] if x.validated else {}
-        renderer = self.renderer(x.tok, x.formatted)
-        return [self.render(p, renderer, {**row, p.validate.text_field: text, p.validate.label_field: p.labels[0],
-                                          "labels": list(p.labels)}, "content-free input", shots)
-                for text in CONTENT_FREE]
+        return [self.item(x.renderer, f, {**row, f["text_field"]: text, f["label_field"]: f["labels"][0]},
+                          "content-free input", shots) for text in CONTENT_FREE]
 
-    def predictions(self, p, x: EvalInputs, items: list[dict], shots: list[dict]) -> dict[str, list[str]]:
-        """Every rule's predicted labels for the model as it is (adapter on or disabled)."""
-        labels, bs = list(p.labels), p.evaluate.batch_size
-        picks = rule_predictions(choice_logprobs(x.model, x.tok, items, bs),
-                                 choice_logprobs(x.model, x.tok, self.content_free(p, x, shots), bs))
+    def predictions(self, p, x: EvalInputs, scorer: Scorer, items: list[dict], shots: list[dict]) -> dict:
+        """Every rule's predicted labels for the model as `scorer` runs it (adapter on, or the base)."""
+        labels = x.prompt.facts["labels"]
+        picks = rule_predictions(scorer.choices(items), scorer.choices(self.content_free(x, shots)))
         preds = {rule: [labels[k] for k in pick] for rule, pick in picks.items()}
-        answers = generate_many(x.model, x.tok, [r["prompt"] for r in items], p.evaluate.max_new_tokens, bs)
+        answers = scorer.generate([r["prompt"] for r in items], p.evaluate.max_new_tokens)
         parsed = [parse_label(a, r["choices"], labels) for a, r in zip(answers, items, strict=True)]
         preds["generate"] = [labels[k] if k is not None else "(none)" for k in parsed]
         return preds
 
     def evaluate(self, p, x: EvalInputs) -> dict:
-        labels, rows = list(p.labels), x.rows
+        labels, rows = x.prompt.facts["labels"], x.rows
         if p.evaluate.shots and x.validated is None:
             raise PipelineError("evaluate: evaluate.shots needs the validated data folder (--validated)")
-        shots = self.shots(p, x.validated)
+        shots = self.shots(p, x)
         actual = [r["label"] for r in rows]
         rules: dict[str, dict[str, list[str]]] = {}
-        with x.model.disable_adapter():
-            rules["base"] = self.predictions(p, x, rows, [])
+        with x.scorer.base() as base:
+            rules["base"] = self.predictions(p, x, base, rows, [])
             if shots:  # the shots are the same for every row: they join the shared prefix, run once
-                fewshot = self.fewshot_rows(p, x.tok, x.formatted, x.validated)
+                fewshot = self.fewshot_rows(x, shots)
                 assert [r["row"] for r in fewshot] == [r["row"] for r in rows]
-                rules[f"base_{p.evaluate.shots}shot"] = self.predictions(p, x, fewshot, shots)
-        rules["adapter"] = self.predictions(p, x, rows, [])
+                rules[f"base_{p.evaluate.shots}shot"] = self.predictions(p, x, base, fewshot, shots)
+        rules["adapter"] = self.predictions(p, x, x.scorer, rows, [])
+        results = self.metrics(rules, actual, labels, x)
+        results["adapter"]["stopped_ratio"] = x.scorer.samples(rows, p.evaluate.samples, p.evaluate.max_new_tokens,
+                                                               x.out / "samples.jsonl")
+        results["rows"] = len(rows)
+        return results
+
+    def metrics(self, rules: dict[str, dict[str, list[str]]], actual: list[str], labels: list[str],
+                x: EvalInputs) -> dict:
+        """Each model's headline metrics and every rule's, the best prompting baseline, the majority class,
+        the gains; writes the predictions and the confusion plot."""
         results = {name: classification_metrics(actual, preds["loglik"], labels) for name, preds in rules.items()}
         results["rules"] = {name: {rule: rule_metrics(actual, pred, labels) for rule, pred in preds.items()}
                             for name, preds in rules.items()}
         for name in rules:
             results["rules"][name]["generate"]["parsed"] = round(
-                sum(x != "(none)" for x in rules[name]["generate"]) / len(rows), 4)
+                sum(a != "(none)" for a in rules[name]["generate"]) / len(actual), 4)
         scored = results["rules"]
         best = max(((m, r) for m in rules if m != "adapter" for r in RULES),
                    key=lambda mr: (scored[mr[0]][mr[1]]["accuracy"], scored[mr[0]][mr[1]]["macro_f1"]))
-        results["prompting_baseline"] = {"name": f"{best[0]}/{best[1]}", **results["rules"][best[0]][best[1]]}
+        results["prompting_baseline"] = {"name": f"{best[0]}/{best[1]}", **scored[best[0]][best[1]]}
         panels = {k: results[k] for k in rules}
         if best[1] != "loglik":
             panels[results["prompting_baseline"]["name"]] = classification_metrics(actual, rules[best[0]][best[1]],
                                                                                    labels)
         if x.validated is not None:
-            train_labels = Counter(r[p.validate.label_field] for r in read_jsonl(x.validated / "train.jsonl"))
+            field = x.prompt.facts["label_field"]
+            train_labels = Counter(r[field] for r in read_jsonl(x.validated / "train.jsonl"))
             majority = max(labels, key=lambda lab: train_labels.get(lab, 0))
-            results["majority"] = {"label": majority, **rule_metrics(actual, [majority] * len(rows), labels)}
+            results["majority"] = {"label": majority, **rule_metrics(actual, [majority] * len(actual), labels)}
         atomic_write_json(x.out / "predictions.json", [
             {"row": r["row"], "actual": a, "predicted": b, "base_predicted": c}
-            for r, a, b, c in zip(rows, actual, rules["adapter"]["loglik"], rules["base"]["loglik"], strict=False)])
+            for r, a, b, c in zip(x.rows, actual, rules["adapter"]["loglik"], rules["base"]["loglik"], strict=False)])
         plot_confusion(panels, labels, x.out / "confusion.png")
         results["gain"] = {k: round(results["adapter"][k] - results["base"][k], 4) for k in ("accuracy", "macro_f1")}
         results["gain_over_prompting"] = {k: round(results["adapter"][k] - results["prompting_baseline"][k], 4)
                                           for k in ("accuracy", "macro_f1")}
-        results["adapter"]["stopped_ratio"] = write_samples(x.model, x.tok, rows, p.evaluate.samples,
-                                                            p.evaluate.max_new_tokens, x.out / "samples.jsonl")
-        results["rows"] = len(rows)
         return results
 
-    def prompt_field(self, text_field: str) -> str:
-        return text_field
+    def prompt_field(self, prompt: Prompt) -> str:
+        return prompt.facts["text_field"]
 
-    def serving_labels(self, labels: list[str]) -> list[str]:
-        return list(labels)
+    def serving_labels(self, prompt: Prompt) -> list[str]:
+        return list(prompt.facts["labels"])
 
-    def answer(self, model, tok, r: Renderer, record: dict, rows: list[dict], prompts: list[str],
+    def answer(self, scorer: Scorer, prompt: Prompt, r: Renderer, rows: list[dict], prompts: list[str],
                max_new_tokens: int) -> list[str]:
-        labels = record["labels"]
-        items = [{"prompt": prompt, "choices": label_choices(r, {**row, "labels": labels},
-                                                             record.get("label_field", "label"), labels)}
-                 for prompt, row in zip(prompts, rows, strict=True)]
-        return [labels[k] for k in np.argmax(choice_scores(model, tok, items, batch_size=16), axis=1)]
+        f = prompt.facts
+        items = [{"prompt": q, "choices": r.choices({**row, "labels": f["labels"]}, f["label_field"], f["labels"])}
+                 for q, row in zip(prompts, rows, strict=True)]
+        return [f["labels"][k] for k in np.argmax(scorer.choices(items).total, axis=1)]

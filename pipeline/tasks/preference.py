@@ -1,32 +1,44 @@
 """Task `preference`: prompt / chosen / rejected pairs (the two answers different).
 
 Rendered with each answer through the template's response block; trained with SFT on the chosen
-answers, then DPO on the pairs against the base model (`dpo = True`, the recipe in
-pipeline/core/preference.py); evaluated on held-out pairs: how often base, SFT adapter and DPO
-adapter prefer the chosen answer, and DPO's reward accuracy and margin (against the base) for
-both adapters; served by greedy generation.
+answers, then DPO on the pairs against the base model (`dpo = True`: the recipe in
+pipeline/recipes/dpo.py, `train.dpo`); evaluated on held-out pairs: how often base, SFT adapter and
+DPO adapter prefer the chosen answer, and DPO's reward accuracy and margin (against the base, with
+the beta the adapter was trained with) for both adapters; served by greedy generation.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from datasets import load_from_disk
 
-from pipeline.core.preference import pair_logprobs, preference_accuracy, reward_metrics, sides, token_count
-from pipeline.core.scoring import write_samples
+from pipeline.core.encoding import sides, token_count
 from pipeline.tasks.base import EvalInputs, Task
+
+
+def reward_metrics(policy: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+                   beta: float) -> dict:
+    """DPO's implicit reward against the reference: how often chosen beats rejected, and by how much."""
+    chosen = beta * (policy[0] - reference[0])
+    rejected = beta * (policy[1] - reference[1])
+    return {"reward_accuracy": round(float((chosen > rejected).mean()), 4),
+            "reward_margin": round(float((chosen - rejected).mean()), 4)}
+
+
+def preference_accuracy(scores: tuple[np.ndarray, np.ndarray]) -> float:
+    """How often a model gives the chosen answer more probability than the rejected one."""
+    return round(float((scores[0] > scores[1]).mean()), 4)
 
 
 class Preference(Task):
     name = "preference"
     dpo = True
-
-    def check_params(self, p) -> str | None:
-        from pipeline import methods
-
-        if not methods.get(p.train.method).peft:
-            return (f"params.yaml: task 'preference' trains with DPO against the base model (the adapter disabled): "
-                    f"'train.method' must be a PEFT method, not {p.train.method!r}.")
-        return None
+    reads = {
+        "validate": ("validate.min_chars",),
+        "tokenize": ("tokenize.max_length", "tokenize.truncation"),
+        "train": ("train.dpo",),
+        "evaluate": ("evaluate.max_new_tokens", "evaluate.samples"),
+    }
 
     def fields(self, p) -> tuple[str, ...]:
         return ("prompt", "chosen", "rejected")
@@ -46,7 +58,10 @@ class Preference(Task):
     def key(self, p, row: dict) -> tuple:
         return (str(row["prompt"]).strip().lower(),)
 
-    def render(self, p, r, row: dict, where: str, shots: list[dict] = ()) -> dict:
+    def key_field(self, p) -> str:
+        return "prompt"
+
+    def render(self, p, r, row: dict, where: str) -> dict:
         return {"row": row.get("row"), "prompt": r.prompt(row, where),
                 "response": r.response({**row, "response": row["chosen"]}, f"{where} chosen"),
                 "rejected": r.response({**row, "response": row["rejected"]}, f"{where} rejected")}
@@ -61,21 +76,22 @@ class Preference(Task):
                 for e, w in zip(chosen, worse, strict=True)]
 
     def evaluate(self, p, x: EvalInputs) -> dict:
-        model, bs, beta = x.model, p.evaluate.batch_size, p.train.dpo.beta
+        beta = x.adapter_record["params"]["train"]["dpo"]["beta"]  # the beta the adapter was trained with
         pairs = list(load_from_disk(str(x.tokenized / "validation")))
         tokens = token_count(sides(pairs)[0])
 
         def loss(scores) -> float:  # mean NLL per chosen-answer token, as eval_loss computes it
             return round(float(-scores[0].sum() / tokens), 4)
 
-        with model.disable_adapter():
-            base = pair_logprobs(model, pairs, bs)
+        with x.scorer.base() as base_scorer:
+            base = base_scorer.pairs(pairs)
         results = {"base": {"preference_accuracy": preference_accuracy(base), "eval_loss": loss(base)}}
-        scored = {"adapter": pair_logprobs(model, pairs, bs)}
+        scored = {"adapter": x.scorer.pairs(pairs)}
+        model = x.scorer.model
         if (x.adapter_dir / "sft").exists():  # the SFT adapter DPO started from, on the same base weights
             model.load_adapter(str(x.adapter_dir / "sft"), adapter_name="sft", is_trainable=False)
             model.set_adapter("sft")
-            scored["sft"] = pair_logprobs(model, pairs, bs)
+            scored["sft"] = x.scorer.pairs(pairs)
             model.set_adapter("default")
         for name, s in scored.items():
             results[name] = {"eval_loss": loss(s), "preference_accuracy": preference_accuracy(s),
@@ -83,10 +99,10 @@ class Preference(Task):
         if "sft" in results:
             results["gain"] = {k: round(results["adapter"][k] - results["sft"][k], 4)
                                for k in ("reward_accuracy", "reward_margin", "preference_accuracy")}
-        results["adapter"]["stopped_ratio"] = write_samples(model, x.tok, x.rows, p.evaluate.samples,
-                                                            p.evaluate.max_new_tokens, x.out / "samples.jsonl")
+        results["adapter"]["stopped_ratio"] = x.scorer.samples(x.rows, p.evaluate.samples, p.evaluate.max_new_tokens,
+                                                               x.out / "samples.jsonl")
         results["rows"] = len(pairs)
         return results
 
-    def prompt_field(self, text_field: str) -> str:
+    def prompt_field(self, prompt) -> str:
         return "prompt"
