@@ -1,6 +1,6 @@
 # One command to set up and run the pipeline, one to run the tests.
 #   make run          create .venv from requirements.lock, `dvc repro`, print the metrics
-#   make test         the same .venv (+ llama-cpp-python from the lock, built from source, ~5 min once), pytest
+#   make test         the same .venv (+ llama-cpp-python from the lock, built from source once per machine), pytest
 #   make lock         re-resolve requirements.lock after a change of pyproject.toml (keeps every other pin)
 #   make lock-upgrade the newest versions pyproject.toml allows, into requirements.lock (then rerun and commit dvc.lock)
 #   make bench        the speed benchmarks (bench/README.md); they rerun `dvc repro` first
@@ -32,11 +32,23 @@ $(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
 	$(UV) pip install -q --no-deps -e .
 	touch $@
 
-# llama.cpp for the gguf stage's parity check (the default native build segfaulted on this CPU; this one runs)
+# llama.cpp for the gguf stage's parity check (the default native build segfaulted on this CPU; this one runs).
+# It builds from the hash-pinned sdist in the lock (~4 min) once per machine: the wheel is kept outside the
+# clone, in LLAMA_CACHE/<sha256 of the lock's llama-cpp-python entry, the build flags and the Python>, and
+# installed from there by later setups (CI included); a new machine, or a new pin, builds it again.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_CPU_REPACK=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+LLAMA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/peftflow/llama-cpp-python
 $(VENV)/.gguf: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(UV) pip install -q --no-deps --require-hashes -r $(LOCK)
+	awk '/^[a-z0-9]/ {keep = /^llama-cpp-python==/} keep' $(LOCK) > $(VENV)/gguf.lock
+	key=$$( (cat $(VENV)/gguf.lock; echo "$(LLAMA_CMAKE_ARGS)"; $(PY) -V) | sha256sum | cut -c1-16 ); \
+	dir="$(LLAMA_CACHE)/$$key"; \
+	if ! ls "$$dir"/*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python from the locked sdist into $$dir (once, ~4 min)"; \
+		rm -rf "$$dir.tmp" && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --require-hashes \
+			-r $(VENV)/gguf.lock -w "$$dir.tmp" && mkdir -p "$(LLAMA_CACHE)" && mv "$$dir.tmp" "$$dir"; \
+	fi; \
+	$(UV) pip install -q --no-deps "$$dir"/*.whl
 	touch $@
 
 run: setup
