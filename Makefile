@@ -3,7 +3,7 @@
 #   make test         the same .venv (+ llama-cpp-python from the lock, built from source once per machine), pytest
 #   make lock         re-resolve requirements.lock after a change of pyproject.toml (keeps every other pin)
 #   make lock-upgrade the newest versions pyproject.toml allows, into requirements.lock (then rerun and commit dvc.lock)
-#   make bench        the speed benchmarks (bench/README.md); they rerun `dvc repro` first
+#   make bench        every benchmark (bench/README.md), after `dvc repro`; BENCH="name ..." runs some
 #
 # requirements.lock is made by uv (`uv pip compile --generate-hashes`): exact versions and sha256 hashes of
 # every dependency and extra, in pip's requirements format (`pip install --require-hashes -r` reads it too).
@@ -26,9 +26,12 @@ $(UV):
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 
 # Everything in the lock but llama-cpp-python (the gguf extra, built from source: `make test` adds it).
+# --compile-bytecode: the packages' .pyc files are written once here, so that every stage program (and every
+# test's subprocess) reads them instead of compiling torch, transformers and PEFT from source on each start,
+# which it does where PYTHONDONTWRITEBYTECODE is set, as on this project's machines (a stage starts ~40% faster).
 $(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
 	awk '/^[a-z0-9]/ {skip = /^llama-cpp-python==/} !skip' $(LOCK) > $(VENV)/run.lock
-	$(UV) pip sync -q --require-hashes $(VENV)/run.lock
+	$(UV) pip sync -q --require-hashes --compile-bytecode $(VENV)/run.lock
 	$(UV) pip install -q --no-deps -e .
 	touch $@
 
@@ -48,7 +51,7 @@ $(VENV)/.gguf: $(VENV)/.installed
 		rm -rf "$$dir.tmp" && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --require-hashes \
 			-r $(VENV)/gguf.lock -w "$$dir.tmp" && mkdir -p "$(LLAMA_CACHE)" && mv "$$dir.tmp" "$$dir"; \
 	fi; \
-	$(UV) pip install -q --no-deps "$$dir"/*.whl
+	$(UV) pip install -q --no-deps --compile-bytecode "$$dir"/*.whl
 	touch $@
 
 run: setup
@@ -68,8 +71,12 @@ lock: | $(UV)
 lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade
 
+# every benchmark, one process each (bench/README.md: what each compares, where it writes; ~4 h on 2 cores, the
+# method table most of it); `make bench BENCH="train_throughput flow_overhead"` runs the ones named
+BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants method_table
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
-	dvc repro
-	$(PY) bench/train_throughput.py
-	$(PY) bench/flow_overhead.py
+	PATH=$(VENV)/bin:$$PATH dvc repro
+	set -e; for b in $(BENCH); do echo "== bench.$$b"; case $$b in \
+	  method_table) $(PY) -m bench.method_table run --profile fpb; $(PY) -m bench.method_table table;; \
+	  *) $(PY) -m bench.$$b;; esac; done

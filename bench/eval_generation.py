@@ -15,7 +15,7 @@ Both run on the same rows in the same process, alternating (whole, prefix, prefi
 length, the mean prompt length, seconds of each (median over reps), the ratio, and how many of the
 answers are the same text (they should all be: the same arithmetic up to floating-point order).
 
-Run: `python bench/eval_generation.py` (about 5 minutes); writes bench/results/eval_generation.{json,md}.
+Run: `python -m bench.eval_generation` (about 5 minutes); writes bench/results/eval_generation.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
@@ -32,19 +31,17 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.core.encoding import encode_prompt  # noqa: E402
-from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from pipeline.core.modeling import batches, left_pad, load_base_model, load_tokenizer  # noqa: E402
-from pipeline.core.params import parse_params  # noqa: E402
-from pipeline.core.scoring import generate_many, shared_prefix  # noqa: E402
-from pipeline.stages import format as fmt  # noqa: E402
-from pipeline.stages import validate  # noqa: E402
-from pipeline.tasks import TASKS  # noqa: E402
-
-from method_table import machine  # noqa: E402  (bench/ is the script's own folder on sys.path)
+from bench.method_table import ROOT, machine
+from pipeline import tasks
+from pipeline.core.encoding import encode_prompt
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl
+from pipeline.core.loading import load_base_model, load_tokenizer
+from pipeline.core.modeling import batches, left_pad
+from pipeline.core.params import parse_params
+from pipeline.core.prompting import Prompt
+from pipeline.core.scoring import generate_many, shared_prefix
+from pipeline.stages import format as fmt
+from pipeline.stages import validate
 
 
 @torch.no_grad()
@@ -71,9 +68,12 @@ def prompts(args, work: Path) -> dict[str, list[str]]:
     p = parse_params(raw)
     validate.run(p, Path(p.data.train), Path(p.data.validation), work / "validated", work / "validate.json")
     fmt.run(p, work / "validated", ROOT / p.format.template, args.base, work / "formatted")
-    task, tok = TASKS[p.task], load_tokenizer(args.base)
-    zero = [r["prompt"] for r in read_jsonl(work / "formatted" / "validation.jsonl")][: args.rows]
-    five = [r["prompt"] for r in task.fewshot_rows(p, tok, work / "formatted", work / "validated")][: args.rows]
+    task, tok, prompt = tasks.get(p.task), load_tokenizer(args.base), Prompt.load(work / "formatted")
+    rows = read_jsonl(work / "formatted" / "validation.jsonl")
+    zero = [r["prompt"] for r in rows][: args.rows]
+    x = tasks.EvalInputs(None, prompt, prompt.renderer(tok), rows, work / "tokenized", work / "validated", work,
+                         {}, work)  # what few-shot rendering reads: the prompt, its renderer, the validated rows
+    five = [r["prompt"] for r in task.fewshot_rows(x, task.shots(p, x))][: args.rows]
     return {"zero-shot": zero, "5-shot": five}
 
 

@@ -12,24 +12,22 @@ fp32 is the yardstick a bf16 layout is held to.
 
 Input: the base model folder (`dvc repro base`) and ../shared/datasets/financial_phrasebank (through the
 project's validate, format and tokenize stages). Output: a table on stdout; `--json FILE` writes it too.
-Run: `python bench/layouts_check.py` (CPU or CUDA, whichever torch sees).
+Run: `python -m bench.layouts_check` (CPU or CUDA, whichever torch sees).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.core import batching, varlen  # noqa: E402
-from pipeline.core.modeling import attention, autocast, device  # noqa: E402
+from bench import train_throughput as tt  # the bench's own data preparation (validate -> format -> tokenize)
+from bench.method_table import ROOT
+from pipeline.core import batching, varlen
+from pipeline.core.modeling import autocast, device
 
 
 def lora_model(base: Path, attn: str, dev: torch.device):
@@ -38,7 +36,7 @@ def lora_model(base: Path, attn: str, dev: torch.device):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(base), use_safetensors=True,
-                                                 attn_implementation=attention(attn, dev)).to(dev)
+                                                 attn_implementation=varlen.implementation(attn, dev, False)).to(dev)
     config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # B != 0: real gradients
     return get_peft_model(model, config).train()
@@ -68,7 +66,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    import train_throughput as tt  # the bench's own data preparation (validate -> format -> tokenize)
     from datasets import load_from_disk
 
     dev = device()

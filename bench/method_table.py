@@ -9,8 +9,8 @@ between rows), reads the stages' own metrics files, and keeps every row's figure
 accuracy per method (`methods_<profile>.png`), and puts the table into docs/results.md between the
 `<!-- methods:<profile> -->` markers.
 
-Run: `python bench/method_table.py run --profile fpb [--rows a,b] [--force]`, then
-`python bench/method_table.py table`. Each row is given back by `dvc exp apply <profile>-<row>`.
+Run: `python -m bench.method_table run --profile fpb [--rows a,b] [--force]`, then
+`python -m bench.method_table table`. Each row is given back by `dvc exp apply <profile>-<row>`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import platform
 import re
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -27,11 +26,10 @@ from pathlib import Path
 import typer
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl
+from pipeline.tasks.classification import ONE_CLASS
 
-from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from pipeline.tasks.classification import ONE_CLASS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results"
 # The reference table (financial news sentiment, 1,200 training rows, an 8B model, 4 A100s).
@@ -148,7 +146,8 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
     finally:  # the workspace back as committed (each experiment stays in `dvc exp show`)
         if branch and not sh("git", "symbolic-ref", "--quiet", "HEAD", check=False).stdout.strip() \
                 and sh("git", "rev-parse", "HEAD").stdout.strip() == commit:
-            sh("git", "checkout", "--quiet", branch, check=False)  # a `dvc exp run` stopped half way leaves HEAD detached
+            # a `dvc exp run` stopped half way leaves HEAD detached
+            sh("git", "checkout", "--quiet", branch, check=False)
         sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "reports", check=False)
         sh("dvc", "checkout", "--quiet", check=False)
     table()

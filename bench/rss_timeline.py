@@ -1,6 +1,6 @@
 """Resident memory over a training run, per allocator: where the train stage's peak RSS comes from.
 
-One process per allocator runs the train stage (`pipeline.stages.train.fit`, set up as the stage program
+One process per allocator runs the train stage (the SFT recipe, `pipeline.recipes.sft`, set up as the stage program
 sets itself up: `train.allocator` preloaded, bitsandbytes skipped) on Financial PhraseBank with the
 project's LoRA r=16 q/k/v/o, batch 16, for `--steps` steps (48 reach the epoch's longest batches). A thread
 samples the process's RSS every 5 ms; under the system allocator (glibc) it also reads glibc's own
@@ -11,7 +11,7 @@ Output: bench/results/rss_timeline.{json,md,png}: per allocator the peak RSS, th
 built, tokens/s of the run (sampling costs a little: speed claims are bench/train_throughput.py's), and
 glibc's heap at the peak; the plot shows RSS against the step for both, with glibc's live bytes.
 
-Run: `python bench/rss_timeline.py` (about 5 minutes; needs `dvc repro base`).
+Run: `python -m bench.rss_timeline` (about 5 minutes; needs `dvc repro base`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 ALLOCATORS = ("system", "mimalloc")
 
 
@@ -81,10 +79,9 @@ class Sampler(threading.Thread):
 
 
 def worker(allocator: str, args) -> None:
-    import train_throughput as tt
-
+    from bench import train_throughput as tt
+    from pipeline.core.allocator import allocator_in_use, preload_allocator
     from pipeline.core.stage import without_bitsandbytes
-    from pipeline.core.training import allocator_in_use, preload_allocator
 
     preload_allocator(allocator)  # re-executes this worker under it, as the stage program does
     without_bitsandbytes(None, "adamw")
@@ -92,29 +89,26 @@ def worker(allocator: str, args) -> None:
     sampler = Sampler(heap)
     sampler.start()
     from pipeline.recipes import sft
-    from pipeline.stages.train import fit
 
-    step = sft.step
+    step = sft.SFT.step
 
-    def counted(loop, micro):  # the recipe calls sft.step once per optimizer step
+    def counted(recipe, micro):  # the recipe calls SFT.step once per optimizer step
         sampler.step += 1
-        return step(loop, micro)
+        return step(recipe, micro)
 
-    sft.step = counted
+    sft.SFT.step = counted
     ns = argparse.Namespace(data=args.data, steps=args.steps, batch_size=16, seed=args.seed, base=args.base)
     p = tt.bench_params(ns, None, allocator=allocator)
     built = {}
-    import pipeline.stages.train as stage
-
-    build = stage.build_model
+    build = sft.build_model
 
     def build_model(*a, **k):
         model = build(*a, **k)
         built["mb"] = current_rss_mb()
         return model
 
-    stage.build_model = build_model
-    _, metrics, facts = fit(p, args.work / "tokenized", args.base, args.work / allocator / "live",
+    sft.build_model = build_model
+    _, metrics, facts = tt.fit(p, args.work / "tokenized", args.base, args.work / allocator / "live",
                             args.work / allocator / "ckpt")
     time.sleep(0.05)
     out = {"allocator": allocator_in_use(), "peak_rss_mb": facts["peak_rss_mb"], "model_mb": round(built["mb"]),
@@ -184,7 +178,8 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args)
     import torch
-    import train_throughput as tt
+
+    from bench import train_throughput as tt
 
     with tempfile.TemporaryDirectory(prefix="peftflow-rss-") as tmp:
         work = Path(tmp)
@@ -195,9 +190,10 @@ def main() -> None:
                "max_batch_tokens": tt.bench_params(ns).train.max_batch_tokens, "runs": {}}
         for name in ALLOCATORS:
             print(f"bench: {name}", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), "--steps",
+            subprocess.run([sys.executable, "-m", "bench.rss_timeline", "--worker", name, "--work", str(work),
+                            "--steps",
                             str(args.steps), "--seed", str(args.seed), "--base", str(args.base), "--data",
-                            str(args.data)], check=True)
+                            str(args.data)], cwd=ROOT, check=True)
             res["runs"][name] = json.loads((work / f"{name}.json").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     slim = {**res, "runs": {k: {**v, "samples": v["samples"][::20]} for k, v in res["runs"].items()}}

@@ -27,7 +27,7 @@ the ratios are against `padded` in the same run. Also the operators the step dis
 and optimizer, counted by a TorchDispatchMode): on a GPU, where a 135M model's step is bound by launching
 kernels rather than by arithmetic, that count sets the step time more than the FLOPs do.
 
-Run: `python bench/step_memory.py` (about 3 minutes); writes bench/results/step_memory.{json,md}.
+Run: `python -m bench.step_memory` (about 3 minutes); writes bench/results/step_memory/layouts_<steps>_steps.{json,md}.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank" / "train.jsonl"
 VARIANTS = ["padded", "prefix", "packed", "ckpt", "lean", "padded-lean"]
 
@@ -66,7 +65,8 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
 
     from pipeline.core import batching, lean
     from pipeline.core.encoding import encode_many
-    from pipeline.core.modeling import autocast, load_base_model, load_tokenizer
+    from pipeline.core.loading import load_base_model, load_tokenizer
+    from pipeline.core.modeling import autocast
     from pipeline.core.prompting import Renderer
     from pipeline.recipes.sft import plan_epoch
 
@@ -182,7 +182,8 @@ def table(res: dict) -> str:
              f"bf16 autocast, batch {res['batch_size']} Financial PhraseBank rows with the default chat prompt "
              f"(mean {res['mean_tokens']:.0f} tokens/row), {res['steps']} timed steps after one warm-up step.", "",
              "| variant | RSS after imports MB | + model MB | + adapter MB | step peak RSS MB | saved for backward MB "
-             f"| s/step | tokens/s | speed vs {'padded' if 'padded' in res['variants'] else 'first'} | operators/step |",
+             f"| s/step | tokens/s | speed vs {'padded' if 'padded' in res['variants'] else 'first'} "
+             "| operators/step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, f in res["variants"].items():
         if "error" in f:
@@ -218,23 +219,24 @@ def main() -> None:
            "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "variants": {}}
     for v in args.variants.split(","):
         print(f"bench: {v}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", v, "--steps", str(args.steps),
-                               "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.step_memory", "--one", v, "--steps", str(args.steps),
+                               "--batch-size", str(args.batch_size)], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             print(proc.stderr[-2000:], file=sys.stderr)
             res["variants"][v] = {"error": proc.stderr.strip().splitlines()[-1][:200]}
             continue
         res["variants"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
     res["mean_tokens"] = mean_tokens(args.batch_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_memory.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "step_memory.md").write_text(table(res))
+    out, name = args.out / "step_memory", f"layouts_{args.steps}_steps"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table(res))
     print(table(res))
 
 
 def mean_tokens(batch_size: int) -> float:
     from pipeline.core.encoding import encode_many
-    from pipeline.core.modeling import load_tokenizer
+    from pipeline.core.loading import load_tokenizer
     from pipeline.core.prompting import Renderer
 
     tok = load_tokenizer(ROOT / "models" / "base")

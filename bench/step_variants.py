@@ -6,7 +6,7 @@ sentiment template; one warm-up step, then the mean of 3 timed steps. Variants (
 0.05), `basebf16` (frozen base weights stored in bf16), `compile` (torch.compile of the
 decoder; the first step's compile time is printed), `prof` (print a torch profiler table instead).
 
-Run: `python bench/step_variants.py bf16 bf16-eager bf16-eager-nodrop ...` (one line per variant).
+Run: `python -m bench.step_variants bf16 bf16-eager bf16-eager-nodrop ...` (one line per variant).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank" / "train.jsonl"
 
 
@@ -28,7 +27,8 @@ def one(variant: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from pipeline.core.encoding import encode_many
-    from pipeline.core.modeling import autocast, left_pad, load_tokenizer, response_width, token_logprobs
+    from pipeline.core.loading import load_tokenizer
+    from pipeline.core.modeling import autocast, left_pad, response_width, token_logprobs
     from pipeline.core.prompting import Renderer
 
     base = ROOT / "models" / "base"
@@ -87,4 +87,4 @@ if __name__ == "__main__":
         one(sys.argv[2])
     else:
         for v in sys.argv[1:] or ["bf16", "bf16-eager", "bf16-eager-nodrop", "fp32-eager", "basebf16-eager"]:
-            subprocess.run([sys.executable, __file__, "--one", v], check=False)
+            subprocess.run([sys.executable, "-m", "bench.step_variants", "--one", v], cwd=ROOT, check=False)

@@ -28,8 +28,8 @@ Also: MFU of d against a matmul peak measured in the same run, evaluation by lab
 free generation, batched vs per-row tokenization, and `dvc repro` with nothing to do.
 
 Inputs: the base model folder (`dvc repro base`), ../shared/datasets/financial_phrasebank.
-Outputs: bench/results/train_throughput.{json,md}.
-Run: `make bench` (or `python bench/train_throughput.py --steps 12`). `--seeds 1,2,3` trains every
+Outputs: bench/results/train_throughput/<name>.{json,md} (`--name`, else from variants, steps and seeds).
+Run: `make bench` (or `python -m bench.train_throughput --steps 12`). `--seeds 1,2,3` trains every
 variant once per seed (data order, dropout and LoRA init) and reports the mean and spread: one seed
 cannot tell a better recipe from a luckier data order. An interrupted run, started again with the same
 arguments (or more variants), keeps the (variant, seed) results it had finished (<out>/runs/) and trains the rest.
@@ -53,16 +53,17 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.core import encoding, modeling
+from pipeline.core.encoding import IGNORE
+from pipeline.core.io import read_jsonl
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.modeling import batches, left_pad, response_width, token_logprobs
+from pipeline.core.params import parse_params
+from pipeline.stages import format as fmt
+from pipeline.stages import tokenize as tkz
+from pipeline.stages import validate
 
-from pipeline.core import modeling  # noqa: E402
-from pipeline.core.io import read_jsonl  # noqa: E402
-from pipeline.core.modeling import IGNORE, batches, left_pad, load_tokenizer, response_width, token_logprobs  # noqa: E402
-from pipeline.core.params import parse_params  # noqa: E402
-from pipeline.stages import format as fmt  # noqa: E402
-from pipeline.stages import tokenize as tkz  # noqa: E402
-from pipeline.stages import validate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR, WARMUP = 1e-3, 0.1
@@ -200,9 +201,23 @@ def worker_f(args, work: Path) -> tuple:
                     per_device_train_batch_size=1)
 
 
-def worker_d(args, work: Path, quantization: dict | None = None, name: str = "d", **train) -> tuple:
-    from pipeline.stages.train import fit
+def fit(p, data: Path, base_dir: Path, live: Path, ckpt: Path) -> tuple:
+    """The train stage's SFT run (pipeline/recipes/sft.py) as the stage sets it up, without saving an adapter:
+    the trained model, its metrics and the run facts."""
+    from pipeline import methods
+    from pipeline.core.allocator import peak_rss_mb
+    from pipeline.recipes import sft
 
+    method = methods.get(p.train.method)
+    fingerprint = sft.fingerprint(p.model_dump(by_alias=True), data, base_dir)
+    recipe = sft.SFT(p.train, p.seed, p.deterministic, method, fingerprint)
+    recipe.setup(data, base_dir, live, ckpt)
+    metrics, facts = recipe.train()
+    recipe.log.end(metrics)
+    return recipe.model, metrics, {**facts, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_d(args, work: Path, quantization: dict | None = None, name: str = "d", **train) -> tuple:
     p = bench_params(args, quantization, **train)
     model, m, facts = fit(p, work / "tokenized", args.base, work / name / "live", work / name / "ckpt")
     return model, {"seconds": facts["seconds"], "tokens": facts["tokens"], "final_train_loss": m["final_loss"]}
@@ -278,9 +293,8 @@ def setup_process(name: str, args, work: Path) -> None:
     """The worker's process as the variant's users get it: the train stage's variants as the stage program
     sets itself up (its allocator preloaded, which re-executes this worker once; bitsandbytes skipped unless
     the variant quantizes), the baselines on the system allocator (g: on mimalloc)."""
-    from pipeline.core.params import peek
-    from pipeline.core.stage import without_bitsandbytes
-    from pipeline.core.training import preload_allocator
+    from pipeline.core.allocator import preload_allocator
+    from pipeline.core.stage import peek, without_bitsandbytes
 
     stage = peek(ROOT / "params.yaml", "train.allocator")  # not bench_params: checking params imports PEFT
     if name == "u":
@@ -293,7 +307,6 @@ def setup_process(name: str, args, work: Path) -> None:
 def worker(name: str, args, work: Path) -> None:
     setup_process(name, args, work)
     from datasets import load_from_disk
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -378,10 +391,10 @@ def bench_tokenize(args, work: Path) -> dict:
     t_one, t_many = [], []
     for _ in range(5):  # alternate, keep the best of five: the calls take well under a second
         t0 = time.time()
-        one = [tkz.encode(tok, pr, rs, 256, "response") for pr, rs in zip(prompts, responses, strict=True)]
+        one = [encoding.encode(tok, pr, rs, 256, "response") for pr, rs in zip(prompts, responses, strict=True)]
         t_one.append(time.time() - t0)
         t0 = time.time()
-        many = tkz.encode_many(tok, prompts, responses, 256, "response")
+        many = encoding.encode_many(tok, prompts, responses, 256, "response")
         t_many.append(time.time() - t0)
     assert one == many, "batched tokenization differs from per-row tokenization"
     return {"rows": len(rows), "per_row_rows_per_second": len(rows) / min(t_one),
@@ -464,6 +477,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--name", help="the result's name under <out>/train_throughput/ (default: from the flags)")
     ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)  # one worker's seed (from --seeds)
     ap.add_argument("--seeds", default="42", help="comma-separated; each variant trains once per seed")
     ap.add_argument("--only-train", action="store_true",
@@ -495,8 +509,8 @@ def main() -> None:
         for name in args.variants:
             runs = {}
             for seed in seeds:
-                print(f"bench: training variant {name} ({NAMES[name].replace('--budget', str(args.budget))}), seed {seed}",
-                      file=sys.stderr, flush=True)
+                label = NAMES[name].replace('--budget', str(args.budget))
+                print(f"bench: training variant {name} ({label}), seed {seed}", file=sys.stderr, flush=True)
                 r = resumed_or_run(name, args, work, seed)
                 if "error" in r:
                     res["train"][name] = r
@@ -513,7 +527,7 @@ def main() -> None:
         if "tokens_per_second" not in d:
             raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
         if args.only_train:
-            return finish(args, res, "train_throughput_seeds" if len(seeds) > 1 else "train_throughput")
+            return finish(args, res, result_name(args, seeds, full=False))
         peak16, peak32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
         achieved = d["flops_per_token"] * d["tokens_per_second"]
         res["mfu"] = {"achieved_gflops": achieved / 1e9, "peak_bf16_gflops": peak16 / 1e9,
@@ -522,7 +536,7 @@ def main() -> None:
         res["evaluate"] = bench_evaluate(args, work)
         res["tokenize"] = bench_tokenize(args, work)
     res["dvc"] = bench_dvc()
-    finish(args, res, "train_throughput")
+    finish(args, res, result_name(args, [int(x) for x in args.seeds.split(",")], full=True))
 
 
 def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
@@ -544,9 +558,9 @@ def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
 def run_worker(name: str, args, work: Path, seed: int) -> dict:
     """One training variant in its own process (its own peak RSS); its result, or the error it ended with."""
     forward = worker_args(args)
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), f"--seed={seed}"] + [
+    cmd = [sys.executable, "-m", "bench.train_throughput", "--worker", name, "--work", str(work), f"--seed={seed}"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in forward.items() if k != "seed"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": proc.stderr.strip().splitlines()[-1][:200]}
@@ -555,7 +569,8 @@ def run_worker(name: str, args, work: Path, seed: int) -> dict:
 
 def worker_args(args) -> dict:
     """The command-line arguments a worker process is given (the run's own: its seed list, mode, worker)."""
-    return {k: v for k, v in vars(args).items() if k not in ("worker", "work", "dvc_only", "only_train", "seeds")}
+    own = ("worker", "work", "dvc_only", "only_train", "seeds", "name")
+    return {k: v for k, v in vars(args).items() if k not in own}
 
 
 def summarize(runs: dict[int, dict]) -> dict:
@@ -573,10 +588,22 @@ def summarize(runs: dict[int, dict]) -> dict:
     return out
 
 
+def result_name(args, seeds: list[int], full: bool) -> str:
+    """What the run measured, as its result's name: `--name`, else variants, steps and seeds
+    (`dbg_48_steps_3_seeds`), `_all` with the evaluation, tokenization and dvc figures."""
+    if args.name:
+        return args.name
+    name = f"{args.variants}_{args.steps}_steps_{len(seeds)}_seed{'s' if len(seeds) > 1 else ''}"
+    return name + ("_budget_" + str(args.budget) if "t" in args.variants else "") + ("_all" if full else "")
+
+
 def finish(args, res: dict, stem: str) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table(res))
+    """bench/results/train_throughput/<stem>.{json,md}, the machine and date inside."""
+    out = args.out / "train_throughput"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table(res))
+    print(f"bench: -> {out / stem}.md", file=sys.stderr)
     print(table(res))
 
 

@@ -129,11 +129,13 @@ def predict(
 ) -> None:
     """Answer rows with each adapter, rendered with the template that adapter was trained with."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    limit = max_new_tokens or peek(params, "serve.max_new_tokens")
-    if not isinstance(limit, int):
-        raise PipelineError(f"predict: give --max-new-tokens, or run where {params} has serve.max_new_tokens")
+    limit, batch = max_new_tokens or peek(params, "serve.max_new_tokens"), peek(params, "serve.batch_size")
+    if not isinstance(limit, int) or not isinstance(batch, int):
+        raise PipelineError(f"predict: {params} has no serve.max_new_tokens and serve.batch_size (run where the "
+                            "project's params.yaml is, or give --params)")
     named = dict(_split_adapter(a) for a in adapter)
-    p = later("pipeline.predict").Predictor(base, named, max_new_tokens=limit, allow_other_base=allow_other_base)
+    p = later("pipeline.predict").Predictor(base, named, max_new_tokens=limit, batch_size=batch,
+                                            allow_other_base=allow_other_base)
     prompt = next(iter(p.prompts.values()))
     rows = [_stdin_row(line, prompt) for line in sys.stdin if line.strip()] if input == "-" else read_jsonl(input)
     answers = {name: p.predict(rows, name) for name in p.adapters}

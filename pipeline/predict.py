@@ -26,18 +26,16 @@ from pipeline.core.scoring import Scorer
 from pipeline.core.stage import PipelineError
 from pipeline.methods.adapters import check_adapter, load_adapter, record_of, trained_method
 
-BATCH = 16  # rows scored at a time
-
 
 class Predictor:
     """A base model with named adapters loaded once; `predict(rows, adapter)` switches between them."""
 
     def __init__(self, base_dir: str | Path, adapters: dict[str, str | Path], max_new_tokens: int,
-                 allow_other_base: bool = False) -> None:
+                 batch_size: int, allow_other_base: bool = False) -> None:
         if not adapters:
             raise PipelineError("predict: give at least one adapter folder")
         self.tokenizer = load_tokenizer(base_dir)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.prompts: dict[str, Prompt] = {}
         self.renderers: dict[str, Renderer] = {}
         self.prompt_learning: dict[str, bool] = {}
@@ -78,6 +76,6 @@ class Predictor:
         prompt, renderer = self.prompts[name], self.renderers[name]
         task = tasks.get(prompt.task)
         prompts = [task.prompt(prompt, renderer, r, f"input row {i + 1}") for i, r in enumerate(rows)]
-        scorer = Scorer(self.model, self.tokenizer, BATCH, adapter is not None and self.prompt_learning[name])
+        scorer = Scorer(self.model, self.tokenizer, self.batch_size, adapter is not None and self.prompt_learning[name])
         with self._use(adapter):
             return task.answer(scorer, prompt, renderer, rows, prompts, self.max_new_tokens)

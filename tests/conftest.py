@@ -258,3 +258,15 @@ def copy_repo(src: Path, dst: Path) -> Path:
     out of its cache by default, so nothing in the copy links back to `src`)."""
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+# fixtures whose tests run a whole pipeline in subprocesses (DVC repositories, a Prefect server, the contract
+# harness): those tests are `slow` by construction, with the real-model ones; `pytest -m "not slow"` is the
+# fast lane (docs/testing.md)
+PIPELINE_FIXTURES = {"history", "server", "measured"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

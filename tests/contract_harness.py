@@ -375,10 +375,12 @@ def main() -> None:
     project = Project(Path(a.scratch), a.task)
     project.create()
     stages, imports, outs = baseline(project)
-    report = {"task": a.task, "imports": imports, "keys": {}, "skipped": {}}
+    report = {"task": a.task, "imports": imports, "keys": {}, "skipped": {},
+              "reports": {f.relative_to(project.dir).as_posix(): json.loads(f.read_text())
+                          for f in sorted((project.dir / "reports").glob("**/*.json"))}}
     keys = leaves(project.params)
     wanted = (list(keys) if a.keys == "all" else [k for k in keys if k not in SLOW_KEYS] if a.keys == "fast"
-              else a.keys.split(","))
+              else [k for given in a.keys.split(",") for k in keys if k == given or k.startswith(given + ".")])
     for key in wanted:
         for value in alternatives(key, keys[key], project.dir):
             reason = valid(put(project.params, key, value))

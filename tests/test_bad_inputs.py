@@ -227,6 +227,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 def test_kill_9_at_every_point_then_repro_gives_the_same_dvc_lock(history, tmp_path):
     """Every stage's outputs gone, then `dvc repro` until it succeeds, each stage SIGKILLed at the points above
     (before a checkpoint, while one is written, just after one, while the adapter, the evaluation, the export

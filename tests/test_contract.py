@@ -218,6 +218,20 @@ def test_no_params_key_leaves_a_stage_stale(measured):
     assert checked >= 100
 
 
+def test_every_task_runs_through_every_stage_of_the_same_dvc_yaml(measured):
+    """Each task's baseline ran every dvc.yaml stage through its own program: no stage expects outputs only
+    classification makes, every task's loss mask passes its audit, and each writes a GGUF."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for task, m in measured.items():
+        assert list(m["imports"]) == list(spec), task
+        r = m["reports"]
+        audit = r["reports/tokenize.json"]["train"]["mask_audit"]
+        assert audit["checked"] > 0 and audit["failed"] == 0, (task, audit)
+        key = {"classification": "accuracy", "preference": "reward_accuracy"}.get(task, "eval_loss")
+        assert key in r["reports/evaluate/metrics.json"]["adapter"], task
+        assert r["reports/gguf.json"]["written"], task
+
+
 def test_the_loss_on_case_reruns_what_it_changes(measured):
     """tokenize.loss_on on a chat pipeline: tokenize reruns and its output changes (format, which no longer
     reads it, rightly does not); before, format read it undeclared and trained on stale loss spans."""

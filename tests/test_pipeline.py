@@ -29,33 +29,6 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(history):
     assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")
 
 
-def test_instruction_preference_and_chat_tasks_run_through_every_stage(repo):
-    """The other task kinds through the same dvc.yaml: no stage expects outputs only classification makes."""
-    import shutil
-
-    from conftest import EXAMPLE
-
-    for task, template in (("instruction", "alpaca"), ("preference", "preference"), ("chat", "chat")):
-        for split in ("train", "validation"):
-            shutil.copy(EXAMPLE / f"{task}_{split}.jsonl", repo / "data" / "example" / f"{task}_{split}.jsonl")
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        params.update(task=task)
-        params["format"]["template"] = f"prompts/{template}.jinja"
-        params["data"].update(train=f"data/example/{task}_train.jsonl", validation=f"data/example/{task}_validation.jsonl")
-        params["train"]["dpo"]["steps"] = 4
-        params["evaluate"]["samples"] = 1
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        out = sh(repo, sys.executable, "-m", "dvc", "repro")
-        # the base model is the same for every task: converted once, before the first
-        assert ran(out) == (STAGES if task == "instruction" else STAGES[1:]), out[-2000:]
-        metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
-        key = "reward_accuracy" if task == "preference" else "eval_loss"
-        assert key in metrics["adapter"] and not (repo / "reports" / "evaluate" / "confusion.png").exists()
-        assert json.loads((repo / "reports" / "gguf.json").read_text())["written"]
-        audit = json.loads((repo / "reports" / "tokenize.json").read_text())["train"]["mask_audit"]
-        assert audit["checked"] > 0 and audit["failed"] == 0
-
-
 def test_bad_params_fail_with_one_line(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["validate"]["max_reject"] = 0.1

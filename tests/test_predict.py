@@ -19,7 +19,7 @@ def test_serving_renders_the_same_tokens_as_training(trained, tiny_base):
     template stored in the adapter, equal the prompt part of the ids the model was trained on."""
     from datasets import load_from_disk
 
-    p = Predictor(tiny_base, {"a": trained["adapter"]}, max_new_tokens=8)
+    p = Predictor(tiny_base, {"a": trained["adapter"]}, max_new_tokens=8, batch_size=16)
     tok = load_tokenizer(tiny_base)
     tokenized = {r["row"]: r for r in load_from_disk(str(trained["tokenized"] / "validation"))}
     raw = [json.loads(x) for x in (trained["formatted"].parent / "validated" / "validation.jsonl").read_text().splitlines()]
@@ -52,9 +52,9 @@ def test_two_adapters_one_base_switch_without_reload(trained, prepared, tiny_bas
 
     rows = [{"sentence": "Kestrel Steel will cut 40 jobs at its Oulu plant ."},
             {"sentence": "Nordvik Paper is headquartered in Oulu ."}]
-    alone = Predictor(tiny_base, {"task": trained["adapter"]}, max_new_tokens=8)  # the adapter loaded alone: its own answers
+    alone = Predictor(tiny_base, {"task": trained["adapter"]}, max_new_tokens=8, batch_size=16)  # the adapter loaded alone: its own answers
     alone_task, alone_base = alone.predict(rows, "task"), alone.predict(rows, None)
-    p = Predictor(tiny_base, {"task": trained["adapter"], "positive": tmp_path / "pos"}, max_new_tokens=8)
+    p = Predictor(tiny_base, {"task": trained["adapter"], "positive": tmp_path / "pos"}, max_new_tokens=8, batch_size=16)
     loads = []
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: loads.append(a))
     always = p.predict(rows, "positive")
@@ -93,8 +93,8 @@ def test_adapter_for_another_base_is_refused_unless_forced(trained, tiny_base, t
     record["base"]["weights_sha256"] = "0" * 64
     (other / "peftflow.json").write_text(json.dumps(record))
     with pytest.raises(PipelineError, match="only fits the base model version it was trained on"):
-        Predictor(tiny_base, {"a": trained["adapter"], "b": other}, max_new_tokens=8)
-    forced = Predictor(tiny_base, {"b": other}, max_new_tokens=8, allow_other_base=True)
+        Predictor(tiny_base, {"a": trained["adapter"], "b": other}, max_new_tokens=8, batch_size=16)
+    forced = Predictor(tiny_base, {"b": other}, max_new_tokens=8, batch_size=16, allow_other_base=True)
     assert forced.adapters == ["b"]
     r = CliRunner().invoke(app, ["predict", "--adapter", str(other), "--base", str(tiny_base)], input="Sales rose .\n")
     assert r.exit_code == 2 and "only fits the base model version" in r.output

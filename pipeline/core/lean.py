@@ -1,8 +1,8 @@
 """The train step's computation kept, its memory and copies cut: changes to a model built for training.
 
 - `frozen_weights_in(model, dtype)`: under bf16 (fp16) autocast every linear layer casts its fp32 weight
-  to bf16 on every call, and the cast copy is kept for the backward pass (the input's gradient needs it):
-  for SmolLM2-135M, 212 MB of copies per forward call and as many bytes copied. Frozen linear weights
+  to bf16 on every call, and the cast copy is kept for the backward pass (the input's gradient needs it;
+  docs/speed.md#memory has the figures). Frozen linear weights
   stored in the autocast dtype once give the same matmuls bit for bit (autocast would have rounded them
   the same way) with none of the copies, and half their resident memory. Trainable weights, weights
   shared with the embedding (a tied output layer), quantized layers and DoRA's base layers (DoRA reads
@@ -16,9 +16,9 @@
   0.0500031), scaling the kept elements by 1 / (1 - that). The same regulariser, a different random
   stream: adapters trained before and after differ by their dropout draws only.
 - `recompute_attention(model)`: eager attention keeps, per layer, the fp32 and the bf16 attention
-  probabilities and the key/value heads repeated for grouped-query attention (for SmolLM2 and a batch of
-  16 rows of 171 tokens: 0.7 GB over 30 layers). Its core (scores, mask, softmax, weighted values) runs
-  under a non-reentrant activation checkpoint instead, registered as the attention implementation
+  probabilities and the key/value heads repeated for grouped-query attention. Its core (scores,
+  mask, softmax, weighted values) runs under a non-reentrant activation checkpoint instead,
+  registered as the attention implementation
   `eager_recompute`: only query (in the autocast dtype, which the core's first matmul casts it to
   anyway), key, value and mask are kept, and the core is run again in the backward pass with the same kernels, so
   the gradients are the same bits (one more QK^T and softmax per layer).

@@ -184,6 +184,7 @@ class Serve(Section):
     """What serving (`peftflow predict`) uses unless told otherwise; no stage reads it."""
 
     max_new_tokens: int  # the limit of a free-text answer
+    batch_size: int  # rows scored or generated at a time
 
 
 class Params(Section):

@@ -45,10 +45,22 @@ def peek(path: str | Path, key: str) -> Any:
     return node
 
 
+def option(argv: list[str], name: str, default: str) -> str:
+    """A program's option (`--params x` or `--params=x`) from its raw arguments, before typer parses them:
+    for what a program decides before its heavy imports."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
 def without_bitsandbytes(quantization: dict | None, optimizer: str | None) -> bool:
     """A stage program whose params quantize no base (`train.quantization` null) and use no 8-bit optimizer
     (`train.optimizer` adamw) runs without bitsandbytes: PEFT and transformers import it whenever it is
-    installed (2.5 s and ~50 MB resident in every stage process, measured), and nothing else here uses it.
+    installed (seconds and tens of MB in every stage process: docs/speed.md#memory), and nothing else here
+    uses it.
     It is marked absent (`sys.modules[name] = None`, Python's own way to make an import fail), so both take
     it for not installed. For whole processes only, before PEFT is imported: a library imported without it
     does not gain it later, so in-process callers (tests) keep it. Returns whether it did."""

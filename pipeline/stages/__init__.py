@@ -1,1 +1,3 @@
-"""The DVC stages, one module each: `python -m pipeline.stages.<name>`; a stage imports only pipeline.core."""
+"""The DVC stages, one thin module each: `python -m pipeline.stages.<name>`.
+
+A stage imports the library, the registries and the recipes, never another stage."""

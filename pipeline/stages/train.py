@@ -1,29 +1,33 @@
 """Stage `train`: the adapter (`train.method`) by the SFT recipe (pipeline/recipes/sft.py), then DPO for a
-task that asks for it; the adapter written with its record.
-
-Inputs: the tokenized data, the format stage's record (`format.json`: prompt and data), the base model.
-Outputs: `<out>/` the adapter and `peftflow.json`, its record (also in the safetensors metadata; see
-pipeline/core/lineage.py), `<out>/sft/` the SFT adapter DPO started from; `<live>/` the loss curve and
-metrics, `<live>/run.json` the run facts (timings, memory: what differs between two runs); `<checkpoints>/`
-for resuming. The same inputs on the same hardware class give the same bytes in `<out>/`, resumed or not.
-"""
-
+task that asks for it. Inputs: the tokenized data, the format stage's record (`format.json`: prompt, data),
+the base model. Outputs: `<out>/` the adapter and `peftflow.json`, its record (also in the safetensors
+metadata: pipeline/core/lineage.py), `<out>/sft/` the SFT adapter DPO started from; `<live>/` the loss
+curve, metrics and `run.json` (timings, memory: what differs between two runs); `<checkpoints>/` to resume.
+The same inputs on the same hardware class give the same bytes in `<out>/`, resumed or not."""
 from __future__ import annotations
+
+import sys
+
+from pipeline.core.allocator import peak_rss_mb, preload_allocator
+from pipeline.core.stage import entry, option, peek, without_bitsandbytes
+
+if __name__ == "__main__":
+    # before the imports below (seconds): the allocator, which re-executes this program once; bitsandbytes out
+    PARAMS = option(sys.argv[1:], "--params", "params.yaml")
+    preload_allocator(peek(PARAMS, "train.allocator"))
+    without_bitsandbytes(peek(PARAMS, "train.quantization"), peek(PARAMS, "train.optimizer"))
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import typer
 
 from pipeline import contract, methods, tasks
 from pipeline.core import lineage
-from pipeline.core.allocator import peak_rss_mb, preload_allocator
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import Params, Train, View
 from pipeline.core.processes import end_processes, is_main_process, launch_command, relaunch
-from pipeline.core.stage import entry, peek
 from pipeline.recipes import dpo, sft
 
 STAGE = "train"
@@ -37,9 +41,7 @@ def save(p: View, method, model, metrics: dict, data: Path, prompt_file: Path, b
          sft_dir: Path | None) -> None:
     """The adapter, its SFT start (DPO) and its record, atomically: nothing in it depends on when, where or
     how fast the run was, so the same inputs give the same bytes."""
-    base = json.loads((base_dir / "base.json").read_text())
-    fmt = json.loads(prompt_file.read_text())
-    tok = json.loads((data / "tokenize.json").read_text())
+    base, fmt, tok = (json.loads(f.read_text()) for f in (base_dir / "base.json", prompt_file, data / "tokenize.json"))
     with atomic_dir(out) as tmp:
         method.save(model, tmp)  # a PEFT adapter, a whole checkpoint (full) or the trained tensors (bitfit)
         if sft_dir is not None:
@@ -82,7 +84,6 @@ def main(
     checkpoints: Path = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    preload_allocator(peek(params, "train.allocator"))  # first: it may re-execute this program, once
     p = contract.load(params)
     cmd = launch_command(p.train, "pipeline.stages.train", sys.argv[1:])
     if cmd:

@@ -1,0 +1,1 @@
+"""The benchmark suite: `python -m bench.<name>` from the repository root (bench/README.md)."""
