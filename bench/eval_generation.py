@@ -63,7 +63,8 @@ def generate_whole(model, tok, prompts: list[str], max_new_tokens: int, batch_si
 def prompts(args, work: Path) -> dict[str, list[str]]:
     """Zero-shot and 5-shot prompts of the first `--rows` validation rows, rendered by the project's stages."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl")}
+    raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl"),
+                   "license": f"see {args.data / 'LICENSE.txt'}"}
     raw["evaluate"]["shots"] = 5
     p = parse_params(raw)
     validate.run(p, Path(p.data.train), Path(p.data.validation), work / "validated", work / "validate.json")

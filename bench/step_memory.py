@@ -88,13 +88,14 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
     facts["model_mb"] = rss_mb()
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).train()
+    from bench.train_throughput import LORA, LR  # params.yaml's
+
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA)).train()
     if "ckpt" in variant:
         model.activation_checkpointing_enable()
     if "lean" in variant:
         lean.apply(model, torch.bfloat16, recompute=True)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=LR)
     facts["adapter_mb"] = rss_mb()
     saved = {"bytes": 0}
     seen: set[int] = set()

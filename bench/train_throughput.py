@@ -38,6 +38,7 @@ arguments (or more variants), keeps the (variant, seed) results it had finished 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -65,8 +66,11 @@ from pipeline.stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-LR, WARMUP = 1e-3, 0.1
+# the run's settings are params.yaml's (a bench run is params overrides: bench_params); the baselines take the
+# same LoRA, learning rate, warm-up and schedule from it
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+LORA, LR, WARMUP = PARAMS["train"]["lora"], PARAMS["train"]["lr"], PARAMS["train"]["warmup_ratio"]
+SCHEDULE = PARAMS["train"]["lr_scheduler"]
 NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic padding + group_by_length",
          "c": "TRL SFTTrainer (completion only)", "d": "peftflow train stage",
          "e": "TRL SFTTrainer, padding_free", "f": "TRL SFTTrainer, packing (bfd)",
@@ -87,12 +91,12 @@ def rss_mb() -> float:
 # ---------------------------------------------------------------- shared data (main process)
 
 def bench_params(args, quantization: dict | None = None, **train):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl")}
-    raw["train"] |= {"method": "lora", "lora": LORA, "max_steps": args.steps, "batch_size": args.batch_size,
-                     "grad_accum": 1, "lr": LR, "warmup_ratio": WARMUP, "lr_scheduler": "linear",
-                     "precision": "bf16", "checkpoint_every": 0, "log_every": max(1, args.steps // 4),
-                     "quantization": quantization, "loraplus_lr_ratio": None, **train}
+    """params.yaml with the run's shape (data, steps, batch, seed, no checkpoints) and the variant's keys."""
+    raw = copy.deepcopy(PARAMS)
+    raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl"),
+                   "license": f"see {args.data / 'LICENSE.txt'}"}  # the data's own (shared/datasets/*/README.md)
+    raw["train"] |= {"method": "lora", "max_steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0,
+                     "log_every": max(1, args.steps // 4), "quantization": quantization, **train}
     raw["seed"] = args.seed
     return parse_params(raw)
 
@@ -131,7 +135,7 @@ class Counting:
 
 def train_args(args, out: Path, bf16: bool, **extra) -> dict:
     return dict(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                learning_rate=LR, warmup_steps=int(WARMUP * args.steps), lr_scheduler_type="linear",
+                learning_rate=LR, warmup_steps=int(WARMUP * args.steps), lr_scheduler_type=SCHEDULE,
                 weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
                 seed=args.seed, data_seed=args.seed, bf16=bf16, use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0, disable_tqdm=True, **extra)

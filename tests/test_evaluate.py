@@ -1,4 +1,6 @@
-import contextlib
+"""Stage `evaluate` (pipeline/stages/evaluate.py) and the classification and instruction tasks' evaluation:
+metrics, plots, the prompting baselines and their rules, few-shot prompts, eval loss and samples."""
+
 import json
 
 import numpy as np
@@ -6,7 +8,6 @@ from conftest import prepare, prompt_of
 
 from pipeline import tasks
 from pipeline.core import scoring
-from pipeline.core.encoding import encode_prompt
 from pipeline.core.loading import load_tokenizer
 from pipeline.core.prompting import Prompt
 from pipeline.methods.adapters import load_adapter
@@ -93,17 +94,6 @@ def test_parse_label_takes_the_label_named_first_as_a_whole_word():
     assert parse_label("Answer: bad", ["Answer: good", "Answer: bad", "Answer: meh"], labels) == 1
 
 
-def test_choice_scores_pick_the_likeliest_continuation(trained, tiny_base):
-    tok = load_tokenizer(tiny_base)
-    model = load_adapter(tiny_base, trained["adapter"])
-    rows = [{"prompt": "Sentence: x", "choices": ["negative", "neutral", "positive"]}]
-    scores = scoring.choice_logprobs(model, tok, rows, 2).total
-    # scoring one choice at a time gives the same numbers as the batched pass
-    for j, c in enumerate(rows[0]["choices"]):
-        single = scoring.choice_logprobs(model, tok, [{"prompt": "Sentence: x", "choices": [c]}], 1).total
-        assert abs(single[0, 0] - scores[0, j]) < 1e-4
-
-
 def test_classification_metrics_known_values():
     m = classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"], ["a", "b", "c"])
     assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
@@ -120,35 +110,6 @@ def test_instruction_eval_loss_and_samples(tiny_base, tmp_path):
         r["adapter"]["perplexity"] - np.exp(r["adapter"]["eval_loss"])) / r["adapter"]["perplexity"] < 1e-3
     samples = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and {"base", "adapter", "reference"} <= set(samples[0])
-
-
-def test_cached_choice_scores_equal_scoring_each_choice_in_full(trained, tiny_base):
-    # shared prefix once + each row's prompt once + choices from its KV cache == every prompt + choice in full
-    tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
-    rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()][:10]
-    rows = [{"prompt": r["prompt"], "choices": ["a much longer answer", "no", r["choices"][0]]} for r in rows]
-    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
-    assert scoring.shared_prefix(model, prompts, "cpu")[0] >= 8  # the template's instructions are shared
-    unshared = rows + [{"prompt": "short", "choices": ["a much longer answer than the others", "no", "maybe"]}]
-    assert scoring.shared_prefix(model, prompts + [encode_prompt(tok, "short")], "cpu")[0] == 0
-    for case in (rows, unshared):
-        cached, full = scoring.choice_logprobs(model, tok, case, 4).total, scoring.full_logprobs(model, tok, case, 4).total
-        assert np.isfinite(cached).all() and np.abs(cached - full).max() < 1e-3
-        with model.disable_adapter():
-            assert np.abs(scoring.choice_logprobs(model, tok, case, 4).total - scoring.full_logprobs(model, tok, case, 4).total).max() < 1e-3
-
-
-def test_generation_from_the_shared_prefix_equals_each_prompt_alone(trained, tiny_base):
-    # batches that continue from the shared prefix's cache ([prefix | padding | row]) == each prompt left alone
-    tok, model = load_tokenizer(tiny_base), load_adapter(tiny_base, trained["adapter"])
-    rows = [json.loads(x) for x in (trained["formatted"] / "validation.jsonl").read_text().splitlines()][:6]
-    prompts = [r["prompt"] for r in rows]
-    assert scoring.shared_prefix(model, [encode_prompt(tok, p) for p in prompts], "cpu")[0] >= 8
-    for case in (prompts, prompts + ["short"]):  # with, and without, a shared prefix
-        for adapter in (True, False):
-            with contextlib.nullcontext() if adapter else model.disable_adapter():
-                alone = [scoring.generate(model, tok, p, 12)[0] for p in case]
-                assert scoring.generate_many(model, tok, case, 12, 4) == alone
 
 
 def eval_inputs(prepared, tiny_base) -> tasks.EvalInputs:

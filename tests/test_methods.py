@@ -138,18 +138,6 @@ def test_export_of_prompt_learning_and_qlora(name, prepared, tiny_base, tmp_path
         assert (tmp_path / "x" / "model.safetensors").exists()
 
 
-def test_optimizer_is_chosen_by_params():
-    import bitsandbytes as bnb
-
-    from pipeline.core.optim import optimizer_class
-
-    assert optimizer_class(make_params(**{"train.optimizer": "adamw_8bit"}).train.optimizer) is bnb.optim.AdamW8bit
-    assert optimizer_class("paged_adamw_32bit") is bnb.optim.PagedAdamW32bit
-    assert optimizer_class(make_params().train.optimizer) is torch.optim.AdamW
-    with pytest.raises(ParamsError, match="train.optimizer.*valid choices: adamw, adamw_8bit"):
-        make_params(**{"train.optimizer": "adam8"})
-
-
 def test_bitfit_trains_only_biases_and_says_when_there_are_none(prepared, tiny_base, tmp_path):
     from conftest import build_tiny_base
 

@@ -68,18 +68,6 @@ def test_float_strings_and_other_methods_pass():
     assert p.train.ia3 == {"target_modules": ["k_proj"]}
 
 
-def test_peek_reads_one_key_without_checking_the_file(tmp_path):
-    from pipeline.core.stage import peek
-
-    f = tmp_path / "params.yaml"
-    f.write_text("train:\n  allocator: mimalloc\n  unknown_key: 1\n")
-    assert peek(f, "train.allocator") == "mimalloc"
-    assert peek(f, "train.nothing") is None and peek(f, "base.model") is None
-    assert peek(tmp_path / "missing.yaml", "train.allocator") is None
-    f.write_text("train: [unclosed\n")
-    assert peek(f, "train.allocator") is None
-
-
 BNB_PROBE = """
 import sys
 from pipeline.core.stage import peek, without_bitsandbytes

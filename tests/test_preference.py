@@ -2,24 +2,17 @@
 tiny model with the base as reference, and the reward metrics of evaluate."""
 
 import json
-import math
 
 import numpy as np
-import torch
 from conftest import prepare, prompt_of
 
 from pipeline.core.scoring import pair_logprobs
 from pipeline.methods.adapters import load_adapter
-from pipeline.recipes.dpo import dpo_loss
 from pipeline.stages import evaluate, train, validate
 from pipeline.tasks.preference import reward_metrics
 
 
-def test_dpo_loss_known_values():
-    one = torch.tensor([1.0])
-    loss, c, r = dpo_loss(pc=one * 3, pr=one * 1, rc=one * 2, rr=one * 2, beta=0.5)  # chosen +1, rejected -1
-    assert math.isclose(float(loss), -math.log(1 / (1 + math.exp(-1.0))), rel_tol=1e-6)
-    assert float(c) == 0.5 and float(r) == -0.5
+def test_reward_metrics_known_values():
     a = np.array
     assert reward_metrics((a([3.0, 0.0]), a([1.0, 1.0])), (a([2.0, 0.0]), a([2.0, 0.0])), 0.5) == \
         {"reward_accuracy": 0.5, "reward_margin": 0.25}

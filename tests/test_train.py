@@ -221,20 +221,6 @@ def test_the_stage_runs_under_mimalloc_and_trains_the_same_tensors(trained, tiny
     assert all(torch.equal(weights["mimalloc"][k], weights["system"][k]) for k in weights["system"])
 
 
-def test_an_allocator_that_cannot_be_preloaded_is_not_retried(monkeypatch, capsys):
-    """A library already in LD_PRELOAD that is not mapped (the loader refused it) is not exec'd again: the
-    program says so and goes on with the system allocator (no loop of re-executions)."""
-    from pipeline.core import allocator as training
-
-    lib = training.allocator_library("mimalloc")
-    assert lib, "cmeel-mimalloc is in the lock: its library must be found"
-    monkeypatch.setenv("LD_PRELOAD", lib)
-    monkeypatch.setattr(training.os, "execve", lambda *a: pytest.fail("re-executed"))
-    training.preload_allocator("mimalloc")
-    assert "could not be preloaded" in capsys.readouterr().err
-    training.preload_allocator("system")  # nothing to do
-
-
 def test_the_train_program_imports_peft_once_and_leaves_bitsandbytes_out(tmp_path):
     """Run as a program, the stage settles its allocator (re-executing itself) and leaves bitsandbytes out
     before its heavy imports: PEFT and transformers are imported once, in the process that trains, and no
