@@ -76,7 +76,7 @@ lock-upgrade:
 BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants method_table
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
-	PATH=$(VENV)/bin:$$PATH dvc repro
+	dvc repro
 	set -e; for b in $(BENCH); do echo "== bench.$$b"; case $$b in \
 	  method_table) $(PY) -m bench.method_table run --profile fpb; $(PY) -m bench.method_table table;; \
 	  *) $(PY) -m bench.$$b;; esac; done

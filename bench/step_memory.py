@@ -12,7 +12,7 @@ one warm-up step and then `--steps` timed steps, in the layouts of pipeline/core
                 it turns the shared prefix off)
   lean          prefix, with train.lean (pipeline/core/lean.py: frozen weights held in bf16, 1-byte dropout
                 masks, attention core and SwiGLU recomputed in backward) and the stage's allocator settings
-                (pipeline.core.training.tune_allocator): the default job's step
+                (pipeline.core.allocator.tune_allocator): the default job's step
   padded-lean   padded, with the same
   packed-varlen packed as one flat sequence with row boundaries (train.attn_implementation varlen; on CPU
                 row by row, on CUDA torch's flash varlen kernel)

@@ -8,7 +8,7 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   e  c with `padding_free=True` (each batch flattened into one sequence, position ids restarting per row)
   f  c with `packing=True` (best-fit decreasing into sequences of batch size x the mean row length, one
      sequence per step, so a step holds about as many rows as the others' batches)
-  d  this project's train stage (`pipeline.stages.train.fit`), bf16, in a process set up as the stage program
+  d  this project's train stage (the SFT recipe as `fit` sets it up), bf16, in a process set up as the stage program
      sets itself up (`train.allocator` preloaded, bitsandbytes skipped when the params need none)
   s  d on the system allocator (`train.allocator: system`: glibc's malloc, as tuned by the stage)
   g  b on mimalloc (preloaded as the stage preloads it): how much of d's lead is the allocator

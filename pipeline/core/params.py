@@ -135,7 +135,7 @@ class Train(Section):
     packing: bool  # rows packed into few sequences, attention confined to each row
     activation_checkpointing: ActivationCheckpointing | None  # null: keep activations (fastest)
     max_batch_tokens: int | None  # a micro-batch above this many padded tokens runs in several passes (memory)
-    allocator: Literal["mimalloc", "system"]  # the train program's malloc (core/training.py: preload_allocator)
+    allocator: Literal["mimalloc", "system"]  # the train program's malloc (core/allocator.py: preload_allocator)
     lean: bool  # frozen weights in the autocast dtype, 1-byte dropout masks, attention core and MLP gate recomputed
     # auto: eager attention on CPU (measured faster than sdpa for training at these lengths); on GPU varlen
     # (torch's flash varlen kernel, pipeline/core/varlen.py) when packing, else sdpa
