@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.method_table import ROOT, machine
+from bench.method_table import machine
 from pipeline import tasks
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl
@@ -42,6 +42,8 @@ from pipeline.core.prompting import Prompt
 from pipeline.core.scoring import generate_many, shared_prefix
 from pipeline.stages import format as fmt
 from pipeline.stages import validate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from bench import train_throughput as tt  # the bench's own data preparation (validate -> format -> tokenize)
-from bench.method_table import ROOT
 from pipeline.core import batching, varlen
 from pipeline.core.modeling import autocast, device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lora_model(base: Path, attn: str, dev: torch.device):

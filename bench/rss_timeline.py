@@ -191,9 +191,8 @@ def main() -> None:
         for name in ALLOCATORS:
             print(f"bench: {name}", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, "-m", "bench.rss_timeline", "--worker", name, "--work", str(work),
-                            "--steps",
-                            str(args.steps), "--seed", str(args.seed), "--base", str(args.base), "--data",
-                            str(args.data)], cwd=ROOT, check=True)
+                            "--steps", str(args.steps), "--seed", str(args.seed), "--base", str(args.base),
+                            "--data", str(args.data)], cwd=ROOT, check=True)
             res["runs"][name] = json.loads((work / f"{name}.json").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     slim = {**res, "runs": {k: {**v, "samples": v["samples"][::20]} for k, v in res["runs"].items()}}

@@ -531,7 +531,7 @@ def main() -> None:
         if "tokens_per_second" not in d:
             raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
         if args.only_train:
-            return finish(args, res, result_name(args, seeds, full=False))
+            return finish(args, res, result_name(args, full=False))
         peak16, peak32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
         achieved = d["flops_per_token"] * d["tokens_per_second"]
         res["mfu"] = {"achieved_gflops": achieved / 1e9, "peak_bf16_gflops": peak16 / 1e9,
@@ -540,7 +540,7 @@ def main() -> None:
         res["evaluate"] = bench_evaluate(args, work)
         res["tokenize"] = bench_tokenize(args, work)
     res["dvc"] = bench_dvc()
-    finish(args, res, result_name(args, [int(x) for x in args.seeds.split(",")], full=True))
+    finish(args, res, result_name(args, full=True))
 
 
 def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
@@ -592,12 +592,13 @@ def summarize(runs: dict[int, dict]) -> dict:
     return out
 
 
-def result_name(args, seeds: list[int], full: bool) -> str:
+def result_name(args, full: bool) -> str:
     """What the run measured, as its result's name: `--name`, else variants, steps and seeds
     (`dbg_48_steps_3_seeds`), `_all` with the evaluation, tokenization and dvc figures."""
     if args.name:
         return args.name
-    name = f"{args.variants}_{args.steps}_steps_{len(seeds)}_seed{'s' if len(seeds) > 1 else ''}"
+    seeds = len(args.seeds.split(","))
+    name = f"{args.variants}_{args.steps}_steps_{seeds}_seed{'s' if seeds > 1 else ''}"
     return name + ("_budget_" + str(args.budget) if "t" in args.variants else "") + ("_all" if full else "")
 
 

@@ -1,7 +1,6 @@
 """pipeline/core/stage.py: what a stage program reads before its heavy imports (`option`, `peek`), and a
 pipeline error as one line and exit code 2 (`command`)."""
 
-import pytest
 from typer.testing import CliRunner
 
 from pipeline.core.stage import PipelineError, command, option, peek
@@ -24,10 +23,11 @@ def test_peek_reads_one_key_and_is_none_for_what_is_missing(tmp_path):
     assert peek(f, "train") is None
 
 
-@pytest.mark.parametrize("error, code", [(PipelineError("data.jsonl row 3 field 'label': missing field"), 2)])
-def test_a_pipeline_error_is_one_line_and_exit_code_2(error, code):
+def test_a_pipeline_error_is_one_line_and_exit_code_2():
+    error = PipelineError("data.jsonl row 3 field 'label': missing field")
+
     def main() -> None:
         raise error
 
     r = CliRunner().invoke(command(main, whole_process=False), [])
-    assert r.exit_code == code and r.output.strip() == f"error: {error}"
+    assert r.exit_code == 2 and r.output.strip() == f"error: {error}"
