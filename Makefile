@@ -1,6 +1,8 @@
 # One command to set up and run the pipeline, one to run the tests.
 #   make run          create .venv from requirements.lock, `dvc repro`, print the metrics
-#   make test         the same .venv (+ llama-cpp-python from the lock, built from source once per machine), pytest
+#   make test         the same .venv, pytest
+#   (both add llama.cpp from the lock's llama-cpp-python sdist: the Python binding, llama-server, llama-quantize and
+#    the converters, built from source once per machine, ~9 min)
 #   make lock         re-resolve requirements.lock after a change of pyproject.toml (keeps every other pin)
 #   make lock-upgrade the newest versions pyproject.toml allows, into requirements.lock (then rerun and commit dvc.lock)
 #   make bench        every benchmark (bench/README.md), after `dvc repro`; BENCH="name ..." runs some
@@ -35,12 +37,20 @@ $(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
 	$(UV) pip install -q --no-deps -e .
 	touch $@
 
-# llama.cpp for the gguf stage's parity check (the default native build segfaulted on this CPU; this one runs).
-# It builds from the hash-pinned sdist in the lock (~4 min) once per machine: the wheel is kept outside the
-# clone, in LLAMA_CACHE/<sha256 of the lock's llama-cpp-python entry, the build flags and the Python>, and
-# installed from there by later setups (CI included); a new machine, or a new pin, builds it again.
+# llama.cpp, from the hash-pinned llama-cpp-python sdist in the lock (it vendors llama.cpp's whole tree of that
+# version), built once per machine and kept outside the clone under LLAMA_CACHE, keyed by the sha256 of the lock's
+# llama-cpp-python entry, the build flags and the Python; later setups (CI included) install from there:
+#   - the llama-cpp-python wheel (the gguf stage answers validation rows with it; ~4 min to build);
+#   - llama.cpp's own tools from the same tree: llama-server (`peftflow serve`) and llama-quantize (the gguf
+#     stage's q8_0 / q4_K_M files), and its converters convert_hf_to_gguf.py / convert_lora_to_gguf.py with the
+#     gguf-py they come with (~5 min); linked as $(VENV)/llama.cpp, where the pipeline finds them.
+# The default native build segfaulted on this CPU kind; these flags run on every one of them.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_CPU_REPACK=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+LLAMA_TOOLS_ARGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_CPU_REPACK=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+	-DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+LLAMA_TOOLS := llama-server llama-quantize
 LLAMA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/peftflow/llama-cpp-python
 $(VENV)/.gguf: $(VENV)/.installed
 	awk '/^[a-z0-9]/ {keep = /^llama-cpp-python==/} keep' $(LOCK) > $(VENV)/gguf.lock
@@ -52,9 +62,25 @@ $(VENV)/.gguf: $(VENV)/.installed
 			-r $(VENV)/gguf.lock -w "$$dir.tmp" && mkdir -p "$(LLAMA_CACHE)" && mv "$$dir.tmp" "$$dir"; \
 	fi; \
 	$(UV) pip install -q --no-deps --compile-bytecode "$$dir"/*.whl
+	key=$$( (cat $(VENV)/gguf.lock; echo "$(LLAMA_TOOLS_ARGS) $(LLAMA_TOOLS)") | sha256sum | cut -c1-16 ); \
+	dir="$(LLAMA_CACHE)/tools-$$key"; \
+	if ! [ -x "$$dir/bin/llama-server" ]; then \
+		echo "building llama.cpp's tools from the locked sdist into $$dir (once, ~5 min)"; \
+		rm -rf "$$dir.tmp" && mkdir -p "$$dir.tmp/sdist" && \
+		$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(VENV)/gguf.lock -d "$$dir.tmp/sdist" && \
+		tar xzf "$$dir.tmp"/sdist/*.tar.gz -C "$$dir.tmp/sdist" && \
+		src=$$(echo "$$dir.tmp"/sdist/*/vendor/llama.cpp) && \
+		cmake -S "$$src" -B "$$dir.tmp/build" -G Ninja $(LLAMA_TOOLS_ARGS) >"$$dir.tmp/cmake.log" && \
+		cmake --build "$$dir.tmp/build" --target $(LLAMA_TOOLS) -j $$(nproc) >>"$$dir.tmp/cmake.log" && \
+		mkdir -p "$$dir.tmp/llama.cpp/bin" && cp "$$dir.tmp"/build/bin/llama-* "$$dir.tmp/llama.cpp/bin/" && \
+		cp -r "$$src"/convert_hf_to_gguf.py "$$src"/convert_lora_to_gguf.py "$$src"/conversion "$$src"/gguf-py \
+			"$$src"/LICENSE "$$dir.tmp/llama.cpp/" && \
+		rm -rf "$$dir.tmp/sdist" "$$dir.tmp/build" && mv "$$dir.tmp" "$$dir"; \
+	fi; \
+	ln -sfn "$$dir/llama.cpp" $(VENV)/llama.cpp
 	touch $@
 
-run: setup
+run: setup $(VENV)/.gguf
 	dvc repro
 	peftflow metrics
 

@@ -5,8 +5,9 @@ dvc.yaml as `python -m pipeline.<stage>`).
   peftflow metrics   print the latest metrics of every stage as one table, and where they are
   peftflow predict   answer rows with one or more adapters, rendered as they were trained
   peftflow flow      run the DVC stages once as a Prefect flow (ephemeral, or on PREFECT_API_URL)
-  peftflow serve     serve the flow as a scheduled Prefect deployment (cron or interval)
-  peftflow lineage   what made an adapter or export, checked against the workspace and DVC cache
+  peftflow schedule  serve the flow as a scheduled Prefect deployment (cron or interval)
+  peftflow serve     adapters over one base in llama.cpp's llama-server, OpenAI-compatible, on 127.0.0.1
+  peftflow lineage   what made an adapter, export or GGUF file (or what a server serves), checked
   peftflow report    markdown report of params and metrics changes against another revision
   peftflow import-data   a data file of a hub dataset, pinned to a commit, copied in and tracked by DVC
   peftflow sweep     a grid of params values x seeds as DVC experiments on DVC's queue, run and waited for
@@ -99,13 +100,13 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
         table.add_row("export", "merged" if x.get("merged") else "adapter only", "", detail, "")
     g = _load(reports / "gguf.json")
     if g:
-        detail = (f"{g['file']}, {g['bytes'] / 2**20:.0f} MiB, logits re-read within "
-                  f"{g['max_abs_logit_diff_reread']:.2g}" if g.get("written") else g.get("reason", ""))
-        table.add_row("gguf", "written" if g.get("written") else "not written", "", detail, "")
-        if "llama_cpp" in g:
-            c = g["llama_cpp"]
-            table.add_row("gguf", f"llama.cpp agreement ({c['rows']} rows)", "",
-                          str(c.get("label_agreement", c["answer_agreement"])), "")
+        if not g.get("written"):
+            table.add_row("gguf", "not written", "", g.get("reason", ""), "")
+        for name, c in g.get("llama_cpp", {}).items():  # each file answered in llama.cpp (pytorch: the reference)
+            size = g["files"][name]["bytes"] / 2**20
+            what = "accuracy" if "accuracy" in c else "as PyTorch"
+            table.add_row("gguf", f"{name} ({size:.0f} MiB) in llama.cpp: {what}",
+                          str(g["pytorch"].get("accuracy", "")), str(c.get("accuracy", c["answer_agreement"])), "")
     if not table.rows:
         console.print(f"no metrics under {reports}/ yet: run `dvc repro` first")
         raise typer.Exit(1)
@@ -160,7 +161,7 @@ def run_flow(
 
 
 @app.command()
-def serve(
+def schedule(
     name: str = typer.Option("nightly", help="deployment name"),
     cron: str = typer.Option(None, help='cron schedule, e.g. "0 2 * * *" (02:00 every night)'),
     interval: float = typer.Option(None, help="or: seconds between runs"),
@@ -179,18 +180,63 @@ def serve(
 
 @app.command()
 @one_line_errors
+def serve(
+    adapter: list[str] = typer.Argument(None, help="gguf stage folders (NAME=FOLDER or FOLDER, named by its task); "
+                                                   "default: models/gguf"),
+    port: int = typer.Option(8080, help="the port on 127.0.0.1"),
+    threads: int = typer.Option(0, help="llama-server's threads (0: every core)"),
+    slots: int = typer.Option(4, help="requests llama-server answers at once"),
+    ctx: int = typer.Option(2048, help="context length of each slot"),
+    max_tokens: int = typer.Option(None, help="default answer limit (default: params.yaml's serve.max_new_tokens)"),
+    params: Path = typer.Option(Path("params.yaml"), help="where the default answer limit comes from"),
+) -> None:
+    """Serve adapters over one base model with llama.cpp's llama-server, OpenAI-compatible on 127.0.0.1: the
+    `model` field names the adapter, whose training template is applied to the user's text. Runs until stopped."""
+    import os
+
+    specs = [(n, Path(f)) if sep else (None, Path(n)) for n, sep, f in (a.partition("=") for a in adapter or
+                                                                          ["models/gguf"])]
+    limit = max_tokens or peek(params, "serve.max_new_tokens") or 64
+    srv = later("pipeline.serve")
+    adapters = srv.load_adapters(specs)  # checked before anything starts
+    typer.echo(f"serving {', '.join(a.name for a in adapters)} over {adapters[0].base} on "
+               f"http://127.0.0.1:{port}/v1")
+    srv.serve(adapters, port, threads or os.cpu_count() or 1, slots, ctx, limit)
+
+
+@app.command()
+@one_line_errors
 def lineage(
-    path: Path = typer.Argument(..., help="an adapter or export folder"),
+    path: str = typer.Argument(..., help="an adapter or export folder, a GGUF file, or a `peftflow serve` URL"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
 ) -> None:
     """Print the chain adapter -> train data -> raw data -> base model with every hash checked
-    against the workspace and the DVC cache, and the commands that reproduce it. Exit code 1 if
-    anything differs."""
+    against the workspace and the DVC cache, and the commands that reproduce it (for a server: for each
+    adapter it serves). Exit code 1 if anything differs."""
+    if path.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(path.rstrip("/") + "/v1/models", timeout=10) as r:
+            served = json.loads(r.read())["data"]
+        failed = [m["id"] for m in served if not _lineage(m["gguf"], root, f"adapter '{m['id']}': ")]
+        if failed:
+            raise typer.Exit(1)
+        return
+    if not _lineage(path, root):
+        raise typer.Exit(1)
+
+
+def _lineage(path: str, root: Path, label: str = "") -> bool:
+    """Print one artifact's lineage; whether every hash and package version matched."""
     console = Console()
-    r = lin.check(path, root)
+    if path.endswith(".gguf"):
+        r = lin.check_gguf(Path(path), later("pipeline.core.llamacpp").read_stamp(Path(path)), root)
+    else:
+        r = lin.check(Path(path), root)
     rec = r["record"]
-    made = rec.get("adapter", rec)
-    console.print(f"[bold]{path}[/bold] made by stage {rec.get('stage')}")
+    made = rec.get("export", rec)
+    made = made.get("adapter", made)
+    console.print(f"{label}[bold]{path}[/bold] made by stage {rec.get('stage')}")
     console.print(f"recorded in dvc.lock at commit {r['found_in']}" if r["found_in"]
                   else "[yellow]no commit's dvc.lock records this folder[/yellow]")
     env, hw = rec.get("env", {}), rec.get("hardware", {})
@@ -236,8 +282,9 @@ def lineage(
     if r["mismatches"] or r["env"]:
         console.print(f"[red]{len(r['mismatches'])} recorded hash(es) and {len(r['env'])} package version(s) "
                       "differ from the workspace[/red] (make setup installs the locked versions)")
-        raise typer.Exit(1)
+        return False
     console.print("every recorded hash and package version matches the workspace")
+    return True
 
 
 @app.command()

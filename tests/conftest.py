@@ -216,7 +216,8 @@ def make_repo(r: Path, tiny_base: Path) -> Path:
     for f in (ROOT / "data" / "example").glob("sentiment_*.jsonl"):
         shutil.copy(f, r / "data" / "example" / f.name)
     params = raw_params(**{**TINY_TRAIN, "base.model": str(tiny_base), "base.gguf_file": None,
-                           "gguf.tokenizer_pre": "gpt-2", "train.checkpoint_every": 10,
+                           "gguf.tokenizer_pre": "gpt-2", "gguf.quantize": [], "gguf.rows": 8,
+                           "train.checkpoint_every": 10,
                            "train.epochs": 1, "data.train": "data/example/sentiment_train.jsonl",
                            "data.validation": "data/example/sentiment_validation.jsonl"})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

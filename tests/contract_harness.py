@@ -47,7 +47,7 @@ DATA = {"classification": "sentiment", "instruction": "instruction", "preference
 # the tiny pipeline: few rows and steps, so that every stage runs in well under a second
 TINY = {"train.max_steps": 2, "train.batch_size": 4, "train.checkpoint_every": 0, "train.dpo.steps": 2,
         "train.dpo.batch_size": 2, "evaluate.shots": 1, "evaluate.samples": 1, "evaluate.max_new_tokens": 2,
-        "export.check_rows": 2, "export.atol": 0.01, "gguf.check_rows": 2, "gguf.tokenizer_pre": "gpt-2",
+        "export.check_rows": 2, "export.atol": 0.01, "gguf.rows": 2, "gguf.quantize": [], "gguf.tokenizer_pre": "gpt-2",
         "gguf.max_new_tokens": 3, "gguf.outtype": "f32", "validate.max_reject_ratio": 0.2, "train.lr": 0.05}
 ROWS = {"train": 16, "validation": 8}
 # a section no default run reads: its keys must rerun nothing, and it makes `train.method: ia3` a valid change
@@ -109,7 +109,7 @@ def alternatives(key: str, value, scratch: Path) -> list:
         "train.activation_checkpointing": [{"every_n_layers": 1, "offload": False}],
         "train.quantization": [{"load_in_8bit": True}], "train.accelerate_config": [str(scratch / "ddp.yaml")],
         "train.max_steps": [1], "train.max_batch_tokens": [48], "train.loraplus_lr_ratio": [4.0],
-        "train.grad_clip": [0.5], "gguf.tokenizer_pre": ["llama-bpe"], "gguf.llama_cpp_rows": [2],
+        "train.grad_clip": [0.5], "gguf.tokenizer_pre": ["llama-bpe"], "gguf.rows": [2], "gguf.quantize": [["q8_0"]],
         "gguf.min_agreement": [0.0], "train.lora.target_modules": [["q_proj", "v_proj"]],
         "train.num_processes": [2], "data.license": ["CC0-1.0"], "evaluate.shots": [1],
         "validate.text_field": ["text"], "validate.label_field": ["answer"],

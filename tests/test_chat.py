@@ -279,9 +279,10 @@ def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(tmp_pa
         losses[task] = r["adapter"]["eval_loss"]
     # the GGUF carries the chat template: llama.cpp's side formats the 16 validation conversations to the training ids
     export.run(p, b, w / "a", w / "t", w / "x")
-    g = gguf.run(make_params(task="chat", **{"gguf.llama_cpp_rows": 16}), w / "x", w / "f", w / "v", w / "g")
-    assert g["llama_cpp"]["token_agreement"] == 1.0
-    assert g["llama_cpp"]["chat_template"]["rows"] == 16 and g["llama_cpp"]["chat_template"]["jinja_token_agreement"] == 1.0
+    g = gguf.run(make_params(task="chat", **{"gguf.rows": 16, "gguf.quantize": []}), w / "x", w / "a", b, w / "f",
+                 w / "v", w / "g")
+    assert g["token_rows"] == 16  # every prompt and conversation: llama.cpp's ids are the training ids (else an error)
+    assert g["llama_cpp"]["adapter-f16.gguf"]["answer_agreement"] >= 0.9
     print("eval loss", losses, "gguf", g["llama_cpp"])
     assert abs(losses["chat"] - losses["instruction"]) <= 0.02 * losses["instruction"], losses
 
@@ -295,11 +296,12 @@ def test_the_gguf_carries_the_chat_template_and_llama_cpp_formats_like_training(
     train.run(p, chat_prepared["tokenized"], chat_prepared["formatted"] / "format.json", tiny_base, tmp_path / "a",
               tmp_path / "live", tmp_path / "c")
     export.run(p, tiny_base, tmp_path / "a", chat_prepared["tokenized"], tmp_path / "x")
-    gp = make_params(task="chat", **{"gguf.tokenizer_pre": "gpt-2", "gguf.outtype": "f32", "gguf.llama_cpp_rows": 20,
-                                     "gguf.max_new_tokens": 4, "gguf.min_agreement": 0.0})
-    g = gguf.run(gp, tmp_path / "x", chat_prepared["formatted"], chat_prepared["validated"], tmp_path / "g")
-    assert g["llama_cpp"]["chat_template"] == {"rows": 20, "jinja_token_agreement": 1.0,
-                                               "builtin_template_token_agreement": 1.0}
+    gp = make_params(task="chat", **{"gguf.tokenizer_pre": "gpt-2", "gguf.outtype": "f32", "gguf.rows": 4,
+                                     "gguf.quantize": [], "gguf.max_new_tokens": 4, "gguf.min_agreement": 0.0})
+    g = gguf.run(gp, tmp_path / "x", tmp_path / "a", tiny_base, chat_prepared["formatted"], chat_prepared["validated"],
+                 tmp_path / "g")
+    # every conversation, through the file's chat template, gave the training ids
+    assert g["token_rows"] == len((chat_prepared["formatted"] / "validation.jsonl").read_text().splitlines()) == 40
     # a conversation whose training prompt is not what the template makes of its turns is named
     wrong = tmp_path / "wrong"
     shutil.copytree(chat_prepared["formatted"], wrong)
@@ -307,7 +309,7 @@ def test_the_gguf_carries_the_chat_template_and_llama_cpp_formats_like_training(
     rows[2]["messages"][0]["content"] += " (changed)"
     write(wrong / "validation.jsonl", rows)
     with pytest.raises(gguf.GgufError, match=rf"validation row {rows[2]['row']}: the chat template .* other tokens"):
-        gguf.run(gp, tmp_path / "x", wrong, chat_prepared["validated"], tmp_path / "g2")
+        gguf.run(gp, tmp_path / "x", tmp_path / "a", tiny_base, wrong, chat_prepared["validated"], tmp_path / "g2")
 
 
 def test_a_conversation_that_opens_with_the_assistant(tiny_base, tmp_path):

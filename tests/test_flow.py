@@ -123,7 +123,7 @@ def test_scheduled_deployment_skips_what_is_done_and_runs_what_changed(server, h
     from prefect.deployments import run_deployment
 
     repo = copy_repo(history["root"], tmp_path / "repo")  # every stage reproduced and committed
-    serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--name", "test", "--interval", "3600",
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "schedule", "--name", "test", "--interval", "3600",
                               "--root", str(repo)], cwd=ROOT, env=server["env"],
                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
@@ -176,7 +176,7 @@ def test_work_pool_worker_runs_the_deployment_of_docs_prefect_yaml(server, histo
 
     repo = copy_repo(history["root"], tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["gguf"]["check_rows"] = 3  # read by the last stage only
+    params["gguf"]["rows"] = 3  # read by the last stage only
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     doc = yaml.safe_load((ROOT / "docs" / "prefect.yaml").read_text())
     doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(repo)

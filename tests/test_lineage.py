@@ -61,3 +61,22 @@ def test_export_model_card_and_lineage(trained, tiny_base, tmp_path):
     assert "License of the data: Apache-2.0" in card  # params.yaml's data.license, carried from validate
     assert f"`{rec['adapter']['base']['weights_sha256']}`" in card
     assert "dvc repro export" in card
+
+
+def test_a_gguf_copied_alone_names_the_commit_that_made_it_and_a_changed_byte_fails(history, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = history["root"]
+    copy = tmp_path / "deployed" / "my-adapter.gguf"
+    copy.parent.mkdir()
+    shutil.copy(root / "models" / "gguf" / "adapter-f16.gguf", copy)
+    r = CliRunner().invoke(app, ["lineage", str(copy), "--root", str(root)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert f"recorded in dvc.lock at commit {history['second']}" in r.output and "made by stage gguf" in r.output
+    data = bytearray(copy.read_bytes())
+    data[-5] ^= 0x01  # a byte of the last tensor
+    copy.write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["lineage", str(copy), "--root", str(root)], env={"COLUMNS": "250"})
+    assert r.exit_code == 1 and "tensor bytes changed" in r.output

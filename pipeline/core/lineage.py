@@ -296,10 +296,46 @@ def made_in(root: Path, md5: str) -> tuple[str | None, dict]:
 def check(folder: Path, root: Path = Path(".")) -> dict:
     """Every hash of the folder's lineage against the workspace and the DVC cache; the lines to print."""
     rec = read(folder)
+    return _check(rec, *made_in(root, digest(folder)), root)
+
+
+def commit_of_file(root: Path, stage: str, md5: str) -> tuple[str | None, dict]:
+    """The first commit whose dvc.lock has `stage` write a folder holding a file of this md5 (looked up in
+    the folder manifests of the DVC cache), and its dvc.lock `stages`."""
+    found = None
+    for commit in (git(root, "log", "--format=%H", "--", "dvc.lock") or "").splitlines():
+        stages = (yaml.safe_load(git(root, "show", f"{commit}:dvc.lock") or "{}") or {}).get("stages", {})
+        for out in stages.get(stage, {}).get("outs", []):
+            if not str(out.get("md5")).endswith(".dir"):
+                continue
+            manifest = cache_object(root / ".dvc" / "cache", str(out.get("md5")))
+            if manifest.is_file() and any(e.get("md5") == md5 for e in json.loads(manifest.read_text())):
+                found = (commit, stages)
+    return found or (None, {})
+
+
+def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Path(".")) -> dict:
+    """A GGUF file's lineage, wherever the file lies, from its `stamp` (`llamacpp.read_stamp`: the record in its
+    metadata, the tensor digest written there and the one of its bytes now): the commit whose gguf stage wrote it
+    (else the one that first recorded the export it was made from), every recorded hash against the workspace,
+    and its tensor bytes against the written digest."""
+    rec, stamped, now = stamp
+    commit, lock = commit_of_file(root, rec.get("stage", "gguf"), md5_file(path))
+    if commit is None:
+        export_md5 = next((m for p, m in rec.get("inputs", {}).items() if Path(p).name == "export"), None)
+        commit, lock = made_in(root, export_md5) if export_md5 else (None, {})
+    r = _check(rec, commit, lock, root)
+    if stamped != now:
+        r["mismatches"].append(v := {"path": str(path), "md5": stamped, "cache": None,
+                                     "workspace": f"MISMATCH (tensor bytes changed: sha256 now {now[:12]})"})
+        r["own"].insert(0, v)
+    return r
+
+
+def _check(rec: dict, commit: str | None, lock: dict, root: Path) -> dict:
     lock_file = root / "dvc.lock"
     now_outs = lock_outs((yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.exists() else {})
     modified = modified_paths(root)
-    commit, lock = made_in(root, digest(folder))
 
     def verdict(path: str, md5: str | None) -> dict:
         p = root / path

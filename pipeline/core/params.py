@@ -172,10 +172,11 @@ class Export(Section):
 
 
 class Gguf(Section):
-    outtype: Literal["f32", "f16", "bf16", "q8_0"]
+    outtype: Literal["f32", "f16", "bf16", "q8_0"]  # convert_hf_to_gguf.py's --outtype
+    quantize: list[Literal["q8_0", "q6_K", "q5_K_M", "q4_K_M", "q4_0"]]  # llama-quantize types written beside it
+    adapter: bool  # also the base and a GGUF LoRA adapter (where llama.cpp can apply the method)
     tokenizer_pre: str | None  # llama.cpp's pre-tokenizer name; null: the base's source GGUF's
-    check_rows: int  # validation rows whose logits must match after transformers reads the file back
-    llama_cpp_rows: int  # validation rows answered by llama.cpp and PyTorch and compared (needs .[gguf])
+    rows: int  # validation rows each file answers in llama.cpp (0: all)
     min_agreement: Number
     max_new_tokens: int
 

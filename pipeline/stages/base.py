@@ -11,7 +11,9 @@ and `<out>/base.json` recording the source, revision, dtype, the sha256 of every
 source, llama.cpp's name of its pre-tokenizer (what the gguf stage writes back).
 
 GGUF weights are dequantized by transformers. `save_pretrained` refuses a GGUF-loaded model,
-so the model class is rebuilt from its config and the state dict loaded into it.
+so the model class is rebuilt from its config and the state dict loaded into it. The tokenizer rebuilt
+from a GGUF gets llama.cpp's pre-tokenizer for the file's `tokenizer.ggml.pre` where transformers lacks
+it (`PRE_TOKENIZERS`), so that training tokenizes text into the ids llama.cpp gives the same text.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from pipeline.core.stage import PipelineError, entry
 STAGE = "base"
 READS = ("base",)
 LOADS = ()
+
+# llama.cpp's pre-tokenizer splits (src/llama-vocab.cpp: each regex applied in turn to the pieces of the
+# last) for the `tokenizer.ggml.pre` names transformers' GGUF loader leaves at plain byte-level GPT-2 splitting.
+# SmolLM2's GGUF says `smollm`: every digit is a piece of its own first ("\n\n26" is 198 198 34 38 then).
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+PRE_TOKENIZERS = {name: (r"\p{N}", GPT2_SPLIT) for name in ("smollm", "codeshell", "exaone", "minerva")}
 
 
 def source_file(p, src: str, pattern: str) -> str:
@@ -79,6 +87,17 @@ def load(p):
     return tok, model
 
 
+def set_pre_tokenizer(tok, pre: str | None) -> None:
+    """Give a tokenizer rebuilt from a GGUF llama.cpp's splitting for `pre` where transformers has not."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    if pre in PRE_TOKENIZERS and pre not in GGUF_PRE_TOKENIZER_SPLITS:
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def tokenizer_pre(p, src: str) -> str | None:
     """llama.cpp's name of the source GGUF's pre-tokenizer (None for other sources)."""
     if not p.gguf_file:
@@ -100,6 +119,8 @@ def run(params: Params, out: Path) -> dict:
     """Convert and save; returns the record written as `<out>/base.json`."""
     p = view(params, STAGE, READS).base
     tok, model = load(p)
+    pre = tokenizer_pre(p, resolve_source(p.model))
+    set_pre_tokenizer(tok, pre)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -109,7 +130,7 @@ def run(params: Params, out: Path) -> dict:
             "source": p.model,
             "gguf_file": p.gguf_file,
             "gguf_sha256": sha256_file(Path(resolve_source(p.model)) / p.gguf_file) if p.gguf_file else None,
-            "tokenizer_pre": tokenizer_pre(p, resolve_source(p.model)),
+            "tokenizer_pre": pre,
             "revision": p.revision,
             "dtype": p.dtype,
             "architecture": type(model).__name__,
