@@ -64,7 +64,7 @@ $(VENV)/.gguf: $(VENV)/.installed
 	$(UV) pip install -q --no-deps --compile-bytecode "$$dir"/*.whl
 	key=$$( (cat $(VENV)/gguf.lock; echo "$(LLAMA_TOOLS_ARGS) $(LLAMA_TOOLS)") | sha256sum | cut -c1-16 ); \
 	dir="$(LLAMA_CACHE)/tools-$$key"; \
-	if ! [ -x "$$dir/bin/llama-server" ]; then \
+	if ! [ -x "$$dir/llama.cpp/bin/llama-server" ]; then \
 		echo "building llama.cpp's tools from the locked sdist into $$dir (once, ~5 min)"; \
 		rm -rf "$$dir.tmp" && mkdir -p "$$dir.tmp/sdist" && \
 		$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(VENV)/gguf.lock -d "$$dir.tmp/sdist" && \
@@ -75,7 +75,7 @@ $(VENV)/.gguf: $(VENV)/.installed
 		mkdir -p "$$dir.tmp/llama.cpp/bin" && cp "$$dir.tmp"/build/bin/llama-* "$$dir.tmp/llama.cpp/bin/" && \
 		cp -r "$$src"/convert_hf_to_gguf.py "$$src"/convert_lora_to_gguf.py "$$src"/conversion "$$src"/gguf-py \
 			"$$src"/LICENSE "$$dir.tmp/llama.cpp/" && \
-		rm -rf "$$dir.tmp/sdist" "$$dir.tmp/build" && mv "$$dir.tmp" "$$dir"; \
+		rm -rf "$$dir.tmp/sdist" "$$dir.tmp/build" "$$dir" && mv "$$dir.tmp" "$$dir"; \
 	fi; \
 	ln -sfn "$$dir/llama.cpp" $(VENV)/llama.cpp
 	touch $@
