@@ -119,15 +119,18 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_llama_server(adapters: list[Adapter], port: int, threads: int, slots: int, ctx: int) -> subprocess.Popen:
-    """llama-server on 127.0.0.1:`port` with the base and every adapter (unapplied); returns when it is ready."""
+def start_llama_server(model: Path, loras: list[Path], port: int, threads: int, slots: int,
+                       ctx: int) -> subprocess.Popen:
+    """llama-server on 127.0.0.1:`port` with the model and every LoRA adapter given (unapplied: a request says
+    which); returns when it is ready."""
     import urllib.request
 
-    cmd = [str(llamacpp.tool("llama-server")), "-m", str(adapters[0].base), "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(threads), "-np", str(slots), "-c", str(ctx * slots), "--lora-init-without-apply",
-           "--no-webui", "--log-disable"]
-    for a in adapters:
-        cmd += ["--lora", str(a.gguf)]
+    cmd = [str(llamacpp.tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+           "-t", str(threads), "-np", str(slots), "-c", str(ctx * slots), "--no-webui", "--log-disable"]
+    if loras:
+        cmd.append("--lora-init-without-apply")
+    for lora in loras:
+        cmd += ["--lora", str(lora)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=die_with_parent)
     deadline = time.monotonic() + 120
@@ -228,7 +231,7 @@ def serve(adapters: list[Adapter], port: int, threads: int, slots: int, ctx: int
     import uvicorn
 
     inner = free_port()
-    proc = start_llama_server(adapters, inner, threads, slots, ctx)
+    proc = start_llama_server(adapters[0].base, [a.gguf for a in adapters], inner, threads, slots, ctx)
     try:
         uvicorn.run(app(adapters, f"http://127.0.0.1:{inner}", max_tokens), host="127.0.0.1", port=port,
                     log_level="warning")

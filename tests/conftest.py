@@ -26,12 +26,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_base(out: Path, seed: int = 0, bias: bool = False) -> Path:
-    """A 2-layer random Llama and a BPE tokenizer trained on the example data, saved like the base stage
-    (`bias`: with bias terms in the attention and MLP layers, as Qwen/GPT-2-style models have)."""
+# config.model_type -> what a tiny model of that architecture sets beyond the common sizes (the six
+# architectures the gguf stage is tested on; sliding windows as the configs' defaults)
+ARCHITECTURES = {
+    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512},
+    "mistral": {"sliding_window": 512}, "phi3": {},
+}
+
+
+def build_tiny_base(out: Path, seed: int = 0, bias: bool = False, arch: str = "llama", **config) -> Path:
+    """A 2-layer random model of `arch` (a config.model_type of ARCHITECTURES; Llama by default; `config`:
+    more of its config's arguments) and a BPE tokenizer trained on the example data, saved like the base
+    stage (`bias`: Llama with bias terms in the attention and MLP layers, as Qwen/GPT-2-style models have)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast, PreTrainedTokenizerFast
 
     from pipeline.core.io import atomic_write_json, sha256_file
     from pipeline.stages.base import weights_digest
@@ -49,17 +59,20 @@ def build_tiny_base(out: Path, seed: int = 0, bias: bool = False) -> Path:
     specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                     eos_token="<|im_end|>", bos_token="<|im_start|>")
+    # Phi-3's converter reads a BPE vocabulary when the tokenizer says GPT2Tokenizer (as Phi-4's does)
+    cls = GPT2TokenizerFast if arch == "phi3" else PreTrainedTokenizerFast
+    hf_tok = cls(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+                 bos_token="<|im_start|>")
     hf_tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
-                         bos_token_id=hf_tok.bos_token_id, tie_word_embeddings=True,
-                         initializer_range=0.2,  # large enough for confident logits
-                         attention_bias=bias, mlp_bias=bias)
-    model = LlamaForCausalLM(config)
+    extra = {"attention_bias": bias, "mlp_bias": bias} if arch == "llama" else {}
+    config = AutoConfig.for_model(arch, **{
+        "vocab_size": len(hf_tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "eos_token_id": hf_tok.eos_token_id, "pad_token_id": hf_tok.pad_token_id, "bos_token_id": hf_tok.bos_token_id,
+        "tie_word_embeddings": True, "initializer_range": 0.2,  # large enough for confident logits
+        **extra, **ARCHITECTURES[arch], **config})
+    model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     hf_tok.save_pretrained(out)

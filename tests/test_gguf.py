@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
-from conftest import make_params
+from conftest import ARCHITECTURES, build_tiny_base, make_params, prepare
 
 from pipeline.core import llamacpp
 from pipeline.core.loading import load_tokenizer
 from pipeline.core.prompting import Prompt
-from pipeline.stages import export, gguf
+from pipeline.stages import export, gguf, train
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,47 @@ def test_what_cannot_be_written_or_served_says_why(trained, merged, tmp_path, ti
     shutil.copy(merged / "peftflow.json", prompt_only / "peftflow.json")
     m = run(params(), trained, prompt_only, tiny_base, tmp_path / "g")
     assert not m["written"] and "nothing to write" in m["reason"]
+
+
+def through_gguf(tmp, base, **over) -> dict:
+    """validate -> ... -> train (LoRA on the `attention+mlp` preset) -> export -> gguf for a tiny base."""
+    prep = prepare(tmp, base, **{"train.lora.target_modules": "attention+mlp"})
+    train.run(prep["params"], prep["tokenized"], prep["formatted"] / "format.json", base, tmp / "adapter",
+              tmp / "live", tmp / "ckpt")
+    export.run(make_params(**{"export.atol": 1e-4, "export.check_rows": 4}), base, tmp / "adapter",
+               prep["tokenized"], tmp / "x")
+    return gguf.run(params(**{"gguf.outtype": "f32", **over}), tmp / "x", tmp / "adapter", base,
+                    prep["formatted"], prep["validated"], tmp / "g")
+
+
+# llama.cpp's architecture for each (it converts Mistral as a Llama); the pre-tokenizer llama.cpp needs for
+# the tokenizer transformers gives that model type (Qwen2's splits digits apart, whatever tokenizer.json says)
+LLAMA_CPP = {"llama": ("llama", "gpt-2"), "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "gpt-2"),
+             "gemma3_text": ("gemma3", "gpt-2"), "mistral": ("llama", "gpt-2"), "phi3": ("phi3", "gpt-2")}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_each_architecture_goes_through_llama_cpp_as_pytorch_answers(arch, tmp_path):
+    """A tiny random model of each architecture: trained (LoRA on attention and MLP by the preset), merged,
+    converted by llama.cpp's converters (merged and base + adapter) and answered there as in PyTorch."""
+    name, pre = LLAMA_CPP[arch]
+    m = through_gguf(tmp_path, build_tiny_base(tmp_path / "base", arch=arch), **{"gguf.tokenizer_pre": pre})
+    assert m["adapter_refused"] is None and m["token_rows"] == 32
+    for file in ("model-f32.gguf", "adapter-f32.gguf"):
+        c = m["llama_cpp"][file]
+        assert c["answer_agreement"] == 1.0 and c["max_abs_logit_diff"] < 0.05, (file, c)
+    rec, _, _ = llamacpp.read_stamp(tmp_path / "g" / "model-f32.gguf")
+    from gguf import GGUFReader
+
+    arch_field = GGUFReader(tmp_path / "g" / "model-f32.gguf").get_field("general.architecture")
+    assert str(arch_field.contents()) == name and rec["export"]["adapter"]["params"]["train"]["lora"][
+        "target_modules"] == "attention+mlp"
+    assert ("sliding_window" in m) == (arch in ("gemma3_text", "mistral"))
+
+
+def test_a_sliding_window_llama_cpp_does_not_apply_is_refused_past_it(tmp_path):
+    """llama.cpp converts Mistral as a Llama, without its sliding window: rows longer than it are named."""
+    base = build_tiny_base(tmp_path / "base", arch="mistral", sliding_window=24)
+    with pytest.raises(gguf.GgufError, match=r"validation row \d+: \d+ tokens .* sliding attention window of 24"):
+        through_gguf(tmp_path, base)
+    assert not (tmp_path / "g").exists()

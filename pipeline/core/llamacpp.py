@@ -12,12 +12,18 @@ file copied anywhere says what made it and whether a byte of its weights changed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import io
 import json
+import logging
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.core.stage import PipelineError
 
@@ -44,36 +50,111 @@ def tool(name: str) -> Path:
     return path
 
 
+class Conversion(NamedTuple):
+    """One run of one of llama.cpp's converters: its script, command line, the pre-tokenizer name to answer
+    its unknown-tokenizer refusal with (None: refuse), and what it converts (for the error)."""
+
+    script: str
+    args: list[str]
+    tokenizer_pre: str | None
+    what: str
+
+
 def _run(cmd: list[str], what: str) -> None:
     """Run one of llama.cpp's programs; a failure is one error with the end of what it said."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)  # (the converters put their own gguf-py first)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        if "pre-tokenizer was not recognized" in tail:
-            tail += (" | the converter does not know this tokenizer: give llama.cpp's name of its pre-tokenizer as "
-                     "params.yaml gguf.tokenizer_pre (e.g. gpt-2, llama-bpe, qwen2, smollm)")
-        raise PipelineError(f"{what}: llama.cpp's {Path(cmd[3] if cmd[0] == sys.executable else cmd[0]).name} "
-                            f"failed (exit {proc.returncode}): {tail}")
+        raise PipelineError(f"{what}: llama.cpp's {Path(cmd[0]).name} failed (exit {proc.returncode}): {tail}")
 
 
-def _converter(script: str, args: list[str], tokenizer_pre: str | None, what: str) -> None:
-    """Run one of llama.cpp's converters in a process of its own (through this module's `__main__`)."""
-    _run([sys.executable, "-m", "pipeline.core.llamacpp", str(home() / script), tokenizer_pre or "", *args], what)
-
-
-def convert_model(model_dir: Path, out: Path, outtype: str, tokenizer_pre: str | None = None) -> None:
+def model_conversion(model_dir: Path, out: Path, outtype: str, tokenizer_pre: str | None = None) -> Conversion:
     """A transformers checkpoint as one GGUF file, by llama.cpp's convert_hf_to_gguf.py. The converter names
     a byte-level BPE tokenizer's pre-tokenizer by hashing its ids for a test text, which only the published
     vocabularies it lists pass; `tokenizer_pre` is the name to write when it knows none (the base's source
     GGUF's, or params): the gguf stage then checks llama.cpp's ids against training's on every row."""
-    _converter("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
-               tokenizer_pre, str(model_dir))
+    return Conversion("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
+                      tokenizer_pre, str(model_dir))
 
 
-def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str) -> None:
+def lora_conversion(adapter_dir: Path, base_dir: Path, out: Path, outtype: str) -> Conversion:
     """A PEFT LoRA adapter as a GGUF LoRA adapter for `base_dir`'s model, by convert_lora_to_gguf.py."""
-    _converter("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out),
-                                           "--outtype", outtype], None, str(adapter_dir))
+    return Conversion("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out),
+                                                  "--outtype", outtype], None, str(adapter_dir))
+
+
+def convert(*conversions: Conversion) -> None:
+    """Run the conversions in order, each as its command line would, in this process (a process of their own
+    would import torch and transformers again, seconds each time): with the gguf-py they come with in place of
+    this venv's for the time they run, their output kept and given back only when one fails."""
+    for c in conversions:
+        out = io.StringIO()
+        with _converter_modules(home()) as conversion, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(out), _logging_to(out):
+            _answer_unknown_tokenizer(conversion.base.TextModel, c.tokenizer_pre)
+            sys.argv = [str(home() / c.script), *c.args]
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+                error = None
+            except SystemExit as e:
+                error = None if e.code in (None, 0) else f"exit {e.code}"
+            except Exception as e:  # the converter's own refusals are exceptions too
+                error = f"{type(e).__name__}: {e}"
+        if error:
+            tail = " | ".join([*out.getvalue().strip().splitlines()[-3:], error][-3:])
+            if "pre-tokenizer was not recognized" in tail:
+                tail += (" | the converter does not know this tokenizer: give llama.cpp's name of its pre-tokenizer "
+                         "as params.yaml gguf.tokenizer_pre (e.g. gpt-2, llama-bpe, qwen2, smollm)")
+            raise PipelineError(f"{c.what}: llama.cpp's {c.script} failed: {tail}")
+
+
+@contextlib.contextmanager
+def _converter_modules(folder: Path):
+    """While the converters run: their folder and gguf-py first on sys.path, their modules (and not this venv's
+    gguf) in sys.modules; afterwards everything as it was. Yields their `conversion` package."""
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in ("gguf", "conversion", "convert_hf_to_gguf")
+
+    saved = {n: m for n, m in sys.modules.items() if ours(n)}
+    path, argv = list(sys.path), list(sys.argv)
+    for n in saved:
+        del sys.modules[n]
+    sys.path[:0] = [str(folder), str(folder / "gguf-py")]
+    try:
+        yield importlib.import_module("conversion")
+    finally:
+        for n in [n for n in sys.modules if ours(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+        sys.path[:] = path
+        sys.argv = argv
+
+
+@contextlib.contextmanager
+def _logging_to(out: io.StringIO):
+    """The converters' log records (warnings and errors) into `out`; their logging.basicConfig then adds nothing."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root.handlers[:] = [logging.StreamHandler(out)]
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+
+
+def _answer_unknown_tokenizer(text_model: type, tokenizer_pre: str | None) -> None:
+    """The converter refuses a byte-level BPE vocabulary it has no hash for; answer with `tokenizer_pre`."""
+    if not tokenizer_pre:
+        return
+    recognise = text_model.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        try:
+            return recognise(self, tokenizer)
+        except NotImplementedError:
+            return tokenizer_pre
+
+    text_model.get_vocab_base_pre = get_vocab_base_pre
 
 
 def quantize(src: Path, out: Path, kind: str, threads: int) -> None:
@@ -125,29 +206,3 @@ def read_stamp(path: Path) -> tuple[dict, str | None, str]:
                             "this pipeline's gguf stage")
     written = reader.get_field(TENSORS_KEY)
     return json.loads(str(field.contents())), str(written.contents()) if written else None, tensors_sha256(path)
-
-
-def _main(script: str, tokenizer_pre: str, *args: str) -> None:
-    """`python -m pipeline.core.llamacpp SCRIPT PRE ARGS...`: run a converter as its own command line, its
-    unrecognised-tokenizer refusal answered with PRE when PRE is given."""
-    import runpy
-
-    sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
-    if tokenizer_pre:
-        from conversion.base import TextModel
-
-        recognise = TextModel.get_vocab_base_pre
-
-        def get_vocab_base_pre(self, tokenizer) -> str:
-            try:
-                return recognise(self, tokenizer)
-            except NotImplementedError:
-                return tokenizer_pre
-
-        TextModel.get_vocab_base_pre = get_vocab_base_pre
-    sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
-
-
-if __name__ == "__main__":
-    _main(*sys.argv[1:])

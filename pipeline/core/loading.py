@@ -37,6 +37,25 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
+# what a tokenizer is saved as (the files present are the tokenizer: sentencepiece's tokenizer.model included)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer(src: str | Path, dest: str | Path) -> list[str]:
+    """The tokenizer files of `src` copied byte for byte into `dest` (a tokenizer saved again by transformers
+    loses what it does not keep: the class name llama.cpp's converters read, a sentencepiece model)."""
+    import shutil
+
+    names = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    if not names:
+        raise PipelineError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copyfile(Path(src) / n, Path(dest) / n)
+    return names
+
+
 def check_files(folder: str | Path) -> None:
     """Compare a base folder's weight files with the sha256 recorded by the base stage."""
     folder = Path(folder)

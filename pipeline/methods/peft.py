@@ -25,13 +25,15 @@ from pipeline.methods.base import Method
 ATTENTION = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"], "phi3": ["qkv_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"], "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"], "phi3": ["qkv_proj", "o_proj"],
     "gpt2": ["c_attn", "c_proj"], "gpt_neox": ["query_key_value", "dense"], "t5": ["q", "k", "v", "o"],
 }
 MLP = {
     "llama": ["gate_proj", "up_proj", "down_proj"], "mistral": ["gate_proj", "up_proj", "down_proj"],
     "qwen2": ["gate_proj", "up_proj", "down_proj"], "qwen3": ["gate_proj", "up_proj", "down_proj"],
-    "gemma": ["gate_proj", "up_proj", "down_proj"], "phi3": ["gate_up_proj", "down_proj"],
+    "gemma": ["gate_proj", "up_proj", "down_proj"], "gemma2": ["gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["gate_proj", "up_proj", "down_proj"], "phi3": ["gate_up_proj", "down_proj"],
     "gpt2": ["c_fc", "mlp.c_proj"], "gpt_neox": ["dense_h_to_4h", "dense_4h_to_h"], "t5": ["wi", "wo"],
 }
 PRESETS = {"attention": (ATTENTION,), "mlp": (MLP,), "attention+mlp": (ATTENTION, MLP)}

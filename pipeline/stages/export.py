@@ -29,7 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.core import lineage
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
-from pipeline.core.loading import load_tokenizer
+from pipeline.core.loading import copy_tokenizer, load_tokenizer
 from pipeline.core.modeling import device, left_pad
 from pipeline.core.params import Params, load_params, view
 from pipeline.core.stage import PipelineError, entry
@@ -107,7 +107,7 @@ def run(params: Params, base_dir: Path, adapter_dir: Path, tokenized: Path, out:
             method.save(model, tmp)
             metrics = {"merged": False, "reason": f"{method.name} adds virtual tokens; it cannot be merged into "
                        "the weights, so the adapter is exported alone"}
-        tok.save_pretrained(str(tmp))
+        copy_tokenizer(base_dir, tmp)  # the files training read, as they are
         ev = json.loads(evaluation.read_text()) if evaluation and evaluation.exists() else None
         inputs = {str(f): lineage.digest(f) for f in (adapter_dir, tokenized, evaluation) if f and f.exists()}
         lin = {**lineage.record(STAGE, pv.dump()), "prompt": record["prompt"], "inputs": inputs,

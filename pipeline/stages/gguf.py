@@ -14,6 +14,8 @@ input hashes) and the sha256 of its tensors, so `peftflow lineage FILE.gguf` tra
 Checks, in llama.cpp (llama-cpp-python, the same version), before anything is kept:
   - every validation prompt tokenized by llama.cpp gives exactly the training ids (else: the row), and
     conversations through the chat template stored in the file too;
+  - a model with a sliding attention window that llama.cpp does not apply (Mistral's) has no validation row
+    longer than the window;
   - every file answers `gguf.rows` validation prompts (0: all) greedily: the merged file and base + adapter
     must agree with the PyTorch merged model on `gguf.min_agreement` of the answers (classification: the
     label) and their next-token logits within `TOLERANCE`; quantized files are measured, not required;
@@ -37,7 +39,7 @@ from pipeline import tasks
 from pipeline.core import lineage, llamacpp
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
-from pipeline.core.loading import load_tokenizer
+from pipeline.core.loading import copy_tokenizer, load_tokenizer
 from pipeline.core.params import Gguf, Params, load_params, view
 from pipeline.core.prompting import Prompt
 from pipeline.core.scoring import decode, generate_many
@@ -78,16 +80,18 @@ def write_files(p: Gguf, export_dir: Path, adapter_dir: Path, base_dir: Path, tm
         raise GgufError(f"params.yaml: gguf.quantize {p.quantize} needs an unquantized gguf.outtype (f32, f16 or bf16) "
                         f"to quantize from, not {p.outtype}")
     merged = f"model-{p.outtype}.gguf"
-    llamacpp.convert_model(export_dir, tmp / merged, p.outtype, pre)
+    conversions = [llamacpp.model_conversion(export_dir, tmp / merged, p.outtype, pre)]
+    refusal = lora_refusal(adapter_dir) if p.adapter else "gguf.adapter: false"
+    base, adapter = f"base-{p.outtype}.gguf", f"adapter-{p.outtype}.gguf"
+    if refusal is None:
+        conversions += [llamacpp.model_conversion(base_dir, tmp / base, p.outtype, pre),
+                        llamacpp.lora_conversion(adapter_dir, base_dir, tmp / adapter, p.outtype)]
+    llamacpp.convert(*conversions)  # one process for all
     files[merged] = {"role": "merged", "type": p.outtype}
     for kind in p.quantize:
         llamacpp.quantize(tmp / merged, tmp / f"model-{kind}.gguf", kind, max(1, torch.get_num_threads()))
         files[f"model-{kind}.gguf"] = {"role": "merged", "type": kind}
-    refusal = lora_refusal(adapter_dir) if p.adapter else "gguf.adapter: false"
     if refusal is None:
-        base, adapter = f"base-{p.outtype}.gguf", f"adapter-{p.outtype}.gguf"
-        llamacpp.convert_model(base_dir, tmp / base, p.outtype, pre)
-        llamacpp.convert_lora(adapter_dir, base_dir, tmp / adapter, p.outtype)
         files[base] = {"role": "base", "type": p.outtype}
         files[adapter] = {"role": "adapter", "type": p.outtype, "base": base}
     return {"files": files, "adapter_refused": refusal}
@@ -150,6 +154,27 @@ def token_parity(path: Path, tok, rows: list[dict]) -> int:
                             "llama.cpp, gives other tokens than training")
     cpp.close()
     return len(rows)
+
+
+def window_check(path: Path, export_dir: Path, tok, rows: list[dict], max_new_tokens: int) -> dict | None:
+    """A model with a sliding attention window whose GGUF has none (llama.cpp converts Mistral as a Llama and
+    attends over the whole context) answers as PyTorch only within that window: a validation row longer is
+    an error naming it. Returns the windows (the model's, llama.cpp's), None when the model has none."""
+    config = json.loads((export_dir / "config.json").read_text())
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if not window:
+        return None
+    cpp = LlamaCpp(path, vocab_only=True)
+    meta = cpp.llm.metadata
+    applied = meta.get(f"{meta.get('general.architecture')}.attention.sliding_window")
+    cpp.close()
+    if applied is None:
+        for r in rows:
+            if (n := len(encode_prompt(tok, r["prompt"])) + max_new_tokens) > window:
+                raise GgufError(f"gguf: validation row {r['row']}: {n} tokens with its answer, beyond the model's "
+                                f"sliding attention window of {window}, which llama.cpp does not apply to "
+                                f"{config.get('model_type')} models: it would answer otherwise than PyTorch")
+    return {"model": window, "llama_cpp": None if applied is None else int(applied)}
 
 
 def label_of(text: str, labels: list[str]) -> str | None:
@@ -282,17 +307,18 @@ def run(params: Params, export_dir: Path, adapter_dir: Path, base_dir: Path, for
         rows = read_jsonl(formatted / "validation.jsonl")
         merged = next(iter(files))
         checked = token_parity(tmp / merged, tok, rows)
+        window = window_check(tmp / merged, export_dir, tok, rows, p.max_new_tokens)
         labels = tasks.get(prompt.task).serving_labels(prompt)
         results = check_files(p, tmp, files, export_dir, tok, rows, labels)
         text, go = modelfile(merged, prompt, tok, [t for t in dict.fromkeys([tok.eos_token, tok.pad_token]) if t])
         field = tasks.get(prompt.task).prompt_field(prompt)
         modelfile_rows = modelfile_parity(go, field, read_jsonl(validated / "validation.jsonl"), rows)
         atomic_write_text(tmp / "Modelfile", text)
-        tok.save_pretrained(tmp / "tokenizer")  # the training tokenizer: `peftflow serve` sends its ids
+        copy_tokenizer(export_dir, tmp / "tokenizer")  # the training tokenizer: `peftflow serve` sends its ids
         atomic_write_text(tmp / "vllm.txt", vllm_command(base_dir, adapter_dir, written["adapter_refused"]))
         metrics = {"written": True, "files": {n: {**f, "bytes": (tmp / n).stat().st_size} for n, f in files.items()},
                    "adapter_refused": written["adapter_refused"], "tokenizer_pre": pre, "token_rows": checked,
-                   "modelfile_rows": modelfile_rows, **results}
+                   "modelfile_rows": modelfile_rows, **({"sliding_window": window} if window else {}), **results}
         atomic_write_json(tmp / "gguf.json", metrics)
     return metrics
 

@@ -1,0 +1,179 @@
+"""Serving many adapters: one llama-server holding the base once with 3 LoRA adapters, against 3 merged
+models each in a llama-server of its own (what serving 3 fine-tunes costs without adapters).
+
+Three adapters of the default job (params.yaml; seeds 42, 43, 44, `--steps` train steps each) are made by
+the project's own train, export and gguf stages into `--work` (kept: a second run reuses them), from the
+workspace's `dvc repro` outputs (models/base, data/tokenized, data/formatted, data/validated). Then, in
+`--rounds` rounds, each mode in turn (the order alternating), on loopback:
+  adapters  one llama-server: base-f16.gguf and the 3 adapter files (`--lora-init-without-apply`), `-np K`
+            slots; each request names its adapter in `lora` (scale 1, the others 0), as `peftflow serve` does;
+  merged    3 llama-servers, one per model-f16.gguf, K/3 slots each.
+Each server gets `--threads`; K requests at a time (`--concurrency`), `--requests` in all, spread over the
+3 adapters in turn: the training ids of the validation prompts, greedy, up to `--max-tokens`, KV cache reuse
+on (`cache_prompt`) in both modes. Measured: peak resident memory of the server processes together (VmHWM),
+requests/s and generated tokens/s over the round, per-request latency p50/p95; every request has a timeout
+and the whole run a bound (`--budget` seconds). Reported: medians over the rounds and merged / adapters.
+
+Outputs: bench/results/serving.{json,md}. Run: `python -m bench.serving` after `dvc repro` (~6 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+from bench.method_table import machine
+from pipeline.core.params import parse_params
+from pipeline.core.encoding import encode_prompt
+from pipeline.core.io import read_jsonl
+from pipeline.core.loading import load_tokenizer
+from pipeline.serve import free_port, start_llama_server
+from pipeline.stages import export, gguf, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (42, 43, 44)
+
+
+def make_adapters(work: Path, steps: int) -> list[Path]:
+    """The 3 adapters' gguf stage folders (made once: train -> export -> gguf on the workspace's data)."""
+    import yaml
+
+    base, tokenized, formatted = ROOT / "models" / "base", ROOT / "data" / "tokenized", ROOT / "data" / "formatted"
+    folders = []
+    for seed in SEEDS:
+        d = work / f"seed{seed}"
+        if not (d / "gguf" / "gguf.json").exists():
+            raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+            raw["seed"] = seed
+            raw["train"] |= {"max_steps": steps, "checkpoint_every": 0}
+            raw["gguf"] |= {"quantize": [], "rows": 4}
+            p = parse_params(raw)
+            print(f"adapter seed {seed}: train {steps} steps, export, gguf -> {d}", flush=True)
+            train.run(p, tokenized, formatted / "format.json", base, d / "adapter", d / "live", d / "ckpt")
+            export.run(p, base, d / "adapter", tokenized, d / "export")
+            gguf.run(p, d / "export", d / "adapter", base, formatted, ROOT / "data" / "validated", d / "gguf")
+        folders.append(d / "gguf")
+    return folders
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def load(urls: list[str], prompts: list[list[int]], args, lora: bool) -> dict:
+    """`args.requests` requests, `args.concurrency` at a time; request i goes to adapter i % 3 (its server, or
+    its `lora` entry)."""
+    latencies, generated = [], 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(args.requests):
+        queue.put_nowait(i)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal generated
+        while not queue.empty():
+            i = queue.get_nowait()
+            which = i % 3
+            body = {"prompt": prompts[i % len(prompts)], "n_predict": args.max_tokens, "temperature": 0.0,
+                    "top_k": 1, "cache_prompt": True}
+            if lora:
+                body["lora"] = [{"id": k, "scale": 1.0 if k == which else 0.0} for k in range(3)]
+            t0 = time.perf_counter()
+            r = await client.post(f"{urls[which if not lora else 0]}/completion", json=body)
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            generated += r.json()["tokens_predicted"]
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=args.timeout) as client:
+        await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=20)
+    return {"seconds": round(wall, 2), "requests_per_s": round(args.requests / wall, 3),
+            "tokens_per_s": round(generated / wall, 2), "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(q[18], 3), "generated_tokens": generated}
+
+
+def one_round(mode: str, folders: list[Path], prompts: list[list[int]], args) -> dict:
+    """Start the mode's servers, run the load, read their peak memory, stop them."""
+    ctx = 512
+    if mode == "adapters":
+        specs = [(folders[0] / "base-f16.gguf", [f / "adapter-f16.gguf" for f in folders], args.concurrency)]
+    else:
+        specs = [(f / "model-f16.gguf", [], max(1, args.concurrency // 3)) for f in folders]
+    procs, urls = [], []
+    try:
+        for model, loras, slots in specs:
+            port = free_port()
+            procs.append(start_llama_server(model, loras, port, args.threads, slots, ctx))
+            urls.append(f"http://127.0.0.1:{port}")
+        result = asyncio.run(asyncio.wait_for(load(urls, prompts, args, mode == "adapters"), args.budget))
+        result["peak_rss_mb"] = round(sum(peak_rss_mb(p.pid) for p in procs), 1)
+        result["servers"] = len(procs)
+        return result
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def table(results: dict, args) -> str:
+    keys = [("peak_rss_mb", "peak RSS (MiB, servers together)"), ("requests_per_s", "requests/s"),
+            ("tokens_per_s", "generated tokens/s"), ("p50_s", "latency p50 (s)"), ("p95_s", "latency p95 (s)")]
+    med = {m: {k: statistics.median(r[k] for r in results[m]) for k, _ in keys} for m in results}
+    lines = [f"# Serving 3 adapters: one llama-server with LoRA adapters vs 3 merged models ({date.today()})", "",
+             f"{machine()}; {args.requests} requests per round, {args.concurrency} at a time, up to "
+             f"{args.max_tokens} tokens, greedy, `--threads {args.threads}` per server; median of {args.rounds} "
+             "rounds (each mode once per round, order alternating).", "",
+             "| | 1 server, base + 3 adapters | 3 servers, merged models | merged / adapters |", "|---|---|---|---|"]
+    for k, name in keys:
+        a, m = med["adapters"][k], med["merged"][k]
+        lines.append(f"| {name} | {a:g} | {m:g} | {m / a:.2f} |")
+    lines += ["", "Every round: " + "; ".join(
+        f"{m} " + ", ".join(f"{r['peak_rss_mb']:g} MiB {r['requests_per_s']:g} req/s" for r in results[m])
+        for m in results)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/peftflow-bench-serving"))
+    ap.add_argument("--steps", type=int, default=8, help="train steps of each adapter")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds one round's load may take")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    folders = make_adapters(args.work, args.steps)
+    tok = load_tokenizer(folders[0] / "tokenizer")
+    prompts = [encode_prompt(tok, r["prompt"]) for r in read_jsonl(ROOT / "data" / "formatted" / "validation.jsonl")]
+    results: dict[str, list[dict]] = {"adapters": [], "merged": []}
+    for i in range(args.rounds):
+        for mode in (("adapters", "merged") if i % 2 == 0 else ("merged", "adapters")):
+            results[mode].append(one_round(mode, folders, prompts, args))
+            print(mode, results[mode][-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps({"machine": machine(), "date": str(date.today()),
+                                                       "args": {k: str(v) for k, v in vars(args).items()},
+                                                       "results": results}, indent=1))
+    text = table(results, args)
+    (args.out / "serving.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
