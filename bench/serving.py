@@ -7,14 +7,20 @@ workspace's `dvc repro` outputs (models/base, data/tokenized, data/formatted, da
 `--rounds` rounds, each mode in turn (the order alternating), on loopback:
   adapters  one llama-server: base-f16.gguf and the 3 adapter files (`--lora-init-without-apply`), `-np K`
             slots; each request names its adapter in `lora` (scale 1, the others 0), as `peftflow serve` does;
+  adapters, pinned slots  the same, adapter k's requests always on slots k, k + 3, ... (`id_slot`), so that
+            no slot changes adapter (llama-server clears a slot's prompt cache when it does): what `peftflow
+            serve` sends (pipeline.serve.slot_plan);
+  one adapter  the same server, every request to the first adapter (what changing adapters costs);
   merged    3 llama-servers, one per model-f16.gguf, K/3 slots each.
-Each server gets `--threads`; K requests at a time (`--concurrency`), `--requests` in all, spread over the
-3 adapters in turn: the training ids of the validation prompts, greedy, up to `--max-tokens`, KV cache reuse
-on (`cache_prompt`) in both modes. Measured: peak resident memory of the server processes together (VmHWM),
-requests/s and generated tokens/s over the round, per-request latency p50/p95; every request has a timeout
-and the whole run a bound (`--budget` seconds). Reported: medians over the rounds and merged / adapters.
+Each server gets `--threads` (each merged one `--merged-threads`: 3 servers on few cores share them);
+K requests at a time (`--concurrency`), `--requests` in all, spread over the 3 adapters in turn: the training
+ids of the validation prompts, greedy, up to `--max-tokens`, KV cache reuse on (`cache_prompt`) in both
+modes. Measured: peak resident memory of the server processes together (VmHWM), requests/s and generated
+tokens/s over the round, per-request latency p50/p95; every request has a timeout and the whole run a bound
+(`--budget` seconds). Reported: medians over the rounds and merged / adapters.
 
-Outputs: bench/results/serving.{json,md}. Run: `python -m bench.serving` after `dvc repro` (~6 min).
+Outputs: bench/results/serving/<name>.{json,md} (`--name`, else from threads and answer length).
+Run: `python -m bench.serving` after `dvc repro` (~6 min).
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from pathlib import Path
 import httpx
 
 from bench.method_table import machine
-from pipeline.core.params import parse_params
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import read_jsonl
 from pipeline.core.loading import load_tokenizer
-from pipeline.serve import free_port, start_llama_server
+from pipeline.core.params import parse_params
+from pipeline.serve import free_port, slot_plan, start_llama_server
 from pipeline.stages import export, gguf, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +77,10 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def load(urls: list[str], prompts: list[list[int]], args, lora: bool) -> dict:
+async def load(urls: list[str], prompts: list[list[int]], args, mode: str) -> dict:
     """`args.requests` requests, `args.concurrency` at a time; request i goes to adapter i % 3 (its server, or
-    its `lora` entry)."""
-    latencies, generated = [], 0
+    its `lora` entry; mode `one adapter`: every request to the first)."""
+    latencies, generated, sent = [], 0, [0, 0, 0]
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(args.requests):
         queue.put_nowait(i)
@@ -83,13 +89,17 @@ async def load(urls: list[str], prompts: list[list[int]], args, lora: bool) -> d
         nonlocal generated
         while not queue.empty():
             i = queue.get_nowait()
-            which = i % 3
+            which = 0 if mode == "one adapter" else i % 3
             body = {"prompt": prompts[i % len(prompts)], "n_predict": args.max_tokens, "temperature": 0.0,
-                    "top_k": 1, "cache_prompt": True}
-            if lora:
+                    "top_k": 1, "cache_prompt": True, "ignore_eos": args.ignore_eos}
+            if mode != "merged":
                 body["lora"] = [{"id": k, "scale": 1.0 if k == which else 0.0} for k in range(3)]
+            if mode == "adapters, pinned slots":  # as peftflow serve sends them
+                own = slot_plan(3, args.concurrency)[which]
+                body["id_slot"] = own[sent[which] % len(own)]
+            sent[which] += 1
             t0 = time.perf_counter()
-            r = await client.post(f"{urls[which if not lora else 0]}/completion", json=body)
+            r = await client.post(f"{urls[which if mode == 'merged' else 0]}/completion", json=body)
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             generated += r.json()["tokens_predicted"]
@@ -107,17 +117,19 @@ async def load(urls: list[str], prompts: list[list[int]], args, lora: bool) -> d
 def one_round(mode: str, folders: list[Path], prompts: list[list[int]], args) -> dict:
     """Start the mode's servers, run the load, read their peak memory, stop them."""
     ctx = 512
-    if mode == "adapters":
-        specs = [(folders[0] / "base-f16.gguf", [f / "adapter-f16.gguf" for f in folders], args.concurrency)]
+    if mode != "merged":
+        specs = [(folders[0] / "base-f16.gguf", [f / "adapter-f16.gguf" for f in folders], args.concurrency,
+                  args.threads)]
     else:
-        specs = [(f / "model-f16.gguf", [], max(1, args.concurrency // 3)) for f in folders]
+        specs = [(f / "model-f16.gguf", [], max(1, args.concurrency // 3), args.merged_threads or args.threads)
+                 for f in folders]
     procs, urls = [], []
     try:
-        for model, loras, slots in specs:
+        for model, loras, slots, threads in specs:
             port = free_port()
-            procs.append(start_llama_server(model, loras, port, args.threads, slots, ctx))
+            procs.append(start_llama_server(model, loras, port, threads, slots, ctx))
             urls.append(f"http://127.0.0.1:{port}")
-        result = asyncio.run(asyncio.wait_for(load(urls, prompts, args, mode == "adapters"), args.budget))
+        result = asyncio.run(asyncio.wait_for(load(urls, prompts, args, mode), args.budget))
         result["peak_rss_mb"] = round(sum(peak_rss_mb(p.pid) for p in procs), 1)
         result["servers"] = len(procs)
         return result
@@ -133,12 +145,15 @@ def table(results: dict, args) -> str:
     med = {m: {k: statistics.median(r[k] for r in results[m]) for k, _ in keys} for m in results}
     lines = [f"# Serving 3 adapters: one llama-server with LoRA adapters vs 3 merged models ({date.today()})", "",
              f"{machine()}; {args.requests} requests per round, {args.concurrency} at a time, up to "
-             f"{args.max_tokens} tokens, greedy, `--threads {args.threads}` per server; median of {args.rounds} "
-             "rounds (each mode once per round, order alternating).", "",
-             "| | 1 server, base + 3 adapters | 3 servers, merged models | merged / adapters |", "|---|---|---|---|"]
+             f"{args.max_tokens} tokens{' (EOS ignored: every answer that long)' if args.ignore_eos else ''}, greedy, "
+             f"`--threads {args.threads}` for the adapters' server, {args.merged_threads or args.threads} for each "
+             f"merged model's; median of {args.rounds} rounds (each mode once per round, order alternating).", "",
+             "| | 1 server, base + 3 adapters | the same, each adapter on its own slots | the same, every request "
+             "to one adapter | 3 servers, merged models | merged / adapters |", "|---|---|---|---|---|---|"]
     for k, name in keys:
         a, m = med["adapters"][k], med["merged"][k]
-        lines.append(f"| {name} | {a:g} | {m:g} | {m / a:.2f} |")
+        lines.append(f"| {name} | {a:g} | {med['adapters, pinned slots'][k]:g} | {med['one adapter'][k]:g} | {m:g} "
+                     f"| {m / a:.2f} |")
     lines += ["", "Every round: " + "; ".join(
         f"{m} " + ", ".join(f"{r['peak_rss_mb']:g} MiB {r['requests_per_s']:g} req/s" for r in results[m])
         for m in results)]
@@ -153,25 +168,30 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="llama-server threads (the adapters' server)")
+    ap.add_argument("--merged-threads", type=int, default=None, help="each merged model's server (default: --threads)")
+    ap.add_argument("--ignore-eos", action="store_true", help="every answer --max-tokens long (decode throughput)")
+    ap.add_argument("--name", default=None, help="results name (default: from the options)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
     ap.add_argument("--budget", type=float, default=600.0, help="seconds one round's load may take")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
     args = ap.parse_args()
     folders = make_adapters(args.work, args.steps)
     tok = load_tokenizer(folders[0] / "tokenizer")
     prompts = [encode_prompt(tok, r["prompt"]) for r in read_jsonl(ROOT / "data" / "formatted" / "validation.jsonl")]
-    results: dict[str, list[dict]] = {"adapters": [], "merged": []}
+    results: dict[str, list[dict]] = {"adapters": [], "adapters, pinned slots": [], "one adapter": [], "merged": []}
     for i in range(args.rounds):
-        for mode in (("adapters", "merged") if i % 2 == 0 else ("merged", "adapters")):
+        for mode in list(results) if i % 2 == 0 else reversed(list(results)):
             results[mode].append(one_round(mode, folders, prompts, args))
             print(mode, results[mode][-1], flush=True)
+    name = args.name or (f"threads_{args.threads}_{args.merged_threads or args.threads}_"
+                         f"{'decode' if args.ignore_eos else 'answers'}_{args.max_tokens}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps({"machine": machine(), "date": str(date.today()),
+    (args.out / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": str(date.today()),
                                                        "args": {k: str(v) for k, v in vars(args).items()},
                                                        "results": results}, indent=1))
     text = table(results, args)
-    (args.out / "serving.md").write_text(text)
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 

@@ -18,6 +18,7 @@ from conftest import build_tiny_base, make_params, prepare
 from pipeline.core.loading import load_tokenizer
 from pipeline.core.scoring import generate_many
 from pipeline.core.stage import PipelineError
+from pipeline.serve import free_port
 from pipeline.stages import export, gguf, train
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def pytorch_answers(export_dir: Path, prompts: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(fleet, tmp_path_factory):
-    port = 18000 + (int(time.time()) % 1000)
+    port = free_port()
     args = [f"{task}={d['gguf']}" for task, d in fleet.items()]
     log = tmp_path_factory.mktemp("serve") / "log"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", *args, "--port", str(port), "--threads",
@@ -101,7 +102,7 @@ def test_three_adapters_answer_concurrently_as_pytorch_does(fleet, server):
         jobs += [(task, r) for r in rows]
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda j: ask(client, *j), jobs))
-    assert len(jobs) >= 9 and got == want
+    assert len(jobs) >= 9 and got == want, [(j[0], g, w) for j, g, w in zip(jobs, got, want, strict=True) if g != w]
     # the completions endpoint fills the template with the prompt text the same way
     row = rows_of(fleet["classification"], 1)[0][0]
     text = client.completions.create(model="classification", prompt=row["sentence"], max_tokens=MAX_TOKENS)
@@ -146,3 +147,11 @@ def test_an_adapter_of_another_base_is_refused(fleet, tmp_path):
         serve.load_adapters([("a", fleet["classification"]["gguf"]), ("b", other["gguf"])])
     with pytest.raises(PipelineError, match="named alike"):
         serve.load_adapters([(None, fleet["classification"]["gguf"]), ("classification", fleet["chat"]["gguf"])])
+
+
+def test_each_adapter_gets_slots_of_its_own_when_there_are_enough():
+    from pipeline.serve import slot_plan
+
+    assert slot_plan(3, 6) == [[0, 3], [1, 4], [2, 5]]
+    assert slot_plan(3, 4) == [[0, 3], [1], [2]]
+    assert slot_plan(3, 2) == [[], [], []]  # fewer slots than adapters: any free slot
