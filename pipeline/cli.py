@@ -187,6 +187,8 @@ def serve(
     threads: int = typer.Option(0, help="llama-server's threads (0: every core)"),
     slots: int = typer.Option(4, help="requests llama-server answers at once"),
     ctx: int = typer.Option(2048, help="context length of each slot"),
+    cache_type: str = typer.Option("f16", help="llama-server's KV cache type (f16: its default; f32: answers "
+                                               "closest to PyTorch's float32; q8_0: half the memory)"),
     max_tokens: int = typer.Option(None, help="default answer limit (default: params.yaml's serve.max_new_tokens)"),
     params: Path = typer.Option(Path("params.yaml"), help="where the default answer limit comes from"),
 ) -> None:
@@ -201,7 +203,7 @@ def serve(
     adapters = srv.load_adapters(specs)  # checked before anything starts
     typer.echo(f"serving {', '.join(a.name for a in adapters)} over {adapters[0].base} on "
                f"http://127.0.0.1:{port}/v1")
-    srv.serve(adapters, port, threads or os.cpu_count() or 1, slots, ctx, limit)
+    srv.serve(adapters, port, threads or os.cpu_count() or 1, slots, ctx, limit, cache_type)
 
 
 @app.command()

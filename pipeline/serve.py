@@ -120,14 +120,15 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_llama_server(model: Path, loras: list[Path], port: int, threads: int, slots: int,
-                       ctx: int) -> subprocess.Popen:
+def start_llama_server(model: Path, loras: list[Path], port: int, threads: int, slots: int, ctx: int,
+                       cache_type: str = "f16") -> subprocess.Popen:
     """llama-server on 127.0.0.1:`port` with the model and every LoRA adapter given (unapplied: a request says
-    which); returns when it is ready."""
+    which), its KV cache of `cache_type`; returns when it is ready."""
     import urllib.request
 
     cmd = [str(llamacpp.tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(threads), "-np", str(slots), "-c", str(ctx * slots), "--no-webui", "--log-disable"]
+           "-t", str(threads), "-np", str(slots), "-c", str(ctx * slots), "-ctk", cache_type, "-ctv", cache_type,
+           "--no-webui", "--log-disable"]
     if loras:
         cmd.append("--lora-init-without-apply")
     for lora in loras:
@@ -240,12 +241,13 @@ def openai_response(r: dict, model: str, chat: bool, prompt_tokens: int) -> dict
             "usage": usage}
 
 
-def serve(adapters: list[Adapter], port: int, threads: int, slots: int, ctx: int, max_tokens: int) -> None:
+def serve(adapters: list[Adapter], port: int, threads: int, slots: int, ctx: int, max_tokens: int,
+          cache_type: str = "f16") -> None:
     """Start llama-server and the OpenAI layer on 127.0.0.1:`port`; runs until stopped."""
     import uvicorn
 
     inner = free_port()
-    proc = start_llama_server(adapters[0].base, [a.gguf for a in adapters], inner, threads, slots, ctx)
+    proc = start_llama_server(adapters[0].base, [a.gguf for a in adapters], inner, threads, slots, ctx, cache_type)
     try:
         uvicorn.run(app(adapters, f"http://127.0.0.1:{inner}", max_tokens, slots), host="127.0.0.1", port=port,
                     log_level="warning")
