@@ -80,7 +80,7 @@ def peak_rss_mb(pid: int) -> float:
 async def load(urls: list[str], prompts: list[list[int]], args, mode: str) -> dict:
     """`args.requests` requests, `args.concurrency` at a time; request i goes to adapter i % 3 (its server, or
     its `lora` entry; mode `one adapter`: every request to the first)."""
-    latencies, generated, sent = [], 0, [0, 0, 0]
+    latencies, generated, sent, plan = [], 0, [0, 0, 0], slot_plan(3, args.concurrency)
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(args.requests):
         queue.put_nowait(i)
@@ -95,8 +95,7 @@ async def load(urls: list[str], prompts: list[list[int]], args, mode: str) -> di
             if mode != "merged":
                 body["lora"] = [{"id": k, "scale": 1.0 if k == which else 0.0} for k in range(3)]
             if mode == "adapters, pinned slots":  # as peftflow serve sends them
-                own = slot_plan(3, args.concurrency)[which]
-                body["id_slot"] = own[sent[which] % len(own)]
+                body["id_slot"] = plan[which][sent[which] % len(plan[which])]
             sent[which] += 1
             t0 = time.perf_counter()
             r = await client.post(f"{urls[which if mode == 'merged' else 0]}/completion", json=body)

@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
 
 
 # config.model_type -> what a tiny model of that architecture sets beyond the common sizes (the six
-# architectures the gguf stage is tested on; sliding windows as the configs' defaults)
+# architectures the gguf stage is tested on; sliding windows of 512, longer than any example prompt)
 ARCHITECTURES = {
     "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512},

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from conftest import ARCHITECTURES, build_tiny_base, make_params, prepare
+from gguf import GGUFReader
 
 from pipeline.core import llamacpp
 from pipeline.core.loading import load_tokenizer
@@ -147,8 +148,6 @@ def test_each_architecture_goes_through_llama_cpp_as_pytorch_answers(arch, tmp_p
         c = m["llama_cpp"][file]
         assert c["answer_agreement"] == 1.0 and c["max_abs_logit_diff"] < 0.05, (file, c)
     rec, _, _ = llamacpp.read_stamp(tmp_path / "g" / "model-f32.gguf")
-    from gguf import GGUFReader
-
     arch_field = GGUFReader(tmp_path / "g" / "model-f32.gguf").get_field("general.architecture")
     assert str(arch_field.contents()) == name and rec["export"]["adapter"]["params"]["train"]["lora"][
         "target_modules"] == "attention+mlp"

@@ -53,13 +53,14 @@ def pytorch_answers(export_dir: Path, prompts: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(fleet, tmp_path_factory):
-    port = free_port()  # f32 weights and KV cache: the tiny random adapters' greedy answers hang on logit gaps
-    # of 0.002 to 0.06, which llama.cpp's default f16 cache moves (a run in ~6 answered one chat row otherwise)
+    port = free_port()
+    # f32 weights and KV cache: the tiny random adapters' greedy answers hang on logit gaps of 0.002 to 0.06,
+    # which llama.cpp's default f16 cache moves (about one run in six answered a chat row otherwise)
     args = [f"{task}={d['gguf']}" for task, d in fleet.items()]
     log = tmp_path_factory.mktemp("serve") / "log"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", *args, "--port", str(port), "--threads",
-                             "2", "--slots", "3", "--max-tokens", str(MAX_TOKENS), "--cache-type", "f32"], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+                             "2", "--slots", "3", "--max-tokens", str(MAX_TOKENS), "--cache-type", "f32"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:

@@ -23,7 +23,6 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 from pipeline.core.stage import PipelineError
 
@@ -50,16 +49,6 @@ def tool(name: str) -> Path:
     return path
 
 
-class Conversion(NamedTuple):
-    """One run of one of llama.cpp's converters: its script, command line, the pre-tokenizer name to answer
-    its unknown-tokenizer refusal with (None: refuse), and what it converts (for the error)."""
-
-    script: str
-    args: list[str]
-    tokenizer_pre: str | None
-    what: str
-
-
 def _run(cmd: list[str], what: str) -> None:
     """Run one of llama.cpp's programs; a failure is one error with the end of what it said."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -68,44 +57,43 @@ def _run(cmd: list[str], what: str) -> None:
         raise PipelineError(f"{what}: llama.cpp's {Path(cmd[0]).name} failed (exit {proc.returncode}): {tail}")
 
 
-def model_conversion(model_dir: Path, out: Path, outtype: str, tokenizer_pre: str | None = None) -> Conversion:
+def convert_model(model_dir: Path, out: Path, outtype: str, tokenizer_pre: str | None = None) -> None:
     """A transformers checkpoint as one GGUF file, by llama.cpp's convert_hf_to_gguf.py. The converter names
     a byte-level BPE tokenizer's pre-tokenizer by hashing its ids for a test text, which only the published
     vocabularies it lists pass; `tokenizer_pre` is the name to write when it knows none (the base's source
     GGUF's, or params): the gguf stage then checks llama.cpp's ids against training's on every row."""
-    return Conversion("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
-                      tokenizer_pre, str(model_dir))
+    _convert("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype], tokenizer_pre,
+             str(model_dir))
 
 
-def lora_conversion(adapter_dir: Path, base_dir: Path, out: Path, outtype: str) -> Conversion:
+def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str) -> None:
     """A PEFT LoRA adapter as a GGUF LoRA adapter for `base_dir`'s model, by convert_lora_to_gguf.py."""
-    return Conversion("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out),
-                                                  "--outtype", outtype], None, str(adapter_dir))
+    _convert("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out),
+                                         "--outtype", outtype], None, str(adapter_dir))
 
 
-def convert(*conversions: Conversion) -> None:
-    """Run the conversions in order, each as its command line would, in this process (a process of their own
-    would import torch and transformers again, seconds each time): with the gguf-py they come with in place of
-    this venv's for the time they run, their output kept and given back only when one fails."""
-    for c in conversions:
-        out = io.StringIO()
-        with _converter_modules(home()) as conversion, contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(out), _logging_to(out):
-            _answer_unknown_tokenizer(conversion.base.TextModel, c.tokenizer_pre)
-            sys.argv = [str(home() / c.script), *c.args]
-            try:
-                runpy.run_path(sys.argv[0], run_name="__main__")
-                error = None
-            except SystemExit as e:
-                error = None if e.code in (None, 0) else f"exit {e.code}"
-            except Exception as e:  # the converter's own refusals are exceptions too
-                error = f"{type(e).__name__}: {e}"
-        if error:
-            tail = " | ".join([*out.getvalue().strip().splitlines()[-3:], error][-3:])
-            if "pre-tokenizer was not recognized" in tail:
-                tail += (" | the converter does not know this tokenizer: give llama.cpp's name of its pre-tokenizer "
-                         "as params.yaml gguf.tokenizer_pre (e.g. gpt-2, llama-bpe, qwen2, smollm)")
-            raise PipelineError(f"{c.what}: llama.cpp's {c.script} failed: {tail}")
+def _convert(script: str, args: list[str], tokenizer_pre: str | None, what: str) -> None:
+    """Run one of llama.cpp's converters as its command line would, in this process (a process of its own
+    would import torch and transformers again, seconds each time): with the gguf-py it comes with in place of
+    this venv's for the time it runs, its output kept and given back only when it fails."""
+    out = io.StringIO()
+    with _converter_modules(home()) as conversion, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out), _logging_to(out):
+        _answer_unknown_tokenizer(conversion.base.TextModel, tokenizer_pre)
+        sys.argv = [str(home() / script), *args]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            error = None
+        except SystemExit as e:
+            error = None if e.code in (None, 0) else f"exit {e.code}"
+        except Exception as e:  # the converter's own refusals are exceptions too
+            error = f"{type(e).__name__}: {e}"
+    if error:
+        tail = " | ".join([*out.getvalue().strip().splitlines()[-3:], error][-3:])
+        if "pre-tokenizer was not recognized" in tail:
+            tail += (" | the converter does not know this tokenizer: give llama.cpp's name of its pre-tokenizer "
+                     "as params.yaml gguf.tokenizer_pre (e.g. gpt-2, llama-bpe, qwen2, smollm)")
+        raise PipelineError(f"{what}: llama.cpp's {script} failed: {tail}")
 
 
 @contextlib.contextmanager

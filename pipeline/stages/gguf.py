@@ -80,18 +80,16 @@ def write_files(p: Gguf, export_dir: Path, adapter_dir: Path, base_dir: Path, tm
         raise GgufError(f"params.yaml: gguf.quantize {p.quantize} needs an unquantized gguf.outtype (f32, f16 or bf16) "
                         f"to quantize from, not {p.outtype}")
     merged = f"model-{p.outtype}.gguf"
-    conversions = [llamacpp.model_conversion(export_dir, tmp / merged, p.outtype, pre)]
-    refusal = lora_refusal(adapter_dir) if p.adapter else "gguf.adapter: false"
-    base, adapter = f"base-{p.outtype}.gguf", f"adapter-{p.outtype}.gguf"
-    if refusal is None:
-        conversions += [llamacpp.model_conversion(base_dir, tmp / base, p.outtype, pre),
-                        llamacpp.lora_conversion(adapter_dir, base_dir, tmp / adapter, p.outtype)]
-    llamacpp.convert(*conversions)  # one process for all
+    llamacpp.convert_model(export_dir, tmp / merged, p.outtype, pre)
     files[merged] = {"role": "merged", "type": p.outtype}
     for kind in p.quantize:
         llamacpp.quantize(tmp / merged, tmp / f"model-{kind}.gguf", kind, max(1, torch.get_num_threads()))
         files[f"model-{kind}.gguf"] = {"role": "merged", "type": kind}
+    refusal = lora_refusal(adapter_dir) if p.adapter else "gguf.adapter: false"
     if refusal is None:
+        base, adapter = f"base-{p.outtype}.gguf", f"adapter-{p.outtype}.gguf"
+        llamacpp.convert_model(base_dir, tmp / base, p.outtype, pre)
+        llamacpp.convert_lora(adapter_dir, base_dir, tmp / adapter, p.outtype)
         files[base] = {"role": "base", "type": p.outtype}
         files[adapter] = {"role": "adapter", "type": p.outtype, "base": base}
     return {"files": files, "adapter_refused": refusal}
