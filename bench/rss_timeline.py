@@ -80,10 +80,10 @@ class Sampler(threading.Thread):
 
 def worker(allocator: str, args) -> None:
     from bench import train_throughput as tt
-    from pipeline.core.allocator import allocator_in_use, preload_allocator
+    from pipeline.core.allocator import allocator_in_use, preload_allocator, thread_env
     from pipeline.core.stage import without_bitsandbytes
 
-    preload_allocator(allocator)  # re-executes this worker under it, as the stage program does
+    preload_allocator(allocator, thread_env())  # re-executes this worker under it, as the stage program does
     without_bitsandbytes(None, "adamw")
     heap = glibc_heap() if allocator_in_use() == "system" else None
     sampler = Sampler(heap)

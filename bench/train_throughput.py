@@ -13,6 +13,8 @@ Training variants (each in its own subprocess, so peak RSS is its own):
   s  d on the system allocator (`train.allocator: system`: glibc's malloc, as tuned by the stage)
   g  b on mimalloc (preloaded as the stage preloads it): how much of d's lead is the allocator
   u  d with mimalloc handing freed memory back to the OS after 10 ms (its default; the stage keeps it)
+  w  d with its OpenMP threads always spinning before they sleep (libgomp's default)
+  v  d with its OpenMP threads always asleep at once (the stage chooses one of the two at its start: docs/speed.md)
   p  d with `train.shared_prefix: false` (left-padded batches: what the shared prefix saves)
   l  d with `train.lean: false` (frozen weights cast on every call, fp32 dropout masks, eager attention and
      MLP activations kept: what pipeline/core/lean.py saves)
@@ -55,6 +57,7 @@ import torch
 import yaml
 
 from pipeline.core import encoding, modeling
+from pipeline.core.allocator import SLEEP, SPIN
 from pipeline.core.encoding import IGNORE
 from pipeline.core.io import read_jsonl
 from pipeline.core.loading import load_tokenizer
@@ -66,9 +69,29 @@ from pipeline.stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the run's settings are params.yaml's (a bench run is params overrides: bench_params); the baselines take the
-# same LoRA, learning rate, warm-up and schedule from it
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def committed_params() -> tuple[dict, str]:
+    """The project's default params: params.yaml as committed at HEAD, and that commit. What the workspace holds
+    (a `dvc exp run`, a profile copied over it, an edit) does not change what a bench run measures; outside a git
+    checkout, the file itself ("workspace")."""
+    git = ["git", "-C", str(ROOT)]
+    show = subprocess.run(git + ["show", "HEAD:params.yaml"], capture_output=True, text=True)
+    if show.returncode:
+        return yaml.safe_load((ROOT / "params.yaml").read_text()), "workspace"
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return yaml.safe_load(show.stdout), head
+
+
+# the run's settings are the committed params.yaml's with the case's prompt (a bench run is params overrides:
+# bench_params); the baselines take the same LoRA, learning rate, warm-up and schedule from it
+PARAMS, PARAMS_COMMIT = committed_params()
+# the prompt shapes a run is measured on (`--case`), whatever the params hold: the default job's chat prompt (the
+# chat template's system prompt: a long prefix every row shares) and the short plain prompt of the fpb-fast profile
+CASES = {"chat": {"template": "prompts/sentiment.jinja", "chat_template": True, "system_prompt": None},
+         "short": {"template": "prompts/sentiment_short.jinja", "chat_template": False, "system_prompt": None}}
+# a competing process: one core kept busy until killed, or the deadline (its argument, seconds) passes
+BUSY = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
 LORA, LR, WARMUP = PARAMS["train"]["lora"], PARAMS["train"]["lr"], PARAMS["train"]["warmup_ratio"]
 SCHEDULE = PARAMS["train"]["lr_scheduler"]
 NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic padding + group_by_length",
@@ -79,8 +102,12 @@ NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic pad
          "t": "peftflow train stage, train.max_batch_tokens --budget", "q": "peftflow train stage, QLoRA 4-bit",
          "k": "peftflow train stage, packing", "m": "peftflow train stage, packing, sdpa mask",
          "s": "peftflow train stage, train.allocator system (glibc)", "g": "HF Trainer as b, on mimalloc",
-         "u": "peftflow train stage, mimalloc purging freed memory after 10 ms"}
-STAGE = "dpltkmqsu"  # the variants that run the train stage (the others are the baselines)
+         "u": "peftflow train stage, mimalloc purging freed memory after 10 ms",
+         "w": "peftflow train stage, OpenMP threads always spinning",
+         "v": "peftflow train stage, OpenMP threads always asleep"}
+STAGE = "dpltkmqsuwv"  # the variants that run the train stage (the others are the baselines)
+# the stage's variants whose OpenMP threads wait as set here, not as the stage chooses at its start (thread_env)
+WAITING = {"w": {"GOMP_SPINCOUNT": SPIN}, "v": {"GOMP_SPINCOUNT": SLEEP}}
 ALLOCATOR = {"s": "system", "g": "mimalloc"}  # else: the stage's variants params.yaml's, the baselines the system's
 
 
@@ -93,6 +120,7 @@ def rss_mb() -> float:
 def bench_params(args, quantization: dict | None = None, **train):
     """params.yaml with the run's shape (data, steps, batch, seed, no checkpoints) and the variant's keys."""
     raw = copy.deepcopy(PARAMS)
+    raw["format"] |= CASES[getattr(args, "case", "chat")]
     raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl"),
                    "license": f"see {args.data / 'LICENSE.txt'}"}  # the data's own (shared/datasets/*/README.md)
     raw["train"] |= {"method": "lora", "max_steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0,
@@ -235,6 +263,14 @@ def worker_u(args, work: Path) -> tuple:
     return worker_d(args, work, None, "u")
 
 
+def worker_w(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "w")
+
+
+def worker_v(args, work: Path) -> tuple:
+    return worker_d(args, work, None, "v")
+
+
 def worker_g(args, work: Path) -> tuple:
     return worker_b(args, work)
 
@@ -295,15 +331,18 @@ def flops_per_token(model, rows: list[dict]) -> float:
 
 def setup_process(name: str, args, work: Path) -> None:
     """The worker's process as the variant's users get it: the train stage's variants as the stage program
-    sets itself up (its allocator preloaded, which re-executes this worker once; bitsandbytes skipped unless
-    the variant quantizes), the baselines on the system allocator (g: on mimalloc)."""
-    from pipeline.core.allocator import preload_allocator
-    from pipeline.core.stage import peek, without_bitsandbytes
+    sets itself up (its allocator preloaded and its thread settings, which re-executes this worker once;
+    bitsandbytes skipped unless the variant quantizes), the baselines on the system allocator (g: on mimalloc)
+    with OpenMP's defaults."""
+    from pipeline.core.allocator import preload_allocator, thread_env
+    from pipeline.core.stage import without_bitsandbytes
 
-    stage = peek(ROOT / "params.yaml", "train.allocator")  # not bench_params: checking params imports PEFT
+    stage = PARAMS["train"]["allocator"]  # not bench_params: checking params imports PEFT
     if name == "u":
         os.environ["MIMALLOC_PURGE_DELAY"] = "10"  # mimalloc's default; an explicit setting wins over the stage's
-    preload_allocator(ALLOCATOR.get(name, stage if name in STAGE else "system"))
+    # the stage's variants with its thread settings too, the baselines as their users run them
+    own = (WAITING[name] if name in WAITING else thread_env()) if name in STAGE else {}
+    preload_allocator(ALLOCATOR.get(name, stage if name in STAGE else "system"), own)
     if name in STAGE and name != "q":
         without_bitsandbytes(None, "adamw")
 
@@ -314,9 +353,12 @@ def worker(name: str, args, work: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from pipeline.core.allocator import allocator_in_use, thread_facts
+
     torch.manual_seed(args.seed)
     model, result = globals()[f"worker_{name}"](args, work)
     result["peak_rss_mb"] = round(rss_mb())
+    result |= {"allocator": allocator_in_use(), **thread_facts()}  # how the worker's process ran
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     adapter = work / name / "adapter"
@@ -425,8 +467,12 @@ def table(res: dict) -> str:
     gpu = any("peak_gpu_mb" in r for r in res["train"].values())
     seeds = res.get("seeds", [42])
     many = len(seeds) > 1
+    case = res.get("case")
+    prompt = (f"; prompt `{case}` ({res['prompt']['template']}, chat template "
+              f"{'on' if res['prompt']['chat_template'] else 'off'}, {res['tokens_per_row']} tokens a row), "
+              f"params.yaml of {res['params_commit']}" if case else "")
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}; SmolLM2-135M, Financial PhraseBank "
-             f"train, LoRA r=16 alpha=32 q/k/v/o, batch {res['batch_size']}, {res['steps']} steps each"
+             f"train, LoRA r=16 alpha=32 q/k/v/o, batch {res['batch_size']}, {res['steps']} steps each{prompt}"
              + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation), "
                 "but peak RSS, the largest of the seeds'."
                 if many else "."), "",
@@ -446,6 +492,14 @@ def table(res: dict) -> str:
         lines.append(f"| {k}: {names[k]} | {r['tokens_per_second']:.0f} | {r['seconds_per_epoch']:.0f} | "
                      f"{r['peak_rss_mb']} | {loss(r, 'final_train_loss')} | {loss(r, 'heldout_loss')} | {ratio:.2f}x |"
                      + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))
+    lines += loaded_table(res)
+    ran = {k: x for k, r in res["train"].items() for x in list(r.get("per_seed", {}).values())[-1:] if "threads" in x}
+    if ran:
+        lines += ["", "How each ran: " + "; ".join(
+            f"{k}: {r.get('allocator')}, {r.get('threads')} threads, OpenMP waiting "
+            f"{r.get('omp_wait_policy') or 'default'}"
+            + (f", GOMP_SPINCOUNT={r['gomp_spincount']}" if r.get("gomp_spincount") else "")
+            for k, r in ran.items()) + "."]
     if many:
         lines += ["", "Per seed, held-out loss: " + "; ".join(
             f"{k}: " + ", ".join(f"{x['heldout_loss']:.3f}" for x in r["per_seed"].values())
@@ -470,6 +524,28 @@ def table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loaded_table(res: dict) -> list[str]:
+    """Tokens/s beside busy processes against tokens/s alone, per variant (the same seeds): how a variant's speed
+    holds up on a machine others use."""
+    if not res.get("loaded"):
+        return []
+    levels = sorted(res["loaded"], key=int)
+    lines = ["", "Beside busy processes (each keeps one core busy for the whole run; tok/s, and as a share of the "
+             "variant's tok/s alone):", "",
+             "| variant | alone | " + " | ".join(f"{k} busy" for k in levels) + " |",
+             "|---|---:|" + "---:|" * len(levels)]
+    for name, alone in res["train"].items():
+        if "tokens_per_second" not in alone:
+            continue
+        cells = []
+        for k in levels:
+            r = res["loaded"][k].get(name, {})
+            cells.append(f"{r['tokens_per_second']:.0f} ({r['tokens_per_second'] / alone['tokens_per_second']:.2f})"
+                         if "tokens_per_second" in r else "failed")
+        lines.append(f"| {name}: {NAMES[name]} | {alone['tokens_per_second']:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -484,6 +560,11 @@ def main() -> None:
     ap.add_argument("--name", help="the result's name under <out>/train_throughput/ (default: from the flags)")
     ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)  # one worker's seed (from --seeds)
     ap.add_argument("--seeds", default="42", help="comma-separated; each variant trains once per seed")
+    ap.add_argument("--case", choices=sorted(CASES), default="chat",
+                    help="the prompt: chat (the default job's, chat template) or short (fpb-fast's plain prompt)")
+    ap.add_argument("--busy", default="0", help="comma-separated numbers of competing busy processes, e.g. 0,1,2: "
+                    "every variant and seed runs beside each number (0: alone)")
+    ap.add_argument("--busy-limit", type=float, default=3600, help="a busy process's longest life, seconds")
     ap.add_argument("--only-train", action="store_true",
                     help="training variants only (no MFU, evaluate, tokenize, dvc)")
     ap.add_argument("--dvc-only", action="store_true", help="only redo the no-op `dvc repro` timing")
@@ -507,26 +588,40 @@ def main() -> None:
                f"{torch.get_num_threads()} threads, " + (f"cuda ({gpu})" if gpu else "cpu"),
                "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "budget": args.budget,
                "train": {}}
-        epoch_tokens = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]["tokens"]
+        tokenized = json.loads((work / "tokenized" / "tokenize.json").read_text())["train"]
+        epoch_tokens = tokenized["tokens"]
         seeds = [int(x) for x in args.seeds.split(",")]
-        res["seeds"] = seeds
-        for name in args.variants:
-            runs = {}
-            for seed in seeds:
-                label = NAMES[name].replace('--budget', str(args.budget))
-                print(f"bench: training variant {name} ({label}), seed {seed}", file=sys.stderr, flush=True)
-                r = resumed_or_run(name, args, work, seed)
-                if "error" in r:
-                    res["train"][name] = r
-                    break
-                r["tokens_per_second"] = r["tokens"] / r["seconds"]
-                r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
-                runs[seed] = r
-                print(f"bench: {name} seed {seed}: {r['tokens_per_second']:.0f} tok/s, held-out loss "
-                      f"{r['heldout_loss']:.4f}, " + ", ".join(f"{k} {r[k]}" for k in r if k.startswith("peak")),
-                      file=sys.stderr, flush=True)
+        levels = [int(x) for x in args.busy.split(",")]
+        res |= {"seeds": seeds, "case": args.case, "prompt": CASES[args.case], "params_commit": PARAMS_COMMIT,
+                "tokens_per_row": round(epoch_tokens / tokenized["kept"], 1), "busy": levels,
+                "params": bench_params(args).model_dump(by_alias=True)}
+        # seed by seed, each load level, every variant in turn: a slow hour of the shared machine falls on all
+        runs: dict[int, dict[str, dict]] = {k: {name: {} for name in args.variants} for k in levels}
+        failed: dict[int, dict[str, dict]] = {k: {} for k in levels}
+        for seed in seeds:
+            for busy in levels:
+                for name in args.variants:
+                    if name in failed[busy]:
+                        continue
+                    label = NAMES[name].replace('--budget', str(args.budget))
+                    print(f"bench: training variant {name} ({label}), seed {seed}, beside {busy} busy processes",
+                          file=sys.stderr, flush=True)
+                    r = resumed_or_run(name, args, work, seed, busy)
+                    if "error" in r:
+                        failed[busy][name] = r
+                        continue
+                    r["tokens_per_second"] = r["tokens"] / r["seconds"]
+                    r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
+                    runs[busy][name][seed] = r
+                    print(f"bench: {name} seed {seed} busy {busy}: {r['tokens_per_second']:.0f} tok/s, held-out loss "
+                          f"{r['heldout_loss']:.4f}, " + ", ".join(f"{k} {r[k]}" for k in r if k.startswith("peak")),
+                          file=sys.stderr, flush=True)
+        for busy in levels:
+            out = {name: failed[busy].get(name) or summarize(runs[busy][name]) for name in args.variants}
+            if busy == 0:
+                res["train"] = out
             else:
-                res["train"][name] = summarize(runs)
+                res.setdefault("loaded", {})[str(busy)] = out
         d = res["train"].get("d", {})
         if "tokens_per_second" not in d:
             raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
@@ -543,15 +638,15 @@ def main() -> None:
     finish(args, res, result_name(args, full=True))
 
 
-def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
-    """A (variant, seed) result kept under <out>/runs/ by an interrupted run with the same settings, or a fresh
-    one (kept there as soon as it ends; git ignores runs/, delete it to start afresh after a code change)."""
+def resumed_or_run(name: str, args, work: Path, seed: int, busy: int = 0) -> dict:
+    """A (variant, seed, load) result kept under <out>/runs/ by an interrupted run with the same settings, or a
+    fresh one (kept there as soon as it ends; git ignores runs/, delete it to start afresh after a code change)."""
     settings = {k: str(v) for k, v in sorted(worker_args(args).items()) if k not in ("variants", "out", "seed")}
-    kept = args.out / "runs" / f"{name}-{seed}.json"
+    kept = args.out / "runs" / f"{name}-{seed}{f'-busy{busy}' if busy else ''}.json"
     if kept.exists() and (old := json.loads(kept.read_text()))["settings"] == settings:
         print(f"bench: {name} seed {seed}: kept from the interrupted run of {old['finished']}", file=sys.stderr)
         return old["result"]
-    r = run_worker(name, args, work, seed)
+    r = run_worker(name, args, work, seed, busy)
     if "error" not in r:
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.write_text(json.dumps({"settings": settings, "finished": time.strftime("%Y-%m-%d %H:%M"),
@@ -559,12 +654,19 @@ def resumed_or_run(name: str, args, work: Path, seed: int) -> dict:
     return r
 
 
-def run_worker(name: str, args, work: Path, seed: int) -> dict:
-    """One training variant in its own process (its own peak RSS); its result, or the error it ended with."""
+def run_worker(name: str, args, work: Path, seed: int, busy: int = 0) -> dict:
+    """One training variant in its own process (its own peak RSS), beside `busy` processes that each keep a core
+    busy from before it starts until it ends (or `--busy-limit` seconds pass); its result, or its error."""
     forward = worker_args(args)
     cmd = [sys.executable, "-m", "bench.train_throughput", "--worker", name, "--work", str(work), f"--seed={seed}"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in forward.items() if k != "seed"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    hogs = [subprocess.Popen([sys.executable, "-c", BUSY, str(args.busy_limit)]) for _ in range(busy)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
     if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": proc.stderr.strip().splitlines()[-1][:200]}
@@ -573,7 +675,7 @@ def run_worker(name: str, args, work: Path, seed: int) -> dict:
 
 def worker_args(args) -> dict:
     """The command-line arguments a worker process is given (the run's own: its seed list, mode, worker)."""
-    own = ("worker", "work", "dvc_only", "only_train", "seeds", "name")
+    own = ("worker", "work", "dvc_only", "only_train", "seeds", "name", "busy", "busy_limit")
     return {k: v for k, v in vars(args).items() if k not in own}
 
 
@@ -598,7 +700,8 @@ def result_name(args, full: bool) -> str:
     if args.name:
         return args.name
     seeds = len(args.seeds.split(","))
-    name = f"{args.variants}_{args.steps}_steps_{seeds}_seed{'s' if seeds > 1 else ''}"
+    name = f"{args.case}_{args.variants}_{args.steps}_steps_{seeds}_seed{'s' if seeds > 1 else ''}"
+    name += f"_busy_{args.busy.replace(',', '_')}" if args.busy != "0" else ""
     return name + ("_budget_" + str(args.budget) if "t" in args.variants else "") + ("_all" if full else "")
 
 

@@ -224,7 +224,7 @@ class Project:
         fresh_process_state()
         mod = importlib.import_module(module)
         if hasattr(mod, "preload_allocator"):  # it re-executes the program: in a test process, not again
-            mod.preload_allocator = lambda name: None
+            mod.preload_allocator = lambda *a: None
         err, argv = io.StringIO(), sys.argv
         sys.argv = [module, *args]  # what the program sees (the train stage relaunches itself with it)
         with contextlib.chdir(self.dir), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):

@@ -22,19 +22,24 @@ def test_the_benchmarks_train_run_is_the_train_stages(trained, tiny_base, tmp_pa
     assert facts["tokens"] > 0 and facts["peak_rss_mb"] > 0
 
 
-def test_a_benchmark_run_is_params_yaml_with_overrides():
-    """The benchmarks keep no defaults of their own: a run is params.yaml with its shape and variant set."""
+def test_a_benchmark_run_is_the_committed_params_with_its_case_and_shape():
+    """The benchmarks keep no defaults of their own: a run is params.yaml as committed, its prompt case (whatever
+    the workspace's format section says) and its shape and variant set."""
     from argparse import Namespace
     from pathlib import Path
 
     import yaml
     from conftest import ROOT
 
-    from bench.train_throughput import bench_params
+    from bench.train_throughput import CASES, PARAMS_COMMIT, bench_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p = bench_params(Namespace(data=Path("fpb"), steps=3, batch_size=4, seed=7), max_batch_tokens=512)
-    assert p.train.lora == raw["train"]["lora"] and p.train.lr == raw["train"]["lr"]
-    assert p.train.warmup_ratio == raw["train"]["warmup_ratio"] and p.train.precision == raw["train"]["precision"]
-    assert (p.train.max_steps, p.train.batch_size, p.seed, p.train.max_batch_tokens) == (3, 4, 7, 512)
-    assert p.data.train == "fpb/train.jsonl"
+    assert PARAMS_COMMIT  # a commit, or "workspace" outside git
+    for case, prompt in CASES.items():
+        p = bench_params(Namespace(data=Path("fpb"), steps=3, batch_size=4, seed=7, case=case), max_batch_tokens=512)
+        assert p.train.lora == raw["train"]["lora"] and p.train.lr == raw["train"]["lr"]
+        assert p.train.warmup_ratio == raw["train"]["warmup_ratio"] and p.train.precision == raw["train"]["precision"]
+        assert (p.train.max_steps, p.train.batch_size, p.seed, p.train.max_batch_tokens) == (3, 4, 7, 512)
+        assert (p.format.template, p.format.chat_template) == (prompt["template"], prompt["chat_template"])
+        assert (ROOT / p.format.template).is_file() and p.data.train == "fpb/train.jsonl"
+    assert CASES["chat"]["template"] == raw["format"]["template"]  # the default job's prompt is a case

@@ -22,7 +22,8 @@ def test_repository_params_load():
 
 def test_profile_params_load_and_name_their_template():
     """Every profile in docs/examples is a complete, valid params file whose template exists, and it
-    differs from params.yaml only where its header says (data, prompt, epochs, checkpoints)."""
+    differs from params.yaml only where its header says (data, prompt, epochs, checkpoints, evaluation as the
+    sweep that found it ran)."""
     import yaml
 
     for path in sorted((ROOT / "docs" / "examples").glob("params-*.yaml")):
@@ -33,7 +34,8 @@ def test_profile_params_load_and_name_their_template():
             changed = {f"{k}.{j}" for k in mine if isinstance(mine[k], dict)
                        for j in mine[k] if mine[k][j] != default[k][j]}
             assert changed == {"data.train", "data.validation", "data.license", "format.template",
-                               "format.chat_template", "train.epochs", "train.checkpoint_every"}
+                               "format.chat_template", "train.epochs", "train.checkpoint_every",
+                               "evaluate.samples", "evaluate.shots"}
 
 
 @pytest.mark.parametrize(

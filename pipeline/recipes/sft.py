@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from pipeline.core import batching, lean, varlen
-from pipeline.core.allocator import allocator_in_use, peak_rss_mb, tune_allocator
+from pipeline.core.allocator import allocator_in_use, peak_rss_mb, thread_facts, tune_allocator
 from pipeline.core.encoding import IGNORE
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_text
 from pipeline.core.loading import load_base_model
@@ -339,7 +339,7 @@ class SFT:
                  "resumed_from_step": self.start, "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
                  "processes": self.procs.world, "distributed": self.procs.kind(self.model),
                  "allocator": allocator_in_use(), "peak_rss_mb": peak_rss_mb(),
-                 "nondeterministic_ops": nondeterministic_ops()}
+                 "nondeterministic_ops": nondeterministic_ops(), **thread_facts()}
         if torch.cuda.is_available():
             facts["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         return metrics, facts

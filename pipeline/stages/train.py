@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.core.allocator import peak_rss_mb, preload_allocator
+from pipeline.core.allocator import peak_rss_mb, preload_allocator, thread_env
 from pipeline.core.stage import entry, option, peek, without_bitsandbytes
 
 if __name__ == "__main__":
-    # before the imports below (seconds): the allocator, which re-executes this program once; bitsandbytes out
+    # before the imports below (seconds): allocator and thread waiting (re-executes once); bitsandbytes out
     PARAMS = option(sys.argv[1:], "--params", "params.yaml")
-    preload_allocator(peek(PARAMS, "train.allocator"))
+    preload_allocator(peek(PARAMS, "train.allocator"), thread_env())
     without_bitsandbytes(peek(PARAMS, "train.quantization"), peek(PARAMS, "train.optimizer"))
 
 import json
