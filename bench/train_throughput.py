@@ -12,6 +12,7 @@ Training variants (each in its own subprocess, so peak RSS is its own):
      sets itself up (`train.allocator` preloaded, bitsandbytes skipped when the params need none)
   s  d on the system allocator (`train.allocator: system`: glibc's malloc, as tuned by the stage)
   g  b on mimalloc (preloaded as the stage preloads it): how much of d's lead is the allocator
+  x  c on mimalloc (the TRL baseline on the stage's allocator)
   u  d with mimalloc handing freed memory back to the OS after 10 ms (its default; the stage keeps it)
   w  d with its OpenMP threads always spinning before they sleep (libgomp's default)
   v  d with its OpenMP threads always asleep at once (the stage chooses one of the two at its start: docs/speed.md)
@@ -104,11 +105,12 @@ NAMES = {"a": "HF Trainer, pad to 512 (tutorial)", "b": "HF Trainer, dynamic pad
          "s": "peftflow train stage, train.allocator system (glibc)", "g": "HF Trainer as b, on mimalloc",
          "u": "peftflow train stage, mimalloc purging freed memory after 10 ms",
          "w": "peftflow train stage, OpenMP threads always spinning",
-         "v": "peftflow train stage, OpenMP threads always asleep"}
+         "v": "peftflow train stage, OpenMP threads always asleep", "x": "TRL SFTTrainer as c, on mimalloc"}
 STAGE = "dpltkmqsuwv"  # the variants that run the train stage (the others are the baselines)
 # the stage's variants whose OpenMP threads wait as set here, not as the stage chooses at its start (thread_env)
 WAITING = {"w": {"GOMP_SPINCOUNT": SPIN}, "v": {"GOMP_SPINCOUNT": SLEEP}}
-ALLOCATOR = {"s": "system", "g": "mimalloc"}  # else: the stage's variants params.yaml's, the baselines the system's
+# else: the stage's variants params.yaml's allocator, the baselines the system's
+ALLOCATOR = {"s": "system", "g": "mimalloc", "x": "mimalloc"}
 
 
 def rss_mb() -> float:
@@ -222,6 +224,10 @@ def worker_c(args, work: Path, name: str = "c", **sft) -> tuple:
     return model, run_trainer(trainer, counter)
 
 
+def worker_x(args, work: Path) -> tuple:
+    return worker_c(args, work, "x")
+
+
 def worker_e(args, work: Path) -> tuple:
     return worker_c(args, work, "e", padding_free=True, max_length=None)  # rows are at most 256 tokens
 
@@ -332,7 +338,7 @@ def flops_per_token(model, rows: list[dict]) -> float:
 def setup_process(name: str, args, work: Path) -> None:
     """The worker's process as the variant's users get it: the train stage's variants as the stage program
     sets itself up (its allocator preloaded and its thread settings, which re-executes this worker once;
-    bitsandbytes skipped unless the variant quantizes), the baselines on the system allocator (g: on mimalloc)
+    bitsandbytes skipped unless the variant quantizes), the baselines on the system allocator (g, x: on mimalloc)
     with OpenMP's defaults."""
     from pipeline.core.allocator import preload_allocator, thread_env
     from pipeline.core.stage import without_bitsandbytes
@@ -495,11 +501,12 @@ def table(res: dict) -> str:
     lines += loaded_table(res)
     ran = {k: x for k, r in res["train"].items() for x in list(r.get("per_seed", {}).values())[-1:] if "threads" in x}
     if ran:
-        lines += ["", "How each ran: " + "; ".join(
-            f"{k}: {r.get('allocator')}, {r.get('threads')} threads, OpenMP waiting "
-            f"{r.get('omp_wait_policy') or 'default'}"
-            + (f", GOMP_SPINCOUNT={r['gomp_spincount']}" if r.get("gomp_spincount") else "")
-            for k, r in ran.items()) + "."]
+        lines += ["", "How each ran: " + "; ".join(f"{k}: {how_ran(r)}" for k, r in ran.items()) + "."]
+        # what the stage chose under load where it differs from what it chose alone
+        chose = [f"{k} beside {level} busy: {how_ran(x)}" for level, out in sorted(res.get("loaded", {}).items())
+                 for k, r in out.items() if k in STAGE and k in ran
+                 for x in list(r.get("per_seed", {}).values())[-1:] if how_ran(x) != how_ran(ran[k])]
+        lines += ["", "Under load: " + "; ".join(chose) + "."] if chose else []
     if many:
         lines += ["", "Per seed, held-out loss: " + "; ".join(
             f"{k}: " + ", ".join(f"{x['heldout_loss']:.3f}" for x in r["per_seed"].values())
@@ -524,6 +531,12 @@ def table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def how_ran(r: dict) -> str:
+    """A worker's process settings as it recorded them: allocator, threads, how OpenMP's threads waited."""
+    return (f"{r.get('allocator')}, {r.get('threads')} threads, OpenMP waiting {r.get('omp_wait_policy') or 'default'}"
+            + (f", GOMP_SPINCOUNT={r['gomp_spincount']}" if r.get("gomp_spincount") else ""))
+
+
 def loaded_table(res: dict) -> list[str]:
     """Tokens/s beside busy processes against tokens/s alone, per variant (the same seeds): how a variant's speed
     holds up on a machine others use."""
@@ -539,9 +552,9 @@ def loaded_table(res: dict) -> list[str]:
             continue
         cells = []
         for k in levels:
-            r = res["loaded"][k].get(name, {})
-            cells.append(f"{r['tokens_per_second']:.0f} ({r['tokens_per_second'] / alone['tokens_per_second']:.2f})"
-                         if "tokens_per_second" in r else "failed")
+            r = res["loaded"][k].get(name)
+            cells.append("not run" if r is None else "failed" if "tokens_per_second" not in r else
+                         f"{r['tokens_per_second']:.0f} ({r['tokens_per_second'] / alone['tokens_per_second']:.2f})")
         lines.append(f"| {name}: {NAMES[name]} | {alone['tokens_per_second']:.0f} | " + " | ".join(cells) + " |")
     return lines
 
@@ -564,6 +577,8 @@ def main() -> None:
                     help="the prompt: chat (the default job's, chat template) or short (fpb-fast's plain prompt)")
     ap.add_argument("--busy", default="0", help="comma-separated numbers of competing busy processes, e.g. 0,1,2: "
                     "every variant and seed runs beside each number (0: alone)")
+    ap.add_argument("--busy-variants", default=None,
+                    help="the variants that also run under load (default: all; e.g. dg: TRL only alone, it is slow)")
     ap.add_argument("--busy-limit", type=float, default=3600, help="a busy process's longest life, seconds")
     ap.add_argument("--only-train", action="store_true",
                     help="training variants only (no MFU, evaluate, tokenize, dvc)")
@@ -596,11 +611,13 @@ def main() -> None:
                 "tokens_per_row": round(epoch_tokens / tokenized["kept"], 1), "busy": levels,
                 "params": bench_params(args).model_dump(by_alias=True)}
         # seed by seed, each load level, every variant in turn: a slow hour of the shared machine falls on all
-        runs: dict[int, dict[str, dict]] = {k: {name: {} for name in args.variants} for k in levels}
+        loaded = args.busy_variants or args.variants
+        runs: dict[int, dict[str, dict]] = {k: {name: {} for name in args.variants if not k or name in loaded}
+                                            for k in levels}
         failed: dict[int, dict[str, dict]] = {k: {} for k in levels}
         for seed in seeds:
             for busy in levels:
-                for name in args.variants:
+                for name in runs[busy]:
                     if name in failed[busy]:
                         continue
                     label = NAMES[name].replace('--budget', str(args.budget))
@@ -617,7 +634,7 @@ def main() -> None:
                           f"{r['heldout_loss']:.4f}, " + ", ".join(f"{k} {r[k]}" for k in r if k.startswith("peak")),
                           file=sys.stderr, flush=True)
         for busy in levels:
-            out = {name: failed[busy].get(name) or summarize(runs[busy][name]) for name in args.variants}
+            out = {name: failed[busy].get(name) or summarize(runs[busy][name]) for name in runs[busy]}
             if busy == 0:
                 res["train"] = out
             else:
@@ -642,7 +659,7 @@ def resumed_or_run(name: str, args, work: Path, seed: int, busy: int = 0) -> dic
     """A (variant, seed, load) result kept under <out>/runs/ by an interrupted run with the same settings, or a
     fresh one (kept there as soon as it ends; git ignores runs/, delete it to start afresh after a code change)."""
     settings = {k: str(v) for k, v in sorted(worker_args(args).items()) if k not in ("variants", "out", "seed")}
-    kept = args.out / "runs" / f"{name}-{seed}{f'-busy{busy}' if busy else ''}.json"
+    kept = args.out / "runs" / f"{args.case}-{name}-{seed}{f'-busy{busy}' if busy else ''}.json"
     if kept.exists() and (old := json.loads(kept.read_text()))["settings"] == settings:
         print(f"bench: {name} seed {seed}: kept from the interrupted run of {old['finished']}", file=sys.stderr)
         return old["result"]
@@ -675,7 +692,7 @@ def run_worker(name: str, args, work: Path, seed: int, busy: int = 0) -> dict:
 
 def worker_args(args) -> dict:
     """The command-line arguments a worker process is given (the run's own: its seed list, mode, worker)."""
-    own = ("worker", "work", "dvc_only", "only_train", "seeds", "name", "busy", "busy_limit")
+    own = ("worker", "work", "dvc_only", "only_train", "seeds", "name", "busy", "busy_limit", "busy_variants")
     return {k: v for k, v in vars(args).items() if k not in own}
 
 

@@ -43,3 +43,16 @@ def test_a_benchmark_run_is_the_committed_params_with_its_case_and_shape():
         assert (p.format.template, p.format.chat_template) == (prompt["template"], prompt["chat_template"])
         assert (ROOT / p.format.template).is_file() and p.data.train == "fpb/train.jsonl"
     assert CASES["chat"]["template"] == raw["format"]["template"]  # the default job's prompt is a case
+
+
+def test_the_load_table_gives_each_variant_its_share_of_its_own_speed_alone():
+    """Under load, each variant's tokens/s against its own alone (the issue's measure), a variant kept out of the
+    loaded runs (`--busy-variants`) said to be so, not shown as failed."""
+    from bench.train_throughput import loaded_table
+
+    res = {"train": {"d": {"tokens_per_second": 400.0}, "g": {"tokens_per_second": 300.0},
+                     "x": {"tokens_per_second": 100.0}},
+           "loaded": {"1": {"d": {"tokens_per_second": 300.0}, "g": {"tokens_per_second": 100.0}}}}
+    rows = {line.split(":")[0].strip("| "): line for line in loaded_table(res) if line.startswith("| ")}
+    assert "| 400 | 300 (0.75) |" in rows["d"] and "| 300 | 100 (0.33) |" in rows["g"]
+    assert rows["x"].endswith("| 100 | not run |")
