@@ -499,14 +499,7 @@ def table(res: dict) -> str:
                      f"{r['peak_rss_mb']} | {loss(r, 'final_train_loss')} | {loss(r, 'heldout_loss')} | {ratio:.2f}x |"
                      + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))
     lines += loaded_table(res)
-    ran = {k: x for k, r in res["train"].items() for x in list(r.get("per_seed", {}).values())[-1:] if "threads" in x}
-    if ran:
-        lines += ["", "How each ran: " + "; ".join(f"{k}: {how_ran(r)}" for k, r in ran.items()) + "."]
-        # what the stage chose under load where it differs from what it chose alone
-        chose = [f"{k} beside {level} busy: {how_ran(x)}" for level, out in sorted(res.get("loaded", {}).items())
-                 for k, r in out.items() if k in STAGE and k in ran
-                 for x in list(r.get("per_seed", {}).values())[-1:] if how_ran(x) != how_ran(ran[k])]
-        lines += ["", "Under load: " + "; ".join(chose) + "."] if chose else []
+    lines += ran_lines(res)
     if many:
         lines += ["", "Per seed, held-out loss: " + "; ".join(
             f"{k}: " + ", ".join(f"{x['heldout_loss']:.3f}" for x in r["per_seed"].values())
@@ -529,6 +522,21 @@ def table(res: dict) -> str:
                      f"{e['generate_accuracy']:.3f} ({e['generate_unparsed']} unparseable answers), predictions agree "
                      f"on {e['agreement']:.1%}.")
     return "\n".join(lines) + "\n"
+
+
+def ran_lines(res: dict) -> list[str]:
+    """How each variant's process ran (its last seed's record), and what the stage chose under load where that
+    differs from what it chose alone."""
+    def last(r: dict) -> dict:
+        return list(r.get("per_seed", {}).values())[-1] if r.get("per_seed") else {}
+
+    ran = {k: last(r) for k, r in res["train"].items() if "threads" in last(r)}
+    if not ran:
+        return []
+    chose = [f"{k} beside {level} busy: {how_ran(last(r))}" for level, out in sorted(res.get("loaded", {}).items())
+             for k, r in out.items() if k in STAGE and k in ran and how_ran(last(r)) != how_ran(ran[k])]
+    return (["", "How each ran: " + "; ".join(f"{k}: {how_ran(r)}" for k, r in ran.items()) + "."]
+            + (["", "Under load: " + "; ".join(chose) + "."] if chose else []))
 
 
 def how_ran(r: dict) -> str:
@@ -610,35 +618,9 @@ def main() -> None:
         res |= {"seeds": seeds, "case": args.case, "prompt": CASES[args.case], "params_commit": PARAMS_COMMIT,
                 "tokens_per_row": round(epoch_tokens / tokenized["kept"], 1), "busy": levels,
                 "params": bench_params(args).model_dump(by_alias=True)}
-        # seed by seed, each load level, every variant in turn: a slow hour of the shared machine falls on all
-        loaded = args.busy_variants or args.variants
-        runs: dict[int, dict[str, dict]] = {k: {name: {} for name in args.variants if not k or name in loaded}
-                                            for k in levels}
-        failed: dict[int, dict[str, dict]] = {k: {} for k in levels}
-        for seed in seeds:
-            for busy in levels:
-                for name in runs[busy]:
-                    if name in failed[busy]:
-                        continue
-                    label = NAMES[name].replace('--budget', str(args.budget))
-                    print(f"bench: training variant {name} ({label}), seed {seed}, beside {busy} busy processes",
-                          file=sys.stderr, flush=True)
-                    r = resumed_or_run(name, args, work, seed, busy)
-                    if "error" in r:
-                        failed[busy][name] = r
-                        continue
-                    r["tokens_per_second"] = r["tokens"] / r["seconds"]
-                    r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
-                    runs[busy][name][seed] = r
-                    print(f"bench: {name} seed {seed} busy {busy}: {r['tokens_per_second']:.0f} tok/s, held-out loss "
-                          f"{r['heldout_loss']:.4f}, " + ", ".join(f"{k} {r[k]}" for k in r if k.startswith("peak")),
-                          file=sys.stderr, flush=True)
-        for busy in levels:
-            out = {name: failed[busy].get(name) or summarize(runs[busy][name]) for name in runs[busy]}
-            if busy == 0:
-                res["train"] = out
-            else:
-                res.setdefault("loaded", {})[str(busy)] = out
+        res["train"], loaded = train_variants(args, work, seeds, levels, epoch_tokens)
+        if loaded:
+            res["loaded"] = loaded
         d = res["train"].get("d", {})
         if "tokens_per_second" not in d:
             raise SystemExit("bench: the train stage variant (d) did not run; nothing to compare against")
@@ -653,6 +635,37 @@ def main() -> None:
         res["tokenize"] = bench_tokenize(args, work)
     res["dvc"] = bench_dvc()
     finish(args, res, result_name(args, full=True))
+
+
+def train_variants(args, work: Path, seeds: list[int], levels: list[int], epoch_tokens: int) -> tuple[dict, dict]:
+    """Every variant, seed and load level (`--busy`; `--busy-variants` alone run under load), seed by seed, each
+    load level, every variant in turn, so a slow hour of the shared machine falls on all: per variant its summary
+    over the seeds or its error, alone, and per load level ("1", "2", ...)."""
+    loaded = args.busy_variants or args.variants
+    runs: dict[int, dict[str, dict]] = {k: {name: {} for name in args.variants if not k or name in loaded}
+                                        for k in levels}
+    failed: dict[int, dict[str, dict]] = {k: {} for k in levels}
+    for seed in seeds:
+        for busy in levels:
+            for name in runs[busy]:
+                if name in failed[busy]:
+                    continue
+                label = NAMES[name].replace('--budget', str(args.budget))
+                print(f"bench: training variant {name} ({label}), seed {seed}, beside {busy} busy processes",
+                      file=sys.stderr, flush=True)
+                r = resumed_or_run(name, args, work, seed, busy)
+                if "error" in r:
+                    failed[busy][name] = r
+                    continue
+                r["tokens_per_second"] = r["tokens"] / r["seconds"]
+                r["seconds_per_epoch"] = epoch_tokens / r["tokens_per_second"]
+                runs[busy][name][seed] = r
+                print(f"bench: {name} seed {seed} busy {busy}: {r['tokens_per_second']:.0f} tok/s, held-out loss "
+                      f"{r['heldout_loss']:.4f}, " + ", ".join(f"{k} {r[k]}" for k in r if k.startswith("peak")),
+                      file=sys.stderr, flush=True)
+    out = {busy: {name: failed[busy].get(name) or summarize(runs[busy][name]) for name in runs[busy]}
+           for busy in levels}
+    return out.get(0, {}), {str(k): v for k, v in out.items() if k}
 
 
 def resumed_or_run(name: str, args, work: Path, seed: int, busy: int = 0) -> dict:
