@@ -5,6 +5,7 @@
 #    the converters, built from source once per machine, ~9 min)
 #   make lock         re-resolve requirements.lock after a change of pyproject.toml (keeps every other pin)
 #   make lock-upgrade the newest versions pyproject.toml allows, into requirements.lock (then rerun and commit dvc.lock)
+#   make fleet        the example fleet (fleet/params.yaml: 3 adapters over the one base), `dvc repro fleet/dvc.yaml`
 #   make bench        every benchmark (bench/README.md), after `dvc repro`; BENCH="name ..." runs some
 #
 # requirements.lock is made by uv (`uv pip compile --generate-hashes`): exact versions and sha256 hashes of
@@ -20,7 +21,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export UV_FIND_LINKS := $(TORCH_WHEELS)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: setup run test bench lock lock-upgrade
+.PHONY: setup run fleet test bench lock lock-upgrade
 setup: $(VENV)/.installed
 
 $(UV):
@@ -83,6 +84,10 @@ $(VENV)/.gguf: $(VENV)/.installed
 run: setup $(VENV)/.gguf
 	dvc repro
 	peftflow metrics
+
+fleet: setup $(VENV)/.gguf
+	dvc repro fleet/dvc.yaml
+	peftflow metrics --fleet fleet
 
 test: setup $(VENV)/.gguf
 	$(PY) -m pytest -ra --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -4,7 +4,7 @@ dvc.yaml as `python -m pipeline.<stage>`).
   peftflow contract  check (--write: make) each stage's dvc.yaml params and code deps from its code
   peftflow metrics   print the latest metrics of every stage as one table, and where they are
   peftflow predict   answer rows with one or more adapters, rendered as they were trained
-  peftflow flow      run the DVC stages once as a Prefect flow (ephemeral, or on PREFECT_API_URL)
+  peftflow flow      run the DVC stages once as a Prefect flow (ephemeral, or on PREFECT_API_URL); --fleet
   peftflow schedule  serve the flow as a scheduled Prefect deployment (cron or interval)
   peftflow serve     adapters over one base in llama.cpp's llama-server, OpenAI-compatible, on 127.0.0.1
   peftflow lineage   what made an adapter, export or GGUF file (or what a server serves), checked
@@ -72,10 +72,43 @@ def _root() -> None:
     """Reproducible PEFT fine-tuning: run the pipeline with `dvc repro`."""
 
 
+def fleet_table(fleet: Path) -> Table:
+    """One row per adapter of a fleet (fleet/resolved/<name>.yaml, fleet/<name>/reports/)."""
+    table = Table("adapter", "task", "method", "train loss (steps)", "train s", "evaluate: base -> adapter", "gguf",
+                  title=f"peftflow metrics: the fleet in {fleet}/")
+    for resolved in sorted((fleet / "resolved").glob("*.yaml")):
+        name, reports = resolved.stem, fleet / resolved.stem / "reports"
+        t, run = _load(reports / "train" / "metrics.json") or {}, _load(reports / "train" / "run.json") or {}
+        e, g = _load(reports / "evaluate" / "metrics.json") or {}, _load(reports / "gguf.json") or {}
+        key = next((k for k in ("accuracy", "eval_loss") if k in e.get("adapter", {})), None)
+        score = f"{key} {e['base'][key]} -> {e['adapter'][key]}" if key else "not yet"
+        files = g.get("llama_cpp", {})
+        gguf = (", ".join(f"{f.split('.')[0]}: {c.get('accuracy', c['answer_agreement'])}" for f, c in files.items())
+                if files else g.get("reason", "not yet"))
+        table.add_row(name, str(peek(resolved, "task")), str(peek(resolved, "train.method")),
+                      f"{t['final_loss']} ({t['steps']})" if t else "not yet", str(run.get("seconds", "")), score, gguf)
+    return table
+
+
+def fleet_adapters(fleet: Path) -> list[tuple[str, Path]]:
+    """(name, its gguf stage folder) for every adapter of a fleet (fleet/resolved/<name>.yaml)."""
+    names = sorted(f.stem for f in (fleet / "resolved").glob("*.yaml"))
+    if not names:
+        raise PipelineError(f"{fleet}/resolved: no adapters yet; run `dvc repro {fleet}/dvc.yaml` first")
+    return [(name, fleet / name / "models" / "gguf") for name in names]
+
+
 @app.command()
-def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's reports folder")) -> None:
-    """Print the latest metrics of the pipeline (after `dvc repro`)."""
+def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's reports folder"),
+            fleet: Path = typer.Option(None, help="a fleet folder (fleet): one row per adapter instead")) -> None:
+    """Print the latest metrics of the pipeline, or of every adapter of a fleet (after `dvc repro`)."""
     console = Console()
+    if fleet is not None:
+        if not (fleet / "resolved").is_dir():
+            console.print(f"no adapters under {fleet}/resolved yet: run `dvc repro {fleet}/dvc.yaml` first")
+            raise typer.Exit(1)
+        console.print(fleet_table(fleet))
+        return
     table = Table("stage", "metric", "base", "adapter", "gain", title="peftflow metrics")
     v = _load(reports / "validate.json")
     if v:
@@ -153,8 +186,19 @@ def run_flow(
     pull: bool = typer.Option(False, help="`dvc pull` before the run (retried)"),
     push: bool = typer.Option(False, help="`dvc push` after the run (retried)"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
+    fleet: bool = typer.Option(False, help="run fleet/dvc.yaml instead: every adapter of the fleet (docs/fleet.md)"),
+    concurrency: int = typer.Option(None, help="--fleet: adapters at once (default: fleet/params.yaml's)"),
 ) -> None:
     """Run the pipeline's DVC stages as a Prefect flow: each stage a task, run or skipped by DVC."""
+    if fleet:
+        if set_ or experiment:
+            typer.echo("error: --fleet takes --concurrency, --pull, --push and --root (edit fleet/params.yaml for "
+                       "params)", err=True)
+            raise typer.Exit(2)
+        chains = later("pipeline.flow").fleet(root=str(root.resolve()), concurrency=concurrency, pull=pull, push=push)
+        for name, chain in chains.items():
+            typer.echo(f"{name}: " + " ".join(f"{k.split(':')[-1].split('@')[0]}:{v}" for k, v in chain.items()))
+        return
     states = later("pipeline.flow").pipeline(root=str(root.resolve()), overrides=set_, experiment=experiment,
                                              pull=pull, push=push)
     typer.echo(" ".join(f"{k}:{v}" for k, v in states.items()))
@@ -167,12 +211,18 @@ def schedule(
     interval: float = typer.Option(None, help="or: seconds between runs"),
     set_: list[str] = typer.Option([], "--set-param", "-S", help="params override key=value for every run"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
+    fleet: bool = typer.Option(False, help="the fleet's flow (fleet/dvc.yaml) instead"),
 ) -> None:
     """Serve the flow as a deployment on the Prefect server in PREFECT_API_URL, with a schedule;
     runs until stopped. A run with unchanged data and params does nothing and says so."""
     if (cron is None) == (interval is None):
         typer.echo("error: give exactly one of --cron or --interval", err=True)
         raise typer.Exit(2)
+    if fleet:
+        later("pipeline.flow").fleet.serve(name=name, cron=cron, interval=interval,
+                                           parameters={"root": str(root.resolve())},
+                                           description="peftflow: every adapter of fleet/dvc.yaml as Prefect tasks")
+        return
     later("pipeline.flow").pipeline.serve(name=name, cron=cron, interval=interval,
                    parameters={"root": str(root.resolve()), "overrides": list(set_)},
                    description="peftflow: the DVC stages of dvc.yaml as Prefect tasks")
@@ -191,13 +241,15 @@ def serve(
                                                "closest to PyTorch's float32; q8_0: half the memory)"),
     max_tokens: int = typer.Option(None, help="default answer limit (default: params.yaml's serve.max_new_tokens)"),
     params: Path = typer.Option(Path("params.yaml"), help="where the default answer limit comes from"),
+    fleet: Path = typer.Option(None, help="a fleet folder (fleet): every adapter of it, by its name, beside any given"),
 ) -> None:
     """Serve adapters over one base model with llama.cpp's llama-server, OpenAI-compatible on 127.0.0.1: the
     `model` field names the adapter, whose training template is applied to the user's text. Runs until stopped."""
     import os
 
     specs = [(n, Path(f)) if sep else (None, Path(n)) for n, sep, f in (a.partition("=") for a in adapter or
-                                                                          ["models/gguf"])]
+                                                                          ([] if fleet else ["models/gguf"]))]
+    specs += fleet_adapters(fleet) if fleet else []
     limit = max_tokens or peek(params, "serve.max_new_tokens") or 64
     srv = later("pipeline.serve")
     adapters = srv.load_adapters(specs)  # checked before anything starts
@@ -209,7 +261,8 @@ def serve(
 @app.command()
 @one_line_errors
 def lineage(
-    path: str = typer.Argument(..., help="an adapter or export folder, a GGUF file, or a `peftflow serve` URL"),
+    path: str = typer.Argument(..., help="an adapter or export folder, a GGUF file, a `peftflow serve` URL, or the "
+                                         "name of an adapter of the fleet (its adapter folder)"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
 ) -> None:
     """Print the chain adapter -> train data -> raw data -> base model with every hash checked
@@ -224,6 +277,8 @@ def lineage(
         if failed:
             raise typer.Exit(1)
         return
+    if not Path(path).exists() and (root / "fleet" / "resolved" / f"{path}.yaml").exists():
+        path = str(root / "fleet" / path / "models" / "adapter")  # a fleet adapter by its name
     if not _lineage(path, root):
         raise typer.Exit(1)
 
@@ -238,8 +293,9 @@ def _lineage(path: str, root: Path, label: str = "") -> bool:
     rec = r["record"]
     made = rec.get("export", rec)
     made = made.get("adapter", made)
-    console.print(f"{label}[bold]{path}[/bold] made by stage {rec.get('stage')}")
-    console.print(f"recorded in dvc.lock at commit {r['found_in']}" if r["found_in"]
+    console.print(f"{label}[bold]{path}[/bold] made by stage {r.get('stage') or rec.get('stage')}")
+    console.print(f"recorded in {'fleet/dvc.lock' if '@' in str(r.get('stage')) else 'dvc.lock'} at commit "
+                  f"{r['found_in']}" if r["found_in"]
                   else "[yellow]no commit's dvc.lock records this folder[/yellow]")
     env, hw = rec.get("env", {}), rec.get("hardware", {})
     console.print(f"environment: requirements.lock sha256 {str(env.get('lock_sha256'))[:16]}, "

@@ -15,13 +15,19 @@
 other line and comment. `file_stages(root, task)` is the table of docs/architecture.md: project file ->
 the stages that rerun when it changes.
 
-Inputs: the project folder (dvc.yaml, pipeline/). Outputs: lists, dvc.yaml rewritten by `write`.
+The fleet's `fleet/dvc.yaml` is written whole from dvc.yaml (`fleet_spec`): the `fleet` stage, then
+every stage but the shared `base` once per adapter (DVC's `foreach` over fleet/params.yaml's adapters),
+its outputs under `fleet/<name>/`, its params the same keys in the adapter's own resolved file, its
+`${...}` filled from the adapter's entry. So the fleet runs the DAG dvc.yaml defines, never another.
+
+Inputs: the project folder (dvc.yaml, pipeline/). Outputs: lists, dvc.yaml and fleet/dvc.yaml written by `write`.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import yaml
@@ -29,6 +35,7 @@ from pydantic import BaseModel
 
 from pipeline import methods, tasks
 from pipeline.core.params import Params, Train
+from pipeline.stages import fleet
 
 PACKAGE = "pipeline"
 CODE = "pipeline/"  # deps under this prefix are generated; the others (data, models, lock) are kept as written
@@ -106,6 +113,11 @@ def plugin_files(root: Path, kind: str) -> set[str]:
     raise ValueError(f"unknown plug-in kind {kind!r}")
 
 
+def tasks_files(root: Path) -> list[str]:
+    """Every task module (the `${task}` of a stage that checks every adapter's task)."""
+    return [module_file(root, m).relative_to(root).as_posix() for m in tasks.modules()]
+
+
 def code_deps(root: Path, module: str) -> list[str]:
     """The project files a stage module's program runs: its import closure, its files, its plug-ins."""
     mod = importlib.import_module(module)
@@ -164,7 +176,102 @@ def differences(root: Path) -> list[str]:
             lines.append(f"stage {stage}: runs {f}, not in its dvc.yaml deps")
         for f in sorted(have_code - set(want["code"])):
             lines.append(f"stage {stage}: dvc.yaml lists {f} among its deps, which it does not run")
-    return lines
+    return lines + fleet_differences(root)
+
+
+# ---- the fleet: fleet/dvc.yaml, made from dvc.yaml ---------------------------------------------------
+
+FLEET_DIR = "fleet"
+FLEET_PARAMS = "fleet/params.yaml"
+RESOLVED = "fleet/resolved"
+SHARED = ("base",)  # the stages every adapter of the fleet shares (their outputs are not per adapter)
+INTERPOLATION = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+
+
+def _paths(stage: dict) -> list[str]:
+    """A stage's outputs: outs, metrics and plots (plain paths or {path: options})."""
+    return [next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "metrics", "plots")
+            for o in stage.get(kind, [])]
+
+
+def _per_adapter(value: str) -> str:
+    """`${x.y}` of dvc.yaml as the adapter's own `${item.x.y}` (a key fleet.REQUIRED makes every adapter set)."""
+    def item(m: re.Match) -> str:
+        if m.group(1) not in fleet.REQUIRED:
+            raise ValueError(f"dvc.yaml interpolates ${{{m.group(1)}}}, which pipeline/stages/fleet.py's REQUIRED "
+                             "does not make every adapter set: add it there")
+        return "${item." + m.group(1) + "}"
+
+    return INTERPOLATION.sub(item, value)
+
+
+def fleet_spec(root: Path) -> dict:
+    """fleet/dvc.yaml as dvc.yaml and the code make it."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    own = [p for name, s in spec.items() if name not in SHARED for p in _paths(s)]
+
+    def path(p: str) -> str:  # an output of an adapter's stages (or a folder of them) moves under fleet/<name>/
+        if "${" in p:
+            return _per_adapter(p)
+        mine = any(p == o or p.startswith(o + "/") or o.startswith(p + "/") for o in own)
+        return f"{FLEET_DIR}/${{key}}/{p}" if mine else p
+
+    def outputs(entries: list) -> list:
+        return [{path(next(iter(o))): o[next(iter(o))]} if isinstance(o, dict) else path(o) for o in entries]
+
+    shared = [p for name in SHARED for p in _paths(spec[name])]
+
+    def argument(p: str) -> str:  # a path an adapter's command reads or writes: all its own (checkpoints too)
+        if "${" in p or any(p == o or p.startswith(o + "/") for o in shared):
+            return path(p)
+        return f"{FLEET_DIR}/${{key}}/{p}"
+
+    def command(cmd: str) -> str:  # every option's value is a path: the shared stages' stay, the others move
+        words = cmd.split()
+        words = [w if w.startswith("-") or i == 0 or not words[i - 1].startswith("--") else argument(w)
+                 for i, w in enumerate(words)]
+        return " ".join([*words, "--params", f"{RESOLVED}/${{key}}.yaml"])
+
+    stages: dict = {fleet.STAGE: {
+        "wdir": "..",
+        "cmd": f"python -m pipeline.stages.fleet --fleet {FLEET_PARAMS} --out {RESOLVED}",
+        "deps": [*sorted({f for d in code_deps(root, "pipeline.stages.fleet")  # every adapter's task: any of them
+                          for f in (tasks_files(root) if d == TASK_FILE else [d])}), "requirements.lock"],
+        "params": [*fleet.READS, {FLEET_PARAMS: ["adapters"]}],
+        "outs": [{RESOLVED: {"cache": False}}]}}
+    for name, s in spec.items():
+        if name in SHARED:
+            continue
+        do = {"wdir": "..", "cmd": command(s["cmd"]), "deps": [path(d) for d in s.get("deps", [])],
+              "params": [{f"{RESOLVED}/${{key}}.yaml": [_per_adapter(k) for k in s.get("params", [])]}]}
+        do.update({kind: outputs(s[kind]) for kind in ("outs", "metrics", "plots") if kind in s})
+        stages[name] = {"foreach": "${adapters}", "do": do}
+    return {"stages": stages}
+
+
+FLEET_HEAD = """\
+# The fleet: many adapters over the one base model of params.yaml, declared in fleet/params.yaml
+# (`adapters`: name -> overrides of params.yaml). WRITTEN BY `peftflow contract --write` FROM dvc.yaml:
+# edit dvc.yaml (the one DAG) and the code, not this file (`peftflow contract` and the tests fail when it
+# differs). The `fleet` stage writes each adapter's whole params file into fleet/resolved/; every other
+# stage runs once per adapter (`train@<name>`, ...), in the repository root (wdir ..), its outputs under
+# fleet/<name>/ and its params compared in fleet/resolved/<name>.yaml; all share dvc.yaml's `base`.
+# Run: `dvc repro fleet/dvc.yaml` (docs/fleet.md).
+"""
+
+
+def fleet_text(root: Path) -> str:
+    return FLEET_HEAD + yaml.safe_dump(fleet_spec(root), sort_keys=False, width=120)
+
+
+def fleet_differences(root: Path) -> list[str]:
+    """One line per fleet stage where fleet/dvc.yaml is not what dvc.yaml and the code make."""
+    f = root / FLEET_DIR / "dvc.yaml"
+    have = (yaml.safe_load(f.read_text()) or {}).get("stages", {}) if f.exists() else {}
+    want = fleet_spec(root)["stages"]
+    return [f"fleet/dvc.yaml: stage {name} is not what dvc.yaml makes of it" for name in want
+            if have.get(name) != want[name]] + [f"fleet/dvc.yaml: stage {name} is not in dvc.yaml"
+                                                for name in have if name not in want]
 
 
 def write(root: Path) -> list[str]:
@@ -185,6 +292,8 @@ def write(root: Path) -> list[str]:
         entry["params"] = want["params"]
     with path.open("w") as f:
         rt.dump(doc, f)
+    (root / FLEET_DIR).mkdir(exist_ok=True)
+    (root / FLEET_DIR / "dvc.yaml").write_text(fleet_text(root))
     return mended
 
 

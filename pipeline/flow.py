@@ -11,6 +11,14 @@ Flow parameters: `overrides` (`key=value`, applied to params.yaml the way `dvc e
 then checked by the strict params parser), `experiment` (save the result as a DVC experiment of
 that name), `pull` / `push` (a DVC remote before and after).
 
+The fleet (`fleet`, docs/fleet.md) runs fleet/dvc.yaml: the shared stages first (dvc.yaml's `base`, the
+`fleet` stage), then each adapter's chain as one Prefect task, at most `concurrency` adapters at a time
+(fleet/params.yaml's `concurrency` unless given). DVC's `repro` holds the project's lock for its whole run,
+so two cannot run at once: an adapter's stage runs the command DVC resolved for it, then `dvc commit`s it
+(what `dvc repro` records: the deps', params' and outputs' hashes in fleet/dvc.lock), the DVC calls of
+all adapters one at a time. A failing adapter stops its own chain only; the run fails at the end, naming
+every failed adapter and its stage's error line.
+
 Inputs: a DVC project folder (`root`). Outputs: the stages' outputs and dvc.lock; a Prefect
 markdown artifact with each stage's state and the metrics with deltas against the previous flow
 run (kept in `.dvc/tmp/peftflow-flow-metrics.json`).
@@ -23,10 +31,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 
 from pipeline import contract, methods, tasks
 from pipeline.core.io import atomic_write_json
@@ -34,6 +45,8 @@ from pipeline.core.lineage import dvc_repo
 from pipeline.core.stage import PipelineError, tool_env
 
 LAST_METRICS = Path(".dvc") / "tmp" / "peftflow-flow-metrics.json"
+FLEET = "fleet/dvc.yaml"
+DVC_CALLS = threading.Lock()  # the fleet's adapters run at once; their DVC calls (status, commit) one at a time
 
 
 class StageFailed(PipelineError, RuntimeError):
@@ -45,13 +58,15 @@ def dvc(*args: str) -> list[str]:
 
 
 def stage_order(root: Path) -> list[str]:
-    """The pipeline's stages, dependencies first, as DVC reads them from dvc.yaml."""
+    """The pipeline's stages, dependencies first, as DVC reads them from dvc.yaml (not fleet/dvc.yaml's: DVC's
+    index holds every pipeline file of the project, and names theirs `fleet/dvc.yaml:<stage>`)."""
     import networkx as nx
     from dvc.stage import PipelineStage
 
     with dvc_repo(root) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [s.name for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+        return [s.name for s in reversed(list(nx.topological_sort(graph)))
+                if isinstance(s, PipelineStage) and s.addressing == s.name]
 
 
 def changed(root: Path, stage: str) -> dict:
@@ -132,9 +147,12 @@ def run_stage(root: Path, stage: str) -> str:
 
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120])
-def transfer(root: Path, direction: str) -> None:
-    """`dvc pull` / `dvc push` against the default remote (network I/O: retried)."""
+def transfer(root: Path, direction: str, targets: tuple[str, ...] = ()) -> None:
+    """`dvc pull` / `dvc push` against the default remote (network I/O: retried); `targets`: a pipeline file's
+    stages and those they read (the fleet's: fleet/dvc.yaml with dvc.yaml's `base`), else every stage."""
     args = ["pull", "--allow-missing"] if direction == "pull" else ["push"]
+    if targets:
+        args += ["--with-deps", *targets]
     proc = subprocess.run(dvc(*args), cwd=root, env=tool_env(), capture_output=True, text=True)
     if proc.returncode:
         raise OSError(f"dvc {direction} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
@@ -174,4 +192,113 @@ def pipeline(root: str = ".", overrides: list[str] | None = None, experiment: st
                              description="stage states and metrics, with deltas against the previous flow run")
     previous.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(previous, now)
+    return states
+
+
+# ---- the fleet ------------------------------------------------------------------------------------------
+
+def fleet_order(root: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """fleet/dvc.yaml's stages, dependencies first: the shared ones (the `fleet` stage and the dvc.yaml stages
+    it and the adapters read, as `base`), and adapter name -> its chain (`fleet/dvc.yaml:train@<name>`, ...)."""
+    import networkx as nx
+    from dvc.stage import PipelineStage
+
+    with dvc_repo(root) as repo:
+        graph = repo.index.graph
+        fleet = [s for s in graph if isinstance(s, PipelineStage) and s.addressing.startswith(FLEET + ":")]
+        upstream = set().union(*(nx.descendants(graph, s) for s in fleet))  # edges point to what a stage reads
+        order = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+        shared = [s.addressing for s in order if "@" not in s.name and (s in upstream or s in fleet)]
+        chains: dict[str, list[str]] = {}
+        for s in order:
+            if s in fleet and "@" in s.name:
+                chains.setdefault(s.name.split("@", 1)[1], []).append(s.addressing)
+        return shared, chains
+
+
+def fleet_concurrency(root: Path) -> int:
+    """fleet/params.yaml's `concurrency` (adapters trained at once), 1 when unset."""
+    raw = yaml.safe_load((root / "fleet" / "params.yaml").read_text(encoding="utf-8-sig")) or {}
+    return int(raw.get("concurrency") or 1)
+
+
+def run_committed(root: Path, stage: str) -> str:
+    """Run one fleet stage if DVC says it changed: its command as DVC resolved it, then `dvc commit` (see the
+    module docstring); "ran" or "skipped"."""
+    log = get_run_logger()
+    with DVC_CALLS, dvc_repo(root) as repo:
+        why = repo.status(targets=[stage])
+        (s,) = repo.stage.collect(stage)
+        cmd, wdir = s.cmd, Path(s.wdir)
+    if not why:
+        log.info(f"{stage}: unchanged, skipped (DVC status is clean)")
+        return "skipped"
+    log.info(f"{stage}: changed, running: {cmd}")
+    proc = subprocess.Popen(cmd, shell=True, cwd=wdir, env=tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    errors = []
+    for line in proc.stdout:  # into the adapter's task log as it comes
+        line = line.rstrip()
+        if line:
+            log.info(line)
+        if line.startswith("error:"):
+            errors.append(line)
+    if proc.wait():
+        raise StageFailed(f"stage {stage} failed: {(errors or ['exit code ' + str(proc.returncode)])[0]}")
+    with DVC_CALLS, dvc_repo(root) as repo:
+        repo.commit(stage, force=True)
+    return "ran"
+
+
+@task(task_run_name="{adapter}")
+def run_adapter(root: Path, adapter: str, stages: list[str]) -> dict[str, str]:
+    """One adapter's chain, in order; its first failing stage stops it (and only it)."""
+    return {stage: run_committed(root, stage) for stage in stages}
+
+
+def fleet_markdown(states: dict[str, dict[str, str]], failed: dict[str, str]) -> str:
+    ran = sum(v == "ran" for chain in states.values() for v in chain.values())
+    lines = [f"**{len(states)} adapters, {ran} stages ran, {len(failed)} failed**", "",
+             "| adapter | state | stages that ran |", "|---|---|---|"]
+    for name, chain in states.items():
+        what = f"failed: {failed[name]}" if name in failed else "ok"
+        lines.append(f"| {name} | {what} | {', '.join(s.split(':')[-1] for s, v in chain.items() if v == 'ran')} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="peftflow-fleet", log_prints=True)
+def fleet(root: str = ".", concurrency: int | None = None, pull: bool = False,
+          push: bool = False) -> dict[str, dict[str, str]]:
+    """Run fleet/dvc.yaml: the shared stages, then every adapter's chain, `concurrency` at a time; returns
+    adapter -> its stages' states. `pull` / `push`: the DVC remote before and after (what the adapters that
+    succeeded made is pushed). Fails at the end if an adapter failed, naming each."""
+    where = Path(root).resolve()
+    if pull:
+        transfer(where, "pull", (FLEET,))
+    shared, chains = fleet_order(where)
+    for stage in shared:
+        run_stage(where, stage)
+    limit = max(1, concurrency or fleet_concurrency(where))
+    waiting, running, states, failed = list(chains), {}, {}, {}
+    while waiting or running:
+        while waiting and len(running) < limit:
+            name = waiting.pop(0)
+            running[run_adapter.submit(where, name, chains[name])] = name
+        done = next(as_completed(list(running)))
+        name = running.pop(done)
+        try:
+            states[name] = done.result()
+        except Exception as e:  # an adapter's failure stops its own chain only
+            failed[name], states[name] = str(e), {}
+            get_run_logger().error(f"adapter {name}: {e}")
+    states = {name: states[name] for name in chains}
+    if push:
+        transfer(where, "push", (FLEET,))
+    create_markdown_artifact(fleet_markdown(states, failed), key="peftflow-fleet",
+                             description="each adapter of the fleet: its state and the stages that ran")
+    if failed:
+        raise StageFailed(f"{len(failed)} of {len(chains)} adapters failed: "
+                          + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+    if not any(v == "ran" for chain in states.values() for v in chain.values()):
+        get_run_logger().info(f"nothing to do: all {len(chains)} adapters are up to date")
     return states

@@ -5,6 +5,11 @@ params and metrics (`dvc params diff`, `dvc metrics diff`), and draws the loss c
 revisions on one plot and the two confusion matrices side by side. Metrics and plots are small
 files kept in git (`reports/`), so any commit can be compared.
 
+With a fleet (docs/fleet.md) the report has one section per pipeline that changed: the default job,
+then each adapter of the fleet whose params (its file fleet/resolved/<name>.yaml) or metrics
+(fleet/<name>/reports/) changed, each with its own table and plots, so a pull request that changes one
+adapter shows that one; the adapters left as they were are named in one line.
+
 Inputs: a git + DVC project and a revision. Outputs: `<out>/report.md` and its images.
 """
 
@@ -30,7 +35,18 @@ def at_rev(root: Path, rev: str | None, path: str) -> bytes | None:
     return r.stdout if r.returncode == 0 else None
 
 
-def loss_plot(root: Path, base: str, out: Path) -> bool:
+def owner(path: str) -> str:
+    """Whose file a params or metrics file is: "" (the default job), "fleet" (fleet/params.yaml), or the name
+    of a fleet adapter (fleet/resolved/<name>.yaml, fleet/<name>/reports/...)."""
+    parts = Path(path).parts
+    if parts[:2] == ("fleet", "resolved"):
+        return Path(path).stem
+    if parts[:1] == ("fleet",):
+        return parts[1] if len(parts) > 2 else "fleet"
+    return ""
+
+
+def loss_plot(root: Path, base: str, out: Path, prefix: str = "") -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +54,7 @@ def loss_plot(root: Path, base: str, out: Path) -> bool:
 
     curves = {}
     for label, rev in ((base, base), ("this change", None)):
-        raw = at_rev(root, rev, LOSS)
+        raw = at_rev(root, rev, prefix + LOSS)
         if raw:
             rows = list(csv.DictReader(io.StringIO(raw.decode()), delimiter="\t"))
             curves[label] = ([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
@@ -69,32 +85,57 @@ def build(root: Path, base: str, out: Path) -> str:
     with dvc_repo(root) as repo:
         params = repo.params.diff(a_rev=base).get("diff", {})
         metrics = repo.metrics.diff(a_rev=base, all=True).get("diff", {})
-    lines = [f"## peftflow: this change vs `{base}`", ""]
-    lines += ["### Params", ""]
     changed = [(f, k, d) for f, keys in params.items() for k, d in keys.items()]
+    rows = [(f, f"{f}:{k}", d) for f, keys in metrics.items() for k, d in keys.items()
+            if isinstance(d.get("new"), int | float) and not isinstance(d.get("new"), bool)]
+    owners = sorted({owner(f) for f, *_ in changed + rows}, key=lambda o: (o != "", o != "fleet", o))
+    lines = [f"## peftflow: this change vs `{base}`", ""]
+    quiet = []
+    for who in owners or [""]:
+        mine = [c for c in changed if owner(c[0]) == who]
+        numbers = [r for r in rows if owner(r[0]) == who]
+        moved = mine or any(r[2].get("diff") for r in numbers)
+        if who not in ("", "fleet") and not moved:
+            quiet.append(who)
+            continue
+        title = {"": "the default job (dvc.yaml)", "fleet": "the fleet (fleet/params.yaml)"}.get(
+            who, f"fleet adapter `{who}` (fleet/dvc.yaml)")
+        if who or len(owners) > 1:
+            lines += [f"### {title[0].upper()}{title[1:]}", ""]
+        lines += section(root, base, out, who, mine, numbers)
+    if quiet:
+        lines += [f"Fleet adapters with no params or metrics change: {', '.join(quiet)}.", ""]
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def section(root: Path, base: str, out: Path, who: str, changed: list, rows: list) -> list[str]:
+    """One pipeline's params table, metrics table and plots (`who`: owner(); its files under fleet/<who>/)."""
+    prefix = f"fleet/{who}/" if who not in ("", "fleet") else ""
+    tag = f"{who}_" if prefix else ""
+    lines = ["#### Params", ""]
     if changed:
         lines += ["| param | before | after |", "|---|---|---|"]
         lines += [f"| {k} | {fmt(d.get('old'))} | {fmt(d.get('new'))} |" for _, k, d in changed]
     else:
         lines.append("No params changed.")
-    lines += ["", "### Metrics", "", "| metric | before | after | delta |", "|---|---:|---:|---:|"]
-    rows = [(f"{f}:{k}", d) for f, keys in metrics.items() for k, d in keys.items()
-            if isinstance(d.get("new"), int | float) and not isinstance(d.get("new"), bool)]
-    rows.sort(key=lambda r: (not r[1].get("diff"), r[0]))  # what changed first, then by name
-    for name, d in rows:
+    if who == "fleet":
+        return lines + [""]
+    lines += ["", "#### Metrics", "", "| metric | before | after | delta |", "|---|---:|---:|---:|"]
+    rows = sorted(rows, key=lambda r: (not r[2].get("diff"), r[1]))  # what changed first, then by name
+    for _, name, d in rows:
         delta = d.get("diff")
         lines.append(f"| {name} | {fmt(d.get('old'))} | {fmt(d['new'])} | {'' if delta is None else f'{delta:+.4g}'} |")
-    lines += ["", "### Plots", ""]
-    if loss_plot(root, base, out / "loss.png"):
-        lines.append("![training loss, before and after](loss.png)")
-    before, after = at_rev(root, base, CONFUSION), at_rev(root, None, CONFUSION)
+    lines += ["", "#### Plots", ""]
+    if loss_plot(root, base, out / f"{tag}loss.png", prefix):
+        lines.append(f"![training loss, before and after]({tag}loss.png)")
+    before, after = at_rev(root, base, prefix + CONFUSION), at_rev(root, None, prefix + CONFUSION)
     if before and after and before != after:
-        (out / "confusion_before.png").write_bytes(before)
-        (out / "confusion_after.png").write_bytes(after)
+        (out / f"{tag}confusion_before.png").write_bytes(before)
+        (out / f"{tag}confusion_after.png").write_bytes(after)
         lines += ["", f"| confusion matrix at `{base}` | this change |", "|---|---|",
-                  "| ![before](confusion_before.png) | ![after](confusion_after.png) |"]
+                  f"| ![before]({tag}confusion_before.png) | ![after]({tag}confusion_after.png) |"]
     elif after:
         lines.append("Confusion matrix unchanged.")
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    return text
+    return lines + [""]

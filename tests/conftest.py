@@ -277,10 +277,139 @@ def copy_repo(src: Path, dst: Path) -> Path:
 # fixtures whose tests run a whole pipeline in subprocesses (DVC repositories, a Prefect server, the contract
 # harness): those tests are `slow` by construction, with the real-model ones; `pytest -m "not slow"` is the
 # fast lane (docs/testing.md)
-PIPELINE_FIXTURES = {"history", "server", "measured"}
+PIPELINE_FIXTURES = {"history", "server", "measured", "fleet_rules", "s3"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# ---- an S3-compatible object store on loopback (moto's server), for the DVC remote -----------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cuttable:
+    """A TCP forwarder 127.0.0.1:port -> target that can go away in the middle of a transfer: after `cut_after`
+    bytes sent towards the target it closes every connection and refuses new ones until `restore()`."""
+
+    def __init__(self, target: int) -> None:
+        import socket
+        import threading
+
+        self.target, self.cut_after, self.sent, self.down = target, None, 0, False
+        self.lock, self.conns = threading.Lock(), []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, outgoing: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if outgoing:
+                    with self.lock:
+                        self.sent += len(data)
+                        over = self.cut_after is not None and self.sent > self.cut_after
+                    if over:
+                        self.cut()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        import socket
+
+        self.down = True
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        self.down, self.cut_after = False, None
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3-compatible server on a free loopback port (in memory), a bucket in it, and the environment a DVC
+    remote on it needs (fake credentials: moto accepts any). Skipped where moto[server] and dvc-s3 are not
+    installed: they are not in requirements.lock yet (docs/fleet.md#a-remote-on-an-object-store)."""
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (not in requirements.lock yet)")
+    pytest.importorskip("dvc_s3", reason="dvc-s3 is not installed (not in requirements.lock yet)")
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        end = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                if time.time() > end:
+                    raise
+                time.sleep(0.5)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        yield {"port": port, "url": f"http://127.0.0.1:{port}", "env": env, "client": client}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def add_remote(repo: Path, s3: dict, bucket: str | None, endpoint: str | None = None) -> None:
+    """A new bucket on the test server as the repository's default DVC remote `store` (its config in
+    .dvc/config, committed); the credentials in .dvc/config.local, as a user keeps them (bucket None: only those,
+    in a clone of a repository that has the remote)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    if bucket:
+        s3["client"].create_bucket(Bucket=bucket)
+        sh(repo, *dvc, "remote", "add", "-d", "store", f"s3://{bucket}/dvc")
+        sh(repo, *dvc, "remote", "modify", "store", "endpointurl", endpoint or s3["url"])
+    sh(repo, *dvc, "remote", "modify", "--local", "store", "access_key_id", "test")
+    sh(repo, *dvc, "remote", "modify", "--local", "store", "secret_access_key", "test")

@@ -363,6 +363,115 @@ def code_sensitivity(project: Project, imports: dict) -> dict:
     return out
 
 
+# ---- the fleet (fleet/dvc.yaml): the same rules, adapter by adapter ------------------------------------
+
+# two adapters of different tasks; b overrides train.lr, so a shared train.lr must rerun a's train only
+FLEET = {"a": {"task": "classification", "data": {"train": "data/example/sentiment_train.jsonl",
+                                                   "validation": "data/example/sentiment_validation.jsonl"},
+               "format": {"template": "prompts/sentiment.jinja"}, "train": {"method": "lora"}},
+         "b": {"task": "instruction", "data": {"train": "data/example/instruction_train.jsonl",
+                                               "validation": "data/example/instruction_validation.jsonl"},
+               "format": {"template": "prompts/alpaca.jinja"}, "train": {"method": "lora", "lr": 0.02}}}
+# shared keys whose reruns the fleet must mirror (root stages read them; none is overridden but train.lr by b)
+FLEET_KEYS = ("seed", "task", "labels", "data.license", "validate.min_chars", "format.system_prompt",
+              "tokenize.max_length", "train.lr", "train.epochs", "train.lora.r", "evaluate.samples", "export.atol",
+              "gguf.min_agreement", "serve.batch_size", "base.dtype")
+
+
+def _overrides(entry: dict, key: str) -> bool:
+    node = entry
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+class Fleet(Project):
+    """The scratch project of Project (root pipeline, classification) with fleet/dvc.yaml and two adapters."""
+
+    def create(self) -> None:
+        super().create()
+        d = self.dir
+        (d / "fleet").mkdir()
+        shutil.copy(ROOT / "fleet" / "dvc.yaml", d / "fleet" / "dvc.yaml")
+        for split, n in ROWS.items():
+            lines = (ROOT / "data" / "example" / f"instruction_{split}.jsonl").read_text().splitlines(True)[:n]
+            (d / "data" / "example" / f"instruction_{split}.jsonl").write_text("".join(lines))
+        self.adapters = copy.deepcopy(FLEET)
+        self.write_fleet(self.adapters)
+
+    def write_fleet(self, adapters: dict) -> None:
+        (self.dir / "fleet" / "params.yaml").write_text(yaml.safe_dump({"adapters": adapters}, sort_keys=False))
+
+    def verdict(self) -> set[str]:
+        """The stages DVC names once the fleet stage has rewritten the adapters' params (as `dvc repro` runs it
+        first): each as `stage` (root) or `stage@adapter`; the fleet stage itself left out."""
+        stage = next(s for s in self.stages() if s.addressing.endswith(":fleet"))
+        error, _ = self.run(stage)
+        if error:
+            raise RuntimeError(f"fleet stage: {error}")
+        return {name.split(":")[-1] for name in self.status()} - {"fleet"}
+
+
+def fleet_rules(scratch: Path) -> dict:
+    """The rerun rules of the fleet, measured: each case's stages DVC names against the expected ones."""
+    project = Fleet(scratch, "classification")
+    project.create()
+    stages, imports, _ = baseline(project)
+    cases = {}
+
+    def case(name: str, expected, edit, undo) -> None:
+        """`expected`: the stages, or a function of the root stages DVC names for the same edit."""
+        edit()
+        got = project.verdict()
+        undo()
+        left = project.verdict()
+        want = expected({s for s in got if "@" not in s}) if callable(expected) else expected
+        cases[name] = {"expected": sorted(want), "got": sorted(got), "after_undo": sorted(left)}
+
+    keys = leaves(project.params)
+    for key in FLEET_KEYS:
+        value = next(v for v in alternatives(key, keys[key], project.dir) if valid(put(project.params, key, v)) is None)
+        # each root stage DVC reruns, and the same stage of every adapter that takes the key from params.yaml
+        case(f"params.yaml {key}", lambda root, key=key: root | {
+            f"{s}@{a}" for s in root - {"base"} for a, e in FLEET.items() if not _overrides(e, key)},
+            lambda key=key, value=value: project.write_params(put(project.params, key, value)),
+            lambda: project.write_params(project.params))
+
+    def put_adapter(name, key, value):
+        return lambda: project.write_fleet({**project.adapters, name: put(project.adapters[name], key, value)})
+
+    def reset_fleet():
+        project.write_fleet(project.adapters)
+
+    case("adapters.b.train.lr", {"train@b"}, put_adapter("b", "train.lr", 0.03), reset_fleet)
+    case("adapters.a.train.lora", {"train@a"}, lambda: project.write_fleet(
+        {**project.adapters, "a": {**project.adapters["a"], "train": {"method": "lora", "lora": {"r": 4}}}}),
+        reset_fleet)
+    added = {f"{s.addressing.split(':')[-1].split('@')[0]}@c" for s in stages if "@a" in s.addressing}
+    case("a new adapter c", added, lambda: project.write_fleet({**project.adapters, "c": FLEET["a"]}), reset_fleet)
+    data = project.dir / "data" / "example" / "instruction_train.jsonl"
+    text = data.read_text()
+    case("b's data file", {"validate@b"}, lambda: data.write_text(text + text.splitlines(True)[0]),
+         lambda: data.write_text(text))
+    template = project.dir / "prompts" / "alpaca.jinja"
+    jinja = template.read_text()
+    case("b's template", {"format@b"}, lambda: template.write_text(jinja + "{# edited #}\n"),
+         lambda: template.write_text(jinja))
+    task_code = project.dir / "pipeline" / "tasks" / "instruction.py"
+    code = task_code.read_text()
+    b_stages = {f"{s.addressing.split(':')[-1]}" for s in stages if s.addressing.endswith("@b")
+                and "pipeline/tasks/instruction.py" in {str(d.def_path) for d in s.deps}}
+    case("b's task module", b_stages, lambda: task_code.write_text(code + "\n# touched\n"),
+         lambda: task_code.write_text(code))
+    fleet_stage = next(s for s in stages if s.addressing.endswith(":fleet"))
+    declared = {str(d.def_path) for d in fleet_stage.deps if str(d.def_path).startswith("pipeline/")}
+    return {"cases": cases, "fleet_stage": {"declared": sorted(declared),
+                                            "imported": imports[fleet_stage.name]},
+            "stages": sorted(s.addressing for s in stages)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", required=True)
@@ -370,7 +479,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--scratch", required=True)
     ap.add_argument("--code", action="store_true", help="also touch every project file")
+    ap.add_argument("--fleet", action="store_true", help="the fleet's rerun rules instead (fleet_rules)")
     a = ap.parse_args()
+    if a.fleet:
+        Path(a.out).write_text(json.dumps(fleet_rules(Path(a.scratch)), indent=1))
+        return
     t0 = time.time()
     project = Project(Path(a.scratch), a.task)
     project.create()

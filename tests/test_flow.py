@@ -5,7 +5,6 @@ changed, an experiment, failures) and from a work pool."""
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, STAGES, copy_repo
+from conftest import ROOT, STAGES, copy_repo, free_port, sh
 
 from pipeline import flow
 from pipeline.core.params import ParamsError
@@ -54,12 +53,6 @@ def test_metrics_markdown_deltas():
     assert "**1 of 2 stages ran** (train)" in md
     assert "| m:acc | 0.9 | 0.8 | +0.1 |" in md and "| m:new | 1 |  |  |" in md
     assert "**Nothing to do**" in flow.metrics_markdown({"a": "skipped"}, {}, {})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, what: str, timeout: float):
@@ -232,3 +225,49 @@ def sh_dvc(repo: Path, *args: str) -> str:
 
 def sh_status(repo: Path) -> str:
     return sh_dvc(repo, "status")
+
+
+def add_fleet(repo: Path, adapters: dict, concurrency: int = 2) -> None:
+    """fleet/dvc.yaml and a fleet/params.yaml of these adapters in a tiny-model repository (conftest.make_repo)."""
+    (repo / "fleet").mkdir(exist_ok=True)
+    (repo / "fleet" / "dvc.yaml").write_text((ROOT / "fleet" / "dvc.yaml").read_text())
+    (repo / "fleet" / "params.yaml").write_text(yaml.safe_dump({"concurrency": concurrency, "adapters": adapters}))
+
+
+def sentiment(train: str) -> dict:
+    return {"task": "classification", "format": {"template": "prompts/sentiment.jinja"}, "train": {"method": "lora"},
+            "data": {"train": train, "validation": "data/example/sentiment_validation.jsonl"}}
+
+
+def test_fleet_runs_each_adapter_on_its_own_and_a_failing_one_stops_only_itself(server, repo):
+    """Two adapters at once: b's bad data fails b's validate (named in the failed run), a's chain runs to its GGUF
+    and is recorded, its lineage found by its name; b taken out of the fleet, the next run runs nothing (a
+    scheduled run with nothing changed)."""
+    good = "data/example/sentiment_train.jsonl"
+    bad = repo / "data" / "example" / "bad.jsonl"
+    bad.write_text('{"sentence": "Sales rose .", "label": "positive"}\n{"sentence": "Costs fell .", "label": "up"}\n')
+    b = {**sentiment("data/example/bad.jsonl"), "train": {"method": "lora", "lr": 0.01}}
+    add_fleet(repo, {"a": sentiment(good), "b": b})
+    with api(server["env"]):
+        state = flow.fleet(root=str(repo), return_state=True)
+        assert state.is_failed()
+        message = str(state.result(raise_on_failure=False))
+        assert message.startswith("1 of 2 adapters failed: b: stage fleet/dvc.yaml:validate@b failed: error:")
+        lock = yaml.safe_load((repo / "fleet" / "dvc.lock").read_text())["stages"]
+        assert {s for s in lock if s.endswith("@a")} == {f"{s}@a" for s in STAGES if s != "base"}
+        assert not any(s.endswith("@b") for s in lock)
+        status = sh_dvc(repo, "status", "fleet/dvc.yaml")
+        assert "@b" in status and "@a" not in status  # what a's chain wrote is what fleet/dvc.lock records
+        untracked = sh(repo, "git", "status", "--porcelain", "--untracked-files=all")
+        assert "fleet/a/models/.gitignore" in untracked  # the outputs are gitignored as `dvc repro` does
+        assert "fleet/a/models/adapter/" not in untracked and "fleet/a/data/tokenized/" not in untracked
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "fleet")
+        out = sh(repo, sys.executable, "-m", "pipeline.cli", "lineage", "a")  # an adapter by its name
+        assert "made by stage train@a" in out and "recorded in fleet/dvc.lock at commit" in out
+        assert "dvc repro fleet/dvc.yaml:train@a" in out and "MISMATCH" not in out
+
+        add_fleet(repo, {"a": sentiment(good)}, concurrency=1)  # b taken out: a is up to date, nothing runs
+        chains = flow.fleet(root=str(repo))
+        assert list(chains) == ["a"] and set(chains["a"].values()) == {"skipped"}
+    assert sh_dvc(repo, "status", "fleet/dvc.yaml") == "Data and pipelines are up to date."

@@ -45,3 +45,35 @@ def test_report_and_lineage_across_two_commits(history, tmp_path):
     assert r.returncode == 1
     assert re.search(r"data/example/sentiment_train\.jsonl.*MISMATCH", r.stdout), r.stdout
     assert "1 recorded hash(es) and 0 package version(s) differ" in r.stdout
+
+
+def test_a_fleet_report_shows_the_adapter_that_changed_and_names_the_others(tmp_path):
+    """Params and metrics of two fleet adapters (fleet/resolved/<name>.yaml, fleet/<name>/reports/): a change to a
+    gets its own section with its params and metric deltas; b, unchanged, is named in one line."""
+    import yaml
+
+    r = tmp_path / "r"
+    r.mkdir()
+    stage = {"foreach": ["a", "b"], "do": {"cmd": "true", "params": [{"fleet/resolved/${item}.yaml": ["train.lr"]}],
+                                           "metrics": [{"fleet/${item}/reports/train/metrics.json": {"cache": False}}]}}
+    (r / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+
+    def write(name: str, lr: float, loss: float) -> None:
+        (r / "fleet" / "resolved").mkdir(parents=True, exist_ok=True)
+        (r / "fleet" / "resolved" / f"{name}.yaml").write_text(yaml.safe_dump({"train": {"lr": lr}}))
+        (r / "fleet" / name / "reports" / "train").mkdir(parents=True, exist_ok=True)
+        (r / "fleet" / name / "reports" / "train" / "metrics.json").write_text(json.dumps({"final_loss": loss}))
+
+    write("a", 0.1, 0.5)
+    write("b", 0.1, 0.7)
+    sh(r, "git", "init", "-q")
+    sh(r, sys.executable, "-m", "dvc", "init", "-q")
+    sh(r, "git", "add", "-A")
+    sh(r, "git", "commit", "-qm", "fleet")
+    write("a", 0.2, 0.4)
+    out = cli(r, "report", "--base", "HEAD", "--out", "pr")
+    assert out.returncode == 0, out.stderr
+    md = (r / "pr" / "report.md").read_text()
+    assert "### Fleet adapter `a` (fleet/dvc.yaml)" in md and "| train.lr | 0.1 | 0.2 |" in md
+    assert "| fleet/a/reports/train/metrics.json:final_loss | 0.5 | 0.4 | -0.1 |" in md
+    assert "Fleet adapters with no params or metrics change: b." in md and "fleet/b/" not in md

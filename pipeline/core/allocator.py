@@ -21,7 +21,7 @@ ALLOCATOR_ENV = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
 # How torch's compute threads (OpenMP, libgomp) wait for their next piece of work: spinning for up to 300,000
 # turns (libgomp's default) or asleep at once. A step is thousands of small operators, each a barrier. On a
 # quiet machine spinning is fastest (waking a sleeping thread per operator cost 10% on the default job's
-# prompt, 11% on the short one); beside other busy processes the spinning thread holds a core they need and
+# prompt, 17% on the short one); beside other busy processes the spinning thread holds a core they need and
 # the next operator waits for the thread the OS took off its core: 0.35x the speed alone, asleep 0.80x
 # (docs/speed.md#a-busy-machine). The train program looks once, at its start, and chooses. How threads wait
 # never changes a result; how many threads share the work does (a reduction splits by thread), so their number

@@ -37,6 +37,10 @@ from pipeline.core.stage import PipelineError
 SAFETENSORS_KEY = "peftflow.lineage"
 RECORD = "peftflow.json"  # the one record of an artifact folder (adapter, export)
 LOCK_FILE = "requirements.lock"
+# the pipelines' lock files: the default job's, and the fleet's (docs/fleet.md: stages `train@<adapter>`, ...),
+# whose adapters read the default job's `base`; their stage names never collide, so they are read as one
+PIPELINE_LOCKS = ("dvc.lock", "fleet/dvc.lock")
+FLEET_DVC_YAML = "fleet/dvc.yaml"
 
 
 @contextlib.contextmanager
@@ -80,12 +84,32 @@ def cache_object(cache: Path, md5: str) -> Path:
     return cache / "files" / "md5" / md5[:2] / md5[2:]
 
 
-def reproduce_commands(rec: dict, commit: str | None = None) -> list[str]:
+def reproduce_commands(rec: dict, commit: str | None = None, stage: str | None = None) -> list[str]:
     """How to get a recorded artifact back: the commit (when known), the locked environment, then DVC's
-    checkout and repro of its stage (`peftflow verify` checks that the hashes come out the same)."""
-    stage = rec.get("stage", "")
+    checkout and repro of its stage (`peftflow verify` checks that the hashes come out the same; a fleet
+    adapter's stage, `train@<name>`, is reproduced through fleet/dvc.yaml)."""
+    stage = stage or rec.get("stage", "")
+    if "@" in stage:
+        return ([f"git checkout {commit}"] if commit else []) + [
+            "make setup", "dvc checkout", f"dvc repro {FLEET_DVC_YAML}:{stage}"]
     return ([f"git checkout {commit}"] if commit else []) + [
         "make setup", "dvc checkout", f"dvc repro {stage}".strip(), f"peftflow verify {stage}".strip()]
+
+
+def lock_stages(root: Path, commit: str | None = None) -> dict:
+    """The `stages` of every pipeline lock file (PIPELINE_LOCKS), at a commit or in the workspace, as one."""
+    stages: dict = {}
+    for name in PIPELINE_LOCKS:
+        text = git(root, "show", f"{commit}:{name}") if commit else None
+        if text is None and commit is None and (root / name).exists():
+            text = (root / name).read_text()
+        stages.update((yaml.safe_load(text or "{}") or {}).get("stages", {}))
+    return stages
+
+
+def producer(lock: dict, md5: str | None, default: str | None) -> str | None:
+    """The lock's stage that wrote an output of this md5 (the adapter's own `train@<name>` in a fleet)."""
+    return next((n for n, s in lock.items() if md5 and any(o.get("md5") == md5 for o in s.get("outs", []))), default)
 
 
 def git(root: Path, *args: str) -> str | None:
@@ -269,11 +293,15 @@ def cache_has(root: Path, md5: str | None) -> bool | None:
 
 
 def modified_paths(root: Path) -> set[str]:
-    """The paths `dvc status` reports changed in the workspace (outputs and deps)."""
+    """The paths `dvc status` reports changed in the workspace (outputs and deps), by the stages a lock file
+    records (a stage that never ran, as the default job's beside a fleet, calls every dep of it changed)."""
     with dvc_repo(root) as repo:
         status = repo.status()
+    ran = lock_stages(root)
     modified = set()
-    for changes in status.values():
+    for stage, changes in status.items():
+        if stage.split(":")[-1] not in ran:
+            continue
         for change in changes:
             if isinstance(change, dict):
                 for kind in ("changed outs", "changed deps"):
@@ -284,28 +312,24 @@ def modified_paths(root: Path) -> set[str]:
 def made_in(root: Path, md5: str) -> tuple[str | None, dict]:
     """The commit whose dvc.lock first records `md5`, and the `stages` of that dvc.lock (of the workspace's
     dvc.lock when no commit records it)."""
-    found = git(root, "log", "--format=%H", f"-S{md5}", "--", "dvc.lock")
+    found = git(root, "log", "--format=%H", f"-S{md5}", "--", *PIPELINE_LOCKS)
     commit = found.splitlines()[-1] if found else None
-    text = git(root, "show", f"{commit}:dvc.lock") if commit else None
-    if text is None:
-        lock_file = root / "dvc.lock"
-        text = lock_file.read_text() if lock_file.exists() else "{}"
-    return commit, (yaml.safe_load(text) or {}).get("stages", {})
+    return commit, lock_stages(root, commit)
 
 
 def check(folder: Path, root: Path = Path(".")) -> dict:
     """Every hash of the folder's lineage against the workspace and the DVC cache; the lines to print."""
-    rec = read(folder)
-    return _check(rec, *made_in(root, digest(folder)), root)
+    rec, md5 = read(folder), digest(folder)
+    return _check(rec, *made_in(root, md5), root, md5)
 
 
 def commit_of_file(root: Path, stage: str, md5: str) -> tuple[str | None, dict]:
     """The first commit whose dvc.lock has `stage` write a folder holding a file of this md5 (looked up in
     the folder manifests of the DVC cache), and its dvc.lock `stages`."""
     found = None
-    for commit in (git(root, "log", "--format=%H", "--", "dvc.lock") or "").splitlines():
-        stages = (yaml.safe_load(git(root, "show", f"{commit}:dvc.lock") or "{}") or {}).get("stages", {})
-        for out in stages.get(stage, {}).get("outs", []):
+    for commit in (git(root, "log", "--format=%H", "--", *PIPELINE_LOCKS) or "").splitlines():
+        stages = lock_stages(root, commit)
+        for out in (o for name, s in stages.items() if name.split("@")[0] == stage for o in s.get("outs", [])):
             if not str(out.get("md5")).endswith(".dir"):
                 continue
             manifest = cache_object(root / ".dvc" / "cache", str(out.get("md5")))
@@ -321,10 +345,13 @@ def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Pat
     and its tensor bytes against the written digest."""
     rec, stamped, now = stamp
     commit, lock = commit_of_file(root, rec.get("stage", "gguf"), md5_file(path))
+    export_md5 = next((m for p, m in rec.get("inputs", {}).items() if Path(p).name == "export"), None)
     if commit is None:
-        export_md5 = next((m for p, m in rec.get("inputs", {}).items() if Path(p).name == "export"), None)
         commit, lock = made_in(root, export_md5) if export_md5 else (None, {})
-    r = _check(rec, commit, lock, root)
+    # its stage: the one that read this export (the default job's gguf, or an adapter's gguf@<name>)
+    name = next((n for n, s in lock.items() if n.split("@")[0] == rec.get("stage", "gguf")
+                 and any(d.get("md5") == export_md5 for d in s.get("deps", []))), None)
+    r = _check(rec, commit, lock, root, stage=name)
     if stamped != now:
         r["mismatches"].append(v := {"path": str(path), "md5": stamped, "cache": None,
                                      "workspace": f"MISMATCH (tensor bytes changed: sha256 now {now[:12]})"})
@@ -332,9 +359,10 @@ def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Pat
     return r
 
 
-def _check(rec: dict, commit: str | None, lock: dict, root: Path) -> dict:
-    lock_file = root / "dvc.lock"
-    now_outs = lock_outs((yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.exists() else {})
+def _check(rec: dict, commit: str | None, lock: dict, root: Path, md5: str | None = None,
+           stage: str | None = None) -> dict:
+    """`md5`: the folder's own hash (its stage is the one that wrote it); or `stage` named."""
+    now_outs = lock_outs(lock_stages(root))
     modified = modified_paths(root)
 
     def verdict(path: str, md5: str | None) -> dict:
@@ -353,7 +381,8 @@ def _check(rec: dict, commit: str | None, lock: dict, root: Path) -> dict:
             ws = "MISSING"
         return {"path": path, "md5": md5, "workspace": ws, "cache": cache_has(root, md5)}
 
-    stage = lock.get(rec.get("stage"), {})
+    name = stage or producer(lock, md5, rec.get("stage"))
+    stage = lock.get(name, {})
     own = [verdict(path, md5) for path, md5 in rec.get("inputs", {}).items()]
     own += [verdict(d["path"], d.get("md5")) for d in stage.get("deps", []) if d["path"] not in rec.get("inputs", {})]
     chain = [{"stage": name, "outs": [verdict(o["path"], o.get("md5")) for o in entry.get("outs", [])],
@@ -362,4 +391,5 @@ def _check(rec: dict, commit: str | None, lock: dict, root: Path) -> dict:
     sources = data_sources(root, [v["path"] for v in own + [x for c in chain for x in c["deps"]]])
     mismatches = [v for v in own + [x for c in chain for x in c["outs"] + c["deps"]] if v["workspace"] != "ok"]
     return {"record": rec, "own": own, "chain": chain, "mismatches": mismatches, "sources": sources,
-            "commands": reproduce_commands(rec, commit), "found_in": commit, "env": env_mismatches(rec)}
+            "commands": reproduce_commands(rec, commit, name), "found_in": commit, "env": env_mismatches(rec),
+            "stage": name}
