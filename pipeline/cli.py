@@ -377,7 +377,8 @@ def verify(
 
 @app.command()
 def contract(
-    write: bool = typer.Option(False, "--write", help="rewrite each stage's params and code deps in dvc.yaml"),
+    write: bool = typer.Option(False, "--write", help="rewrite each stage's params and code deps in dvc.yaml, and "
+                                                     "fleet/dvc.yaml from it"),
     table: str = typer.Option(None, help="print the table project file -> stages that rerun, for this task"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
 ) -> None:
