@@ -31,6 +31,7 @@ from rich.table import Table
 
 from pipeline.core import lineage as lin
 from pipeline.core.io import read_jsonl
+from pipeline.core.layout import FLEET, PIPELINE_LOCKS, adapter_dir, adapter_names, resolved_params, split_stage
 from pipeline.core.stage import PipelineError, peek
 from pipeline.importing import import_data as run_import
 from pipeline.report import build as build_report
@@ -72,18 +73,32 @@ def _root() -> None:
     """Reproducible PEFT fine-tuning: run the pipeline with `dvc repro`."""
 
 
+def gguf_score(c: dict) -> float:
+    """A GGUF file's figure in llama.cpp: its accuracy (classification), else its answers as PyTorch's (near ties
+    counted where measured)."""
+    return c.get("accuracy", c.get("agreement_within_ties", c["answer_agreement"]))
+
+
+def fleet_names(fleet: Path) -> list[str]:
+    """The fleet's adapters (those the `fleet` stage has written params for); an error before its first run."""
+    names = adapter_names(fleet)
+    if not names:
+        raise PipelineError(f"{fleet}/resolved: no adapters yet; run `dvc repro {fleet}/dvc.yaml` first")
+    return names
+
+
 def fleet_table(fleet: Path) -> Table:
     """One row per adapter of a fleet (fleet/resolved/<name>.yaml, fleet/<name>/reports/)."""
     table = Table("adapter", "task", "method", "train loss (steps)", "train s", "evaluate: base -> adapter", "gguf",
                   title=f"peftflow metrics: the fleet in {fleet}/")
-    for resolved in sorted((fleet / "resolved").glob("*.yaml")):
-        name, reports = resolved.stem, fleet / resolved.stem / "reports"
+    for name in fleet_names(fleet):
+        resolved, reports = resolved_params(fleet, name), adapter_dir(fleet, name) / "reports"
         t, run = _load(reports / "train" / "metrics.json") or {}, _load(reports / "train" / "run.json") or {}
         e, g = _load(reports / "evaluate" / "metrics.json") or {}, _load(reports / "gguf.json") or {}
         key = next((k for k in ("accuracy", "eval_loss") if k in e.get("adapter", {})), None)
         score = f"{key} {e['base'][key]} -> {e['adapter'][key]}" if key else "not yet"
         files = g.get("llama_cpp", {})
-        gguf = (", ".join(f"{f.split('.')[0]}: {c.get('accuracy', c['answer_agreement'])}" for f, c in files.items())
+        gguf = (", ".join(f"{f.split('.')[0]}: {gguf_score(c)}" for f, c in files.items())
                 if files else g.get("reason", "not yet"))
         table.add_row(name, str(peek(resolved, "task")), str(peek(resolved, "train.method")),
                       f"{t['final_loss']} ({t['steps']})" if t else "not yet", str(run.get("seconds", "")), score, gguf)
@@ -92,21 +107,16 @@ def fleet_table(fleet: Path) -> Table:
 
 def fleet_adapters(fleet: Path) -> list[tuple[str, Path]]:
     """(name, its gguf stage folder) for every adapter of a fleet (fleet/resolved/<name>.yaml)."""
-    names = sorted(f.stem for f in (fleet / "resolved").glob("*.yaml"))
-    if not names:
-        raise PipelineError(f"{fleet}/resolved: no adapters yet; run `dvc repro {fleet}/dvc.yaml` first")
-    return [(name, fleet / name / "models" / "gguf") for name in names]
+    return [(name, adapter_dir(fleet, name) / "models" / "gguf") for name in fleet_names(fleet)]
 
 
 @app.command()
+@one_line_errors
 def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's reports folder"),
             fleet: Path = typer.Option(None, help="a fleet folder (fleet): one row per adapter instead")) -> None:
     """Print the latest metrics of the pipeline, or of every adapter of a fleet (after `dvc repro`)."""
     console = Console()
     if fleet is not None:
-        if not (fleet / "resolved").is_dir():
-            console.print(f"no adapters under {fleet}/resolved yet: run `dvc repro {fleet}/dvc.yaml` first")
-            raise typer.Exit(1)
         console.print(fleet_table(fleet))
         return
     table = Table("stage", "metric", "base", "adapter", "gain", title="peftflow metrics")
@@ -139,7 +149,7 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
             size = g["files"][name]["bytes"] / 2**20
             what = "accuracy" if "accuracy" in c else "as PyTorch"
             table.add_row("gguf", f"{name} ({size:.0f} MiB) in llama.cpp: {what}",
-                          str(g["pytorch"].get("accuracy", "")), str(c.get("accuracy", c["answer_agreement"])), "")
+                          str(g["pytorch"].get("accuracy", "")), str(gguf_score(c)), "")
     if not table.rows:
         console.print(f"no metrics under {reports}/ yet: run `dvc repro` first")
         raise typer.Exit(1)
@@ -277,8 +287,8 @@ def lineage(
         if failed:
             raise typer.Exit(1)
         return
-    if not Path(path).exists() and (root / "fleet" / "resolved" / f"{path}.yaml").exists():
-        path = str(root / "fleet" / path / "models" / "adapter")  # a fleet adapter by its name
+    if not Path(path).exists() and resolved_params(root / FLEET, path).exists():
+        path = str(adapter_dir(root / FLEET, path) / "models" / "adapter")  # a fleet adapter by its name
     if not _lineage(path, root):
         raise typer.Exit(1)
 
@@ -294,7 +304,7 @@ def _lineage(path: str, root: Path, label: str = "") -> bool:
     made = rec.get("export", rec)
     made = made.get("adapter", made)
     console.print(f"{label}[bold]{path}[/bold] made by stage {r.get('stage') or rec.get('stage')}")
-    console.print(f"recorded in {'fleet/dvc.lock' if '@' in str(r.get('stage')) else 'dvc.lock'} at commit "
+    console.print(f"recorded in {PIPELINE_LOCKS[bool(split_stage(str(r.get('stage')))[1])]} at commit "
                   f"{r['found_in']}" if r["found_in"]
                   else "[yellow]no commit's dvc.lock records this folder[/yellow]")
     env, hw = rec.get("env", {}), rec.get("hardware", {})

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline import methods, tasks
+from pipeline.core.layout import FLEET, FLEET_DVC_YAML, FLEET_PARAMS, RESOLVED
 from pipeline.core.params import Params, Train
 from pipeline.stages import fleet
 
@@ -181,9 +182,6 @@ def differences(root: Path) -> list[str]:
 
 # ---- the fleet: fleet/dvc.yaml, made from dvc.yaml ---------------------------------------------------
 
-FLEET_DIR = "fleet"
-FLEET_PARAMS = "fleet/params.yaml"
-RESOLVED = "fleet/resolved"
 SHARED = ("base",)  # the stages every adapter of the fleet shares (their outputs are not per adapter)
 INTERPOLATION = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
@@ -214,7 +212,7 @@ def fleet_spec(root: Path) -> dict:
         if "${" in p:
             return _per_adapter(p)
         mine = any(p == o or p.startswith(o + "/") or o.startswith(p + "/") for o in own)
-        return f"{FLEET_DIR}/${{key}}/{p}" if mine else p
+        return f"{FLEET}/${{key}}/{p}" if mine else p
 
     def outputs(entries: list) -> list:
         return [{path(next(iter(o))): o[next(iter(o))]} if isinstance(o, dict) else path(o) for o in entries]
@@ -224,7 +222,7 @@ def fleet_spec(root: Path) -> dict:
     def argument(p: str) -> str:  # a path an adapter's command reads or writes: all its own (checkpoints too)
         if "${" in p or any(p == o or p.startswith(o + "/") for o in shared):
             return path(p)
-        return f"{FLEET_DIR}/${{key}}/{p}"
+        return f"{FLEET}/${{key}}/{p}"
 
     def command(cmd: str) -> str:  # every option's value is a path: the shared stages' stay, the others move
         words = cmd.split()
@@ -266,11 +264,11 @@ def fleet_text(root: Path) -> str:
 
 def fleet_differences(root: Path) -> list[str]:
     """One line per fleet stage where fleet/dvc.yaml is not what dvc.yaml and the code make."""
-    f = root / FLEET_DIR / "dvc.yaml"
+    f = root / FLEET_DVC_YAML
     have = (yaml.safe_load(f.read_text()) or {}).get("stages", {}) if f.exists() else {}
     want = fleet_spec(root)["stages"]
-    return [f"fleet/dvc.yaml: stage {name} is not what dvc.yaml makes of it" for name in want
-            if have.get(name) != want[name]] + [f"fleet/dvc.yaml: stage {name} is not in dvc.yaml"
+    return [f"{FLEET_DVC_YAML}: stage {name} is not what dvc.yaml makes of it" for name in want
+            if have.get(name) != want[name]] + [f"{FLEET_DVC_YAML}: stage {name} is not in dvc.yaml"
                                                 for name in have if name not in want]
 
 
@@ -292,8 +290,8 @@ def write(root: Path) -> list[str]:
         entry["params"] = want["params"]
     with path.open("w") as f:
         rt.dump(doc, f)
-    (root / FLEET_DIR).mkdir(exist_ok=True)
-    (root / FLEET_DIR / "dvc.yaml").write_text(fleet_text(root))
+    (root / FLEET).mkdir(exist_ok=True)
+    (root / FLEET_DVC_YAML).write_text(fleet_text(root))
     return mended
 
 

@@ -34,18 +34,19 @@ import tempfile
 import threading
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from pipeline import contract, methods, tasks
+from pipeline.core.allocator import SLEEP, WAIT_SETTINGS
 from pipeline.core.io import atomic_write_json
+from pipeline.core.layout import FLEET_DVC_YAML, FLEET_PARAMS, lock_name, split_stage
 from pipeline.core.lineage import dvc_repo
 from pipeline.core.stage import PipelineError, tool_env
+from pipeline.stages import fleet as fleet_stage
 
 LAST_METRICS = Path(".dvc") / "tmp" / "peftflow-flow-metrics.json"
-FLEET = "fleet/dvc.yaml"
 DVC_CALLS = threading.Lock()  # the fleet's adapters run at once; their DVC calls (status, commit) one at a time
 
 
@@ -205,24 +206,34 @@ def fleet_order(root: Path) -> tuple[list[str], dict[str, list[str]]]:
 
     with dvc_repo(root) as repo:
         graph = repo.index.graph
-        fleet = [s for s in graph if isinstance(s, PipelineStage) and s.addressing.startswith(FLEET + ":")]
+        fleet = [s for s in graph if isinstance(s, PipelineStage) and s.addressing.startswith(FLEET_DVC_YAML + ":")]
         upstream = set().union(*(nx.descendants(graph, s) for s in fleet))  # edges point to what a stage reads
         order = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
-        shared = [s.addressing for s in order if "@" not in s.name and (s in upstream or s in fleet)]
+        shared = [s.addressing for s in order if not split_stage(s.name)[1] and (s in upstream or s in fleet)]
         chains: dict[str, list[str]] = {}
         for s in order:
-            if s in fleet and "@" in s.name:
-                chains.setdefault(s.name.split("@", 1)[1], []).append(s.addressing)
+            adapter = split_stage(s.name)[1]
+            if s in fleet and adapter:
+                chains.setdefault(adapter, []).append(s.addressing)
         return shared, chains
 
 
 def fleet_concurrency(root: Path) -> int:
-    """fleet/params.yaml's `concurrency` (adapters trained at once), 1 when unset."""
-    raw = yaml.safe_load((root / "fleet" / "params.yaml").read_text(encoding="utf-8-sig")) or {}
-    return int(raw.get("concurrency") or 1)
+    """fleet/params.yaml's `concurrency` (adapters run at once; 1 when unset), checked by the fleet stage's rules."""
+    return fleet_stage.read_fleet(root / FLEET_PARAMS)[1]
 
 
-def run_committed(root: Path, stage: str) -> str:
+def stage_env(at_once: int) -> dict[str, str]:
+    """The environment of a fleet stage's command: with other adapters' stages running beside it, its OpenMP
+    threads sleep at once instead of spinning (GOMP_SPINCOUNT 0, what the train stage chooses for itself on a
+    busy machine: pipeline/core/allocator.py), unless the user set a waiting policy. Numbers are unchanged."""
+    env = tool_env()
+    if at_once > 1 and not any(k in env for k in WAIT_SETTINGS):
+        env["GOMP_SPINCOUNT"] = SLEEP
+    return env
+
+
+def run_committed(root: Path, stage: str, at_once: int = 1) -> str:
     """Run one fleet stage if DVC says it changed: its command as DVC resolved it, then `dvc commit` (see the
     module docstring); "ran" or "skipped"."""
     log = get_run_logger()
@@ -234,7 +245,7 @@ def run_committed(root: Path, stage: str) -> str:
         log.info(f"{stage}: unchanged, skipped (DVC status is clean)")
         return "skipped"
     log.info(f"{stage}: changed, running: {cmd}")
-    proc = subprocess.Popen(cmd, shell=True, cwd=wdir, env=tool_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, shell=True, cwd=wdir, env=stage_env(at_once), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     errors = []
     for line in proc.stdout:  # into the adapter's task log as it comes
@@ -251,9 +262,10 @@ def run_committed(root: Path, stage: str) -> str:
 
 
 @task(task_run_name="{adapter}")
-def run_adapter(root: Path, adapter: str, stages: list[str]) -> dict[str, str]:
-    """One adapter's chain, in order; its first failing stage stops it (and only it)."""
-    return {stage: run_committed(root, stage) for stage in stages}
+def run_adapter(root: Path, adapter: str, stages: list[str], at_once: int = 1) -> dict[str, str]:
+    """One adapter's chain, in order; its first failing stage stops it (and only it). `at_once`: the adapters
+    the flow runs at a time."""
+    return {stage: run_committed(root, stage, at_once) for stage in stages}
 
 
 def fleet_markdown(states: dict[str, dict[str, str]], failed: dict[str, str]) -> str:
@@ -262,7 +274,7 @@ def fleet_markdown(states: dict[str, dict[str, str]], failed: dict[str, str]) ->
              "| adapter | state | stages that ran |", "|---|---|---|"]
     for name, chain in states.items():
         what = f"failed: {failed[name]}" if name in failed else "ok"
-        lines.append(f"| {name} | {what} | {', '.join(s.split(':')[-1] for s, v in chain.items() if v == 'ran')} |")
+        lines.append(f"| {name} | {what} | {', '.join(lock_name(s) for s, v in chain.items() if v == 'ran')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +286,7 @@ def fleet(root: str = ".", concurrency: int | None = None, pull: bool = False,
     succeeded made is pushed). Fails at the end if an adapter failed, naming each."""
     where = Path(root).resolve()
     if pull:
-        transfer(where, "pull", (FLEET,))
+        transfer(where, "pull", (FLEET_DVC_YAML,))
     shared, chains = fleet_order(where)
     for stage in shared:
         run_stage(where, stage)
@@ -283,7 +295,7 @@ def fleet(root: str = ".", concurrency: int | None = None, pull: bool = False,
     while waiting or running:
         while waiting and len(running) < limit:
             name = waiting.pop(0)
-            running[run_adapter.submit(where, name, chains[name])] = name
+            running[run_adapter.submit(where, name, chains[name], min(limit, len(chains)))] = name
         done = next(as_completed(list(running)))
         name = running.pop(done)
         try:
@@ -293,7 +305,7 @@ def fleet(root: str = ".", concurrency: int | None = None, pull: bool = False,
             get_run_logger().error(f"adapter {name}: {e}")
     states = {name: states[name] for name in chains}
     if push:
-        transfer(where, "push", (FLEET,))
+        transfer(where, "push", (FLEET_DVC_YAML,))
     create_markdown_artifact(fleet_markdown(states, failed), key="peftflow-fleet",
                              description="each adapter of the fleet: its state and the stages that ran")
     if failed:

@@ -20,6 +20,7 @@ import io
 import subprocess
 from pathlib import Path
 
+from pipeline.core.layout import FLEET, FLEET_DVC_YAML, FLEET_PARAMS, adapter_dir, owner
 from pipeline.core.lineage import dvc_repo
 
 LOSS = "reports/train/plots/metrics/train/loss.tsv"
@@ -33,17 +34,6 @@ def at_rev(root: Path, rev: str | None, path: str) -> bytes | None:
         return f.read_bytes() if f.exists() else None
     r = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
     return r.stdout if r.returncode == 0 else None
-
-
-def owner(path: str) -> str:
-    """Whose file a params or metrics file is: "" (the default job), "fleet" (fleet/params.yaml), or the name
-    of a fleet adapter (fleet/resolved/<name>.yaml, fleet/<name>/reports/...)."""
-    parts = Path(path).parts
-    if parts[:2] == ("fleet", "resolved"):
-        return Path(path).stem
-    if parts[:1] == ("fleet",):
-        return parts[1] if len(parts) > 2 else "fleet"
-    return ""
 
 
 def loss_plot(root: Path, base: str, out: Path, prefix: str = "") -> bool:
@@ -88,18 +78,18 @@ def build(root: Path, base: str, out: Path) -> str:
     changed = [(f, k, d) for f, keys in params.items() for k, d in keys.items()]
     rows = [(f, f"{f}:{k}", d) for f, keys in metrics.items() for k, d in keys.items()
             if isinstance(d.get("new"), int | float) and not isinstance(d.get("new"), bool)]
-    owners = sorted({owner(f) for f, *_ in changed + rows}, key=lambda o: (o != "", o != "fleet", o))
+    owners = sorted({owner(f) for f, *_ in changed + rows}, key=lambda o: (o != "", o != FLEET, o))
     lines = [f"## peftflow: this change vs `{base}`", ""]
     quiet = []
     for who in owners or [""]:
         mine = [c for c in changed if owner(c[0]) == who]
         numbers = [r for r in rows if owner(r[0]) == who]
         moved = mine or any(r[2].get("diff") for r in numbers)
-        if who not in ("", "fleet") and not moved:
+        if who not in ("", FLEET) and not moved:
             quiet.append(who)
             continue
-        title = {"": "the default job (dvc.yaml)", "fleet": "the fleet (fleet/params.yaml)"}.get(
-            who, f"fleet adapter `{who}` (fleet/dvc.yaml)")
+        title = {"": "the default job (dvc.yaml)", FLEET: f"the fleet ({FLEET_PARAMS})"}.get(
+            who, f"fleet adapter `{who}` ({FLEET_DVC_YAML})")
         if who or len(owners) > 1:
             lines += [f"### {title[0].upper()}{title[1:]}", ""]
         lines += section(root, base, out, who, mine, numbers)
@@ -112,7 +102,7 @@ def build(root: Path, base: str, out: Path) -> str:
 
 def section(root: Path, base: str, out: Path, who: str, changed: list, rows: list) -> list[str]:
     """One pipeline's params table, metrics table and plots (`who`: owner(); its files under fleet/<who>/)."""
-    prefix = f"fleet/{who}/" if who not in ("", "fleet") else ""
+    prefix = f"{adapter_dir(Path(FLEET), who).as_posix()}/" if who not in ("", FLEET) else ""
     tag = f"{who}_" if prefix else ""
     lines = ["#### Params", ""]
     if changed:
@@ -120,7 +110,7 @@ def section(root: Path, base: str, out: Path, who: str, changed: list, rows: lis
         lines += [f"| {k} | {fmt(d.get('old'))} | {fmt(d.get('new'))} |" for _, k, d in changed]
     else:
         lines.append("No params changed.")
-    if who == "fleet":
+    if who == FLEET:
         return lines + [""]
     lines += ["", "#### Metrics", "", "| metric | before | after | delta |", "|---|---:|---:|---:|"]
     rows = sorted(rows, key=lambda r: (not r[2].get("diff"), r[1]))  # what changed first, then by name

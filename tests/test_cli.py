@@ -40,7 +40,7 @@ def test_metrics_of_a_fleet_is_one_row_per_adapter(tmp_path):
     assert len(rows) == 2 and "chat" in rows[0] and "not yet" in rows[0]
     assert "sentiment" in rows[1] and "accuracy 0.35 -> 0.93" in rows[1]
     r = CliRunner().invoke(app, ["metrics", "--fleet", str(tmp_path / "none")])
-    assert r.exit_code == 1 and "dvc repro" in r.output
+    assert r.exit_code == 2 and "error:" in r.output and "no adapters yet" in r.output and "dvc repro" in r.output
 
 
 def test_serve_fleet_names_every_adapter_and_its_gguf_folder(tmp_path):

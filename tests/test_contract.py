@@ -168,6 +168,9 @@ def test_a_registry_loads_only_the_plug_in_named():
 # ---- measured on the tiny pipeline -----------------------------------------------------------------
 
 FAST_KEYS = os.environ.get("PEFTFLOW_CONTRACT_KEYS", "fast")  # all: every key, the accelerate launches too
+# two harnesses at once, one torch thread each: on 2 cores, 2 threads each made this fixture 350 s, not 185 s
+# (2026-12-06, Intel Xeon; the tiny model gains nothing from a second thread, the other harness loses its core)
+HARNESS_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +183,7 @@ def measured(tmp_path_factory) -> dict[str, dict]:
         keys = FAST_KEYS if task == "classification" or FAST_KEYS == "all" else task_keys(task)
         r = subprocess.run([sys.executable, str(ROOT / "tests" / "contract_harness.py"), "--task", task, "--keys",
                             keys, "--code", "--out", str(out / f"{task}.json"), "--scratch", str(out / task)],
-                           cwd=ROOT, capture_output=True, text=True)
+                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, **HARNESS_ENV})
         assert r.returncode == 0, r.stderr[-4000:]
         return json.loads((out / f"{task}.json").read_text())
 

@@ -51,3 +51,14 @@ def test_full_fine_tune_is_evaluated_against_its_base_and_exported_whole(trained
     m = export.run(make_params(**{"export.atol": 1e-4, "export.check_rows": 4}), tiny_base, tmp_path / "a", trained["tokenized"], tmp_path / "x")
     assert m["merged"] and m["max_abs_diff_vs_adapter"] == 0.0 and m["max_abs_diff_vs_base"] > 1e-4
     assert (tmp_path / "x" / "model.safetensors").exists() and not (tmp_path / "x" / "adapter_config.json").exists()
+
+
+def test_the_merge_check_allows_float32_rounding_in_proportion_to_the_logit():
+    """export.atol plus RTOL of each logit: a 5e-3 rounding on a logit of 100 is float32 summing otherwise, the
+    same on a logit of 1 is a wrong merge; an exact merge passes at any tolerance."""
+    import torch
+
+    big = torch.tensor([[100.0, -80.0, 3.0]])
+    assert export.within(big + torch.tensor([[5e-3, -5e-3, 0.0]]), big, 1e-3)
+    assert not export.within(big + torch.tensor([[0.0, 0.0, 5e-3]]), big, 1e-3)
+    assert export.within(big, big, 0.0) and not export.within(big + 1e-2, big, 1e-3)

@@ -271,3 +271,12 @@ def test_fleet_runs_each_adapter_on_its_own_and_a_failing_one_stops_only_itself(
         chains = flow.fleet(root=str(repo))
         assert list(chains) == ["a"] and set(chains["a"].values()) == {"skipped"}
     assert sh_dvc(repo, "status", "fleet/dvc.yaml") == "Data and pipelines are up to date."
+
+
+def test_fleet_stages_beside_each_other_sleep_instead_of_spinning(monkeypatch):
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(k, raising=False)
+    assert "GOMP_SPINCOUNT" not in flow.stage_env(1)
+    assert flow.stage_env(2)["GOMP_SPINCOUNT"] == "0"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's own policy wins
+    assert "GOMP_SPINCOUNT" not in flow.stage_env(2) and flow.stage_env(2)["OMP_WAIT_POLICY"] == "active"

@@ -160,3 +160,32 @@ def test_a_sliding_window_llama_cpp_does_not_apply_is_refused_past_it(tmp_path):
     with pytest.raises(gguf.GgufError, match=r"validation row \d+: \d+ tokens .* sliding attention window of 24"):
         through_gguf(tmp_path, base)
     assert not (tmp_path / "g").exists()
+
+
+def test_an_answer_parting_from_pytorch_counts_only_at_a_near_tie(tiny_base):
+    """llama.cpp's answer is scored by PyTorch token by token: parting where PyTorch's best beats llama.cpp's
+    choice by less than the tolerance is a tie; by more, a disagreement; stopping early is judged alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    prompt, stop = [5, 17, 23, 42], {0}
+    path = []
+    with torch.no_grad():
+        for _ in range(4):  # PyTorch's own greedy path; then, at its last step, the second best token instead
+            row = model(torch.tensor([prompt + path])).logits[0, -1]
+            path.append(int(row.argmax()))
+        second = int(row.topk(2).indices[1])
+        margin = float(row.max() - row[second])
+    assert margin > 0
+    assert gguf.near_tie(model, prompt, path[:3], stop, 3, 0.0)  # the same tokens, cut by max_new_tokens
+    parted = path[:3] + [second]
+    assert gguf.near_tie(model, prompt, parted, stop, 4, margin * 1.01)
+    assert not gguf.near_tie(model, prompt, parted, stop, 4, margin * 0.99)
+    # llama.cpp stopped after 3 tokens where PyTorch goes on: a tie only if its stop token was nearly as likely
+    with torch.no_grad():
+        row = model(torch.tensor([prompt + path[:3]])).logits[0, -1]
+    end = int(row.argsort()[-5])  # the fifth most likely token as the stop token
+    gap = float(row.max() - row[end])
+    assert gap > 0 and gguf.near_tie(model, prompt, path[:3], {end}, 8, gap * 1.01)
+    assert not gguf.near_tie(model, prompt, path[:3], {end}, 8, gap * 0.99)

@@ -32,15 +32,12 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.io import file_digest
+from pipeline.core.layout import FLEET_DVC_YAML, PIPELINE_LOCKS, lock_name, split_stage
 from pipeline.core.stage import PipelineError
 
 SAFETENSORS_KEY = "peftflow.lineage"
 RECORD = "peftflow.json"  # the one record of an artifact folder (adapter, export)
 LOCK_FILE = "requirements.lock"
-# the pipelines' lock files: the default job's, and the fleet's (docs/fleet.md: stages `train@<adapter>`, ...),
-# whose adapters read the default job's `base`; their stage names never collide, so they are read as one
-PIPELINE_LOCKS = ("dvc.lock", "fleet/dvc.lock")
-FLEET_DVC_YAML = "fleet/dvc.yaml"
 
 
 @contextlib.contextmanager
@@ -89,7 +86,7 @@ def reproduce_commands(rec: dict, commit: str | None = None, stage: str | None =
     checkout and repro of its stage (`peftflow verify` checks that the hashes come out the same; a fleet
     adapter's stage, `train@<name>`, is reproduced through fleet/dvc.yaml)."""
     stage = stage or rec.get("stage", "")
-    if "@" in stage:
+    if split_stage(stage)[1]:
         return ([f"git checkout {commit}"] if commit else []) + [
             "make setup", "dvc checkout", f"dvc repro {FLEET_DVC_YAML}:{stage}"]
     return ([f"git checkout {commit}"] if commit else []) + [
@@ -292,15 +289,15 @@ def cache_has(root: Path, md5: str | None) -> bool | None:
     return cache_object(root / ".dvc" / "cache", md5).exists()
 
 
-def modified_paths(root: Path) -> set[str]:
-    """The paths `dvc status` reports changed in the workspace (outputs and deps), by the stages a lock file
-    records (a stage that never ran, as the default job's beside a fleet, calls every dep of it changed)."""
+def modified_paths(root: Path, ran: dict) -> set[str]:
+    """The paths `dvc status` reports changed in the workspace (outputs and deps), by the stages the workspace's
+    lock files record (`ran`: lock_stages; a stage that never ran, as the default job's beside a fleet, calls
+    every dep of it changed)."""
     with dvc_repo(root) as repo:
         status = repo.status()
-    ran = lock_stages(root)
     modified = set()
     for stage, changes in status.items():
-        if stage.split(":")[-1] not in ran:
+        if lock_name(stage) not in ran:
             continue
         for change in changes:
             if isinstance(change, dict):
@@ -329,7 +326,7 @@ def commit_of_file(root: Path, stage: str, md5: str) -> tuple[str | None, dict]:
     found = None
     for commit in (git(root, "log", "--format=%H", "--", *PIPELINE_LOCKS) or "").splitlines():
         stages = lock_stages(root, commit)
-        for out in (o for name, s in stages.items() if name.split("@")[0] == stage for o in s.get("outs", [])):
+        for out in (o for name, s in stages.items() if split_stage(name)[0] == stage for o in s.get("outs", [])):
             if not str(out.get("md5")).endswith(".dir"):
                 continue
             manifest = cache_object(root / ".dvc" / "cache", str(out.get("md5")))
@@ -349,7 +346,7 @@ def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Pat
     if commit is None:
         commit, lock = made_in(root, export_md5) if export_md5 else (None, {})
     # its stage: the one that read this export (the default job's gguf, or an adapter's gguf@<name>)
-    name = next((n for n, s in lock.items() if n.split("@")[0] == rec.get("stage", "gguf")
+    name = next((n for n, s in lock.items() if split_stage(n)[0] == rec.get("stage", "gguf")
                  and any(d.get("md5") == export_md5 for d in s.get("deps", []))), None)
     r = _check(rec, commit, lock, root, stage=name)
     if stamped != now:
@@ -362,8 +359,8 @@ def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Pat
 def _check(rec: dict, commit: str | None, lock: dict, root: Path, md5: str | None = None,
            stage: str | None = None) -> dict:
     """`md5`: the folder's own hash (its stage is the one that wrote it); or `stage` named."""
-    now_outs = lock_outs(lock_stages(root))
-    modified = modified_paths(root)
+    now = lock_stages(root)
+    now_outs, modified = lock_outs(now), modified_paths(root, now)
 
     def verdict(path: str, md5: str | None) -> dict:
         p = root / path

@@ -2,9 +2,11 @@
 
 The merged model (`merge_and_unload`) is saved as safetensors with the tokenizer and chat
 template. Before saving, its logits on `export.check_rows` validation rows are compared with
-base + adapter: they must agree within `export.atol` and must differ from the base model's, or
-the stage fails. Methods that cannot be merged (prompt learning: prefix, prompt, P-tuning)
-export the adapter alone, with a note saying why.
+base + adapter: they must agree within `export.atol` plus `RTOL` of each logit's size (float32 sums
+of the merged weights round otherwise than base + adapter's two products, in proportion to the logit)
+and must differ from the base model's by more than `export.atol`, or the stage fails. Methods that
+cannot be merged (prompt learning: prefix, prompt, P-tuning) export the adapter alone, with a note
+saying why.
 
 Every export carries one record (`peftflow.json`, also in the safetensors metadata): the prompt it
 answers to, this stage's lineage (pipeline/core/lineage.py), the adapter's whole record and the
@@ -38,6 +40,9 @@ from pipeline.methods.adapters import load_adapter, record_of, trained_method
 STAGE = "export"
 READS = ("export",)
 LOADS = ("method",)
+# the merge check's relative part: float32 rounds the merged weights' sums otherwise than base + adapter's
+# products, in proportion to the logit (LoRA lr 3e-3 on FPB: 1.4e-3 apart, over an absolute 1e-3; docs/results.md)
+RTOL = 1e-4
 FILES = ("pipeline/stages/model_card.md.jinja",)  # read by this stage beside its code
 CARD = Path(__file__).with_name("model_card.md.jinja")
 
@@ -70,19 +75,26 @@ def model_card(lin: dict, evaluation: dict | None) -> str:
         commands=lineage.reproduce_commands({"stage": STAGE}))
 
 
+def within(merged: torch.Tensor, with_adapter: torch.Tensor, atol: float) -> bool:
+    """Whether merged logits equal base + adapter's: |merged - adapter| <= atol + RTOL * |adapter| everywhere."""
+    return bool(((merged - with_adapter).abs() <= atol + RTOL * with_adapter.abs()).all())
+
+
 def merge(model, tokenized: Path, tok, p, dev) -> tuple[object, dict]:
     """The merged model and the check's figures: merged logits on `export.check_rows` validation rows must
-    equal base + adapter's (within `export.atol`) and differ from the base model's."""
+    equal base + adapter's (`within`) and differ from the base model's."""
     rows = [{"input_ids": r["input_ids"]} for r in load_from_disk(str(tokenized / "validation"))]
     batch = left_pad(rows[: p.check_rows], tok.pad_token_id or 0, dev)
     with_adapter = logits(model, batch)
     with model.disable_adapter():
         base = logits(model, batch)
     merged = model.merge_and_unload()
-    diff = float((logits(merged, batch) - with_adapter).abs().max())
+    out = logits(merged, batch)
+    diff = float((out - with_adapter).abs().max())
     moved = float((with_adapter - base).abs().max())
-    if diff > p.atol:
-        raise ExportError(f"export: merged logits differ from base+adapter by {diff:.2e} > export.atol={p.atol}")
+    if not within(out, with_adapter, p.atol):
+        raise ExportError(f"export: merged logits differ from base+adapter by {diff:.2e}, beyond export.atol={p.atol} "
+                          f"+ {RTOL:g} x |logit|")
     if moved <= p.atol:
         raise ExportError(f"export: the adapter does not change the base model's logits (max diff {moved:.2e} <= "
                           f"export.atol={p.atol}); nothing was learned")

@@ -35,6 +35,7 @@ import yaml
 
 from pipeline import contract, methods, tasks
 from pipeline.core.io import atomic_dir
+from pipeline.core.layout import FLEET_PARAMS
 from pipeline.core.params import Params, ParamsError
 from pipeline.core.stage import PipelineError, entry
 
@@ -64,8 +65,8 @@ def _has(tree: Any, dotted: str) -> bool:
     return True
 
 
-def read_fleet(path: Path) -> dict[str, dict]:
-    """fleet/params.yaml's adapters (name -> overrides), each rule above checked but the merge's."""
+def read_fleet(path: Path) -> tuple[dict[str, dict], int]:
+    """fleet/params.yaml's adapters (name -> overrides) and concurrency, each rule above checked but the merge's."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
@@ -96,7 +97,7 @@ def read_fleet(path: Path) -> dict[str, dict]:
             if not _has(over, key):
                 raise ParamsError(f"{path}: 'adapters.{name}' must set '{key}' (fleet/dvc.yaml names each "
                                   f"adapter's files from it): required keys: {', '.join(REQUIRED)}.")
-    return adapters
+    return adapters, c
 
 
 def resolve(defaults: dict, adapters: dict[str, dict], where: Path) -> dict[str, dict]:
@@ -118,7 +119,7 @@ def run(params: Path, fleet: Path, out: Path) -> dict[str, dict]:
     """Write `<out>/<name>.yaml` for every adapter of `fleet` over the defaults in `params`."""
     contract.load(params)  # the defaults must be valid params themselves
     defaults = yaml.safe_load(params.read_text(encoding="utf-8-sig"))
-    resolved = resolve(defaults, read_fleet(fleet), fleet)
+    resolved = resolve(defaults, read_fleet(fleet)[0], fleet)
     with atomic_dir(out) as tmp:
         for name, merged in resolved.items():
             head = (f"# adapter {name}: params.yaml with the fleet's adapters.{name} laid over it, written by the "
@@ -129,7 +130,7 @@ def run(params: Path, fleet: Path, out: Path) -> dict[str, dict]:
 
 
 def main(
-    fleet: Path = typer.Option(Path("fleet/params.yaml"), help="the fleet: adapters and their overrides"),
+    fleet: Path = typer.Option(Path(FLEET_PARAMS), help="the fleet: adapters and their overrides"),
     out: Path = typer.Option(..., help="folder of the adapters' whole params files"),
     params: Path = typer.Option(Path("params.yaml"), help="the shared defaults"),
 ) -> None:
