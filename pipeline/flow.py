@@ -39,7 +39,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from pipeline import contract, methods, tasks
-from pipeline.core.allocator import SLEEP, WAIT_SETTINGS
+from pipeline.core.allocator import beside_env
 from pipeline.core.io import atomic_write_json
 from pipeline.core.layout import FLEET_DVC_YAML, FLEET_PARAMS, lock_name, split_stage
 from pipeline.core.lineage import dvc_repo
@@ -224,13 +224,10 @@ def fleet_concurrency(root: Path) -> int:
 
 
 def stage_env(at_once: int) -> dict[str, str]:
-    """The environment of a fleet stage's command: with other adapters' stages running beside it, its OpenMP
-    threads sleep at once instead of spinning (GOMP_SPINCOUNT 0, what the train stage chooses for itself on a
-    busy machine: pipeline/core/allocator.py), unless the user set a waiting policy. Numbers are unchanged."""
+    """The environment of a fleet stage's command: with other adapters' stages beside it, its threads sleep
+    when they wait (allocator.beside_env: what the train stage chooses for itself on a busy machine)."""
     env = tool_env()
-    if at_once > 1 and not any(k in env for k in WAIT_SETTINGS):
-        env["GOMP_SPINCOUNT"] = SLEEP
-    return env
+    return {**env, **beside_env(at_once, env)}
 
 
 def run_committed(root: Path, stage: str, at_once: int = 1) -> str:

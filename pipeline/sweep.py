@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core.allocator import beside_env
 from pipeline.core.io import atomic_write_text
 from pipeline.core.lineage import git
 from pipeline.core.stage import PipelineError, tool_env
@@ -35,9 +36,11 @@ LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 PATH_KEYS = ("data.train", "data.validation", "format.template")
 
 
-def dvc(*args: str, root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=tool_env(), text=True,
-                          capture_output=True)
+def dvc(*args: str, root: Path, at_once: int = 1) -> subprocess.CompletedProcess:
+    """DVC's command line in `root`; `at_once`: the queue workers it starts run beside each other."""
+    env = tool_env()
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env={**env, **beside_env(at_once, env)},
+                          text=True, capture_output=True)
 
 
 def lookup(tree: dict, dotted: str):
@@ -117,7 +120,7 @@ def sweep(root: Path, name: str, sets: list[str], seeds: list[int], jobs: int, t
     if not queued:
         raise PipelineError(f"sweep: dvc queued nothing named {name}-* on {rev[:7]} (`dvc queue status`)")
     echo(f"sweep: {len(queued)} experiments queued ({name}-1 ... {name}-{len(queued)}), {jobs} at a time")
-    r = dvc("queue", "start", "-j", str(jobs), root=root)
+    r = dvc("queue", "start", "-j", str(jobs), root=root, at_once=jobs)
     if r.returncode:
         raise PipelineError(f"sweep: dvc queue start failed: {r.stderr.strip()[-500:]}")
     if not wait:

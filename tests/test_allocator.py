@@ -53,3 +53,9 @@ def test_the_threads_sleep_when_other_processes_keep_the_cores_busy(monkeypatch)
         busy.wait()
     monkeypatch.setattr(allocator, "others_busy_cores", lambda: 0.1)
     assert allocator.thread_env() == {"GOMP_SPINCOUNT": allocator.SPIN}
+
+
+def test_programs_started_beside_each_other_sleep_when_they_wait():
+    assert allocator.beside_env(1, {}) == {} and allocator.beside_env(2, {}) == {"GOMP_SPINCOUNT": "0"}
+    assert allocator.beside_env(3, {"OMP_WAIT_POLICY": "active"}) == {}  # the user's own policy wins
+    assert allocator.beside_env(2, {"GOMP_SPINCOUNT": "1000"}) == {}

@@ -62,3 +62,12 @@ def test_the_merge_check_allows_float32_rounding_in_proportion_to_the_logit():
     assert export.within(big + torch.tensor([[5e-3, -5e-3, 0.0]]), big, 1e-3)
     assert not export.within(big + torch.tensor([[0.0, 0.0, 5e-3]]), big, 1e-3)
     assert export.within(big, big, 0.0) and not export.within(big + 1e-2, big, 1e-3)
+
+
+def test_a_fleet_adapters_model_card_reproduces_its_own_stage(trained, tiny_base, tmp_path):
+    p = make_params(**{"export.atol": 1e-4, "export.check_rows": 2})
+    export.run(p, tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "x", stage="export@chat")
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "dvc repro fleet/dvc.yaml:export@chat" in card and "dvc repro export\n" not in card
+    export.run(p, tiny_base, trained["adapter"], trained["tokenized"], tmp_path / "y")
+    assert "dvc repro export" in (tmp_path / "y" / "README.md").read_text()

@@ -242,7 +242,8 @@ def sentiment(train: str) -> dict:
 def test_fleet_runs_each_adapter_on_its_own_and_a_failing_one_stops_only_itself(server, repo):
     """Two adapters at once: b's bad data fails b's validate (named in the failed run), a's chain runs to its GGUF
     and is recorded, its lineage found by its name; b taken out of the fleet, the next run runs nothing (a
-    scheduled run with nothing changed)."""
+    scheduled run with nothing changed) and pushes to a DVC remote (a folder); a fresh clone's run pulls a's
+    outputs and runs nothing, and a's lineage checks there."""
     good = "data/example/sentiment_train.jsonl"
     bad = repo / "data" / "example" / "bad.jsonl"
     bad.write_text('{"sentence": "Sales rose .", "label": "positive"}\n{"sentence": "Costs fell .", "label": "up"}\n')
@@ -268,9 +269,23 @@ def test_fleet_runs_each_adapter_on_its_own_and_a_failing_one_stops_only_itself(
         assert "dvc repro fleet/dvc.yaml:train@a" in out and "MISMATCH" not in out
 
         add_fleet(repo, {"a": sentiment(good)}, concurrency=1)  # b taken out: a is up to date, nothing runs
-        chains = flow.fleet(root=str(repo))
+        sh(repo, sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(repo.parent / "store"))
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "the fleet without b, and a DVC remote")
+        chains = flow.fleet(root=str(repo), push=True)
         assert list(chains) == ["a"] and set(chains["a"].values()) == {"skipped"}
-    assert sh_dvc(repo, "status", "fleet/dvc.yaml") == "Data and pipelines are up to date."
+        assert sh_dvc(repo, "status", "fleet/dvc.yaml") == "Data and pipelines are up to date."
+
+        # a fresh clone pulls the fleet through the flow: every adapter's outputs, nothing trained
+        clone = repo.parent / "clone"
+        sh(repo.parent, "git", "clone", "-q", str(repo), str(clone))
+        chains = flow.fleet(root=str(clone), pull=True)
+        assert set(chains["a"].values()) == {"skipped"}
+        assert (clone / "fleet" / "a" / "models" / "adapter" / "adapter_model.safetensors").exists()
+        assert (clone / "fleet" / "a" / "models" / "gguf").is_dir()
+    assert sh_dvc(clone, "status", "fleet/dvc.yaml") == "Data and pipelines are up to date."
+    out = sh(clone, sys.executable, "-m", "pipeline.cli", "lineage", "a")
+    assert "made by stage train@a" in out and "MISMATCH" not in out
 
 
 def test_fleet_stages_beside_each_other_sleep_instead_of_spinning(monkeypatch):

@@ -1,6 +1,7 @@
 """The pipelines' file layout and stage addresses (pipeline/core/layout.py), and that no other module spells them."""
 
 import ast
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -13,6 +14,13 @@ def test_stage_addresses_split_into_stage_and_adapter():
     assert layout.split_stage("train") == ("train", None)
     assert layout.split_stage("dvc.yaml:evaluate") == ("evaluate", None)
     assert layout.lock_name("fleet/dvc.yaml:gguf@chat") == "gguf@chat" and layout.lock_name("gguf") == "gguf"
+
+
+def test_a_stage_run_with_an_adapters_params_is_that_adapters_stage(tmp_path):
+    assert layout.stage_of_params("export", Path("fleet/resolved/chat.yaml")) == "export@chat"
+    assert layout.stage_of_params("export", tmp_path / "fleet" / "resolved" / "b-2.yaml") == "export@b-2"
+    assert layout.stage_of_params("export", Path("params.yaml")) == "export"
+    assert layout.stage_of_params("export", Path("fleet/params.yaml")) == "export"
 
 
 def test_owner_of_a_path_is_the_default_job_the_fleet_or_an_adapter():

@@ -80,3 +80,26 @@ def test_a_gguf_copied_alone_names_the_commit_that_made_it_and_a_changed_byte_fa
     copy.write_bytes(bytes(data))
     r = CliRunner().invoke(app, ["lineage", str(copy), "--root", str(root)], env={"COLUMNS": "250"})
     assert r.exit_code == 1 and "tensor bytes changed" in r.output
+
+
+def test_lock_history_reads_every_commit_of_both_lock_files_newest_first(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: a\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train@chat:\n    cmd: b\n")
+    (tmp_path / "notes.txt").write_text("not a lock")
+    git("add", "-A")
+    git("commit", "-qm", "two")
+    (tmp_path / "notes.txt").write_text("still not a lock")
+    git("commit", "-qam", "three")
+    history = lineage.lock_history(tmp_path)
+    assert [sorted(stages) for _, stages in history] == [["train", "train@chat"], ["train"]]
+    assert history[0][1]["train@chat"]["cmd"] == "b"

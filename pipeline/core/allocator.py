@@ -117,6 +117,15 @@ def thread_env() -> dict[str, str]:
     return {"GOMP_SPINCOUNT": SLEEP if others_busy_cores() >= BUSY_CORES else SPIN}
 
 
+def beside_env(at_once: int, env: dict[str, str]) -> dict[str, str]:
+    """For programs started `at_once` beside each other (a fleet's adapters, a sweep's queue workers): their
+    OpenMP threads sleep as soon as they wait (spinning threads take the cores the others compute on), unless
+    `env` sets a waiting policy of the user's. Waiting changes when a thread wakes, never a number."""
+    if at_once > 1 and not any(k in env for k in WAIT_SETTINGS):
+        return {"GOMP_SPINCOUNT": SLEEP}
+    return {}
+
+
 def thread_facts() -> dict:
     """How this process's compute threads run, for the run facts: torch's thread count and the OpenMP waiting
     settings in force."""

@@ -52,6 +52,14 @@ def lock_name(address: str) -> str:
     return address.rpartition(":")[2]
 
 
+def stage_of_params(stage: str, params: Path) -> str:
+    """The lock name of `stage` run with this params file: `export@chat` for fleet/resolved/chat.yaml (a fleet
+    adapter's), else `stage`."""
+    parts = params.parts
+    adapter = params.stem if parts[-3:-1] == (FLEET, "resolved") and params.suffix == ".yaml" else None
+    return f"{stage}@{adapter}" if adapter else stage
+
+
 def owner(path: str) -> str:
     """Whose file a project path is: "" (the default job), "fleet" (fleet/params.yaml and other fleet-wide
     files), or an adapter's name (fleet/resolved/<name>.yaml, fleet/<name>/...)."""

@@ -104,6 +104,30 @@ def lock_stages(root: Path, commit: str | None = None) -> dict:
     return stages
 
 
+def lock_history(root: Path) -> list[tuple[str, dict]]:
+    """(commit, the `stages` of its lock files as one) for every commit that changed a pipeline lock file, newest
+    first, read by one `git cat-file --batch` (not two `git show` per commit)."""
+    commits = (git(root, "log", "--format=%H", "--", *PIPELINE_LOCKS) or "").splitlines()
+    asked = "".join(f"{c}:{name}\n" for c in commits for name in PIPELINE_LOCKS).encode()
+    try:
+        out = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input=asked, capture_output=True,
+                             timeout=300, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    history, at = [], 0
+    for commit in commits:
+        stages: dict = {}
+        for _ in PIPELINE_LOCKS:  # each answer: "<sha> blob <size>\n<bytes>\n", or "<name> missing\n"
+            end = out.index(b"\n", at)
+            head, at = out[at:end].split(), end + 1
+            if head[-1] != b"missing":
+                size = int(head[2])
+                stages.update((yaml.safe_load(out[at:at + size]) or {}).get("stages", {}))
+                at += size + 1
+        history.append((commit, stages))
+    return history
+
+
 def producer(lock: dict, md5: str | None, default: str | None) -> str | None:
     """The lock's stage that wrote an output of this md5 (the adapter's own `train@<name>` in a fleet)."""
     return next((n for n, s in lock.items() if md5 and any(o.get("md5") == md5 for o in s.get("outs", []))), default)
@@ -324,8 +348,7 @@ def commit_of_file(root: Path, stage: str, md5: str) -> tuple[str | None, dict]:
     """The first commit whose dvc.lock has `stage` write a folder holding a file of this md5 (looked up in
     the folder manifests of the DVC cache), and its dvc.lock `stages`."""
     found = None
-    for commit in (git(root, "log", "--format=%H", "--", *PIPELINE_LOCKS) or "").splitlines():
-        stages = lock_stages(root, commit)
+    for commit, stages in lock_history(root):
         for out in (o for name, s in stages.items() if split_stage(name)[0] == stage for o in s.get("outs", [])):
             if not str(out.get("md5")).endswith(".dir"):
                 continue

@@ -31,6 +31,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.core import lineage
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.core.layout import stage_of_params
 from pipeline.core.loading import copy_tokenizer, load_tokenizer
 from pipeline.core.modeling import device, left_pad
 from pipeline.core.params import Params, load_params, view
@@ -58,8 +59,9 @@ def logits(model, batch: dict) -> torch.Tensor:
     return out.logits.float() * batch["attention_mask"].unsqueeze(-1)
 
 
-def model_card(lin: dict, evaluation: dict | None) -> str:
-    """The export folder's README.md, rendered from its lineage record (sandboxed jinja2)."""
+def model_card(lin: dict, evaluation: dict | None, stage: str = STAGE) -> str:
+    """The export folder's README.md, rendered from its lineage record (sandboxed jinja2); `stage`: the lock
+    name of this export (`export@<adapter>` in a fleet), whose repro command the card gives."""
     adapter = lin["adapter"]
     train = adapter["params"]["train"]
     keys = [k for k in ("accuracy", "macro_f1", "eval_loss", "perplexity", "preference_accuracy")
@@ -72,7 +74,7 @@ def model_card(lin: dict, evaluation: dict | None) -> str:
         data=adapter["data"], evaluation=evaluation, metric_keys=keys, train_metrics=adapter["metrics"],
         params=adapter["params"], method=train["method"],
         method_args=json.dumps(train.get(train["method"], {}), sort_keys=True),
-        commands=lineage.reproduce_commands({"stage": STAGE}))
+        commands=lineage.reproduce_commands({"stage": stage}))
 
 
 def within(merged: torch.Tensor, with_adapter: torch.Tensor, atol: float) -> bool:
@@ -103,9 +105,9 @@ def merge(model, tokenized: Path, tok, p, dev) -> tuple[object, dict]:
 
 
 def run(params: Params, base_dir: Path, adapter_dir: Path, tokenized: Path, out: Path,
-        evaluation: Path | None = None) -> dict:
-    """Merge (or export alone) and check; writes the folder with its record and model card. Returns the
-    export metrics."""
+        evaluation: Path | None = None, stage: str = STAGE) -> dict:
+    """Merge (or export alone) and check; writes the folder with its record and model card (`stage`: this
+    export's lock name, `export@<adapter>` for a fleet adapter's). Returns the export metrics."""
     pv = view(params, STAGE, READS)
     p = pv.export
     dev, tok = device(), load_tokenizer(base_dir)
@@ -127,7 +129,7 @@ def run(params: Params, base_dir: Path, adapter_dir: Path, tokenized: Path, out:
         atomic_write_json(tmp / lineage.RECORD, lin)
         for f in tmp.glob("*.safetensors"):
             lineage.write_into_safetensors(f, lin)
-        atomic_write_text(tmp / "README.md", model_card(lin, ev))
+        atomic_write_text(tmp / "README.md", model_card(lin, ev, stage))
     return metrics
 
 
@@ -140,7 +142,8 @@ def main(
     evaluation: Path = typer.Option(None, help="the evaluate stage's metrics.json, for the model card"),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    m = run(load_params(params), base, adapter, tokenized, out, evaluation=evaluation)
+    m = run(load_params(params), base, adapter, tokenized, out, evaluation=evaluation,
+            stage=stage_of_params(STAGE, params))
     atomic_write_json(metrics, m)
     if m["merged"]:
         typer.echo(f"export: merged model -> {out} (max |merged - adapter| = {m['max_abs_diff_vs_adapter']:.2e})")
