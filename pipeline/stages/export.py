@@ -79,7 +79,7 @@ def model_card(lin: dict, evaluation: dict | None, stage: str = STAGE) -> str:
 
 def within(merged: torch.Tensor, with_adapter: torch.Tensor, atol: float) -> bool:
     """Whether merged logits equal base + adapter's: |merged - adapter| <= atol + RTOL * |adapter| everywhere."""
-    return bool(((merged - with_adapter).abs() <= atol + RTOL * with_adapter.abs()).all())
+    return torch.allclose(merged, with_adapter, rtol=RTOL, atol=atol)
 
 
 def merge(model, tokenized: Path, tok, p, dev) -> tuple[object, dict]:
