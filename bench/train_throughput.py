@@ -44,7 +44,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.step_profile import cpu_name
 from pipeline.core import encoding, modeling
 from pipeline.core.allocator import SLEEP, SPIN
 from pipeline.core.encoding import IGNORE
@@ -607,7 +607,7 @@ def main() -> None:
         work = Path(tmp)
         prepare(args, work)
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-        res = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+        res = {"date": date.today().isoformat(), "machine": f"{cpu_name()}, "
                f"{torch.get_num_threads()} threads, " + (f"cuda ({gpu})" if gpu else "cpu"),
                "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "budget": args.budget,
                "train": {}}

@@ -56,3 +56,38 @@ def test_the_load_table_gives_each_variant_its_share_of_its_own_speed_alone():
     rows = {line.split(":")[0].strip("| "): line for line in loaded_table(res) if line.startswith("| ")}
     assert "| 400 | 300 (0.75) |" in rows["d"] and "| 300 | 100 (0.33) |" in rows["g"]
     assert rows["x"].endswith("| 100 | not run |")
+
+
+def test_the_step_profile_sorts_operators_by_kind_and_phase():
+    """bench.step_profile files each operator call under what ran it (forward, autograd's backward, the optimizer)
+    and a kind; its table's kind shares add up to the whole."""
+    from bench.step_profile import kind, phase, table
+
+    backward = ["autograd::engine::evaluate_function: MmBackward0", "ProfilerStep#5"]
+    assert (kind("aten::mm", backward), phase(backward)) == ("matmul", "backward")
+    assert kind("aten::mul", ["_MaskDropout"]) == "dropout" and kind("aten::random_", ["_MaskDropout"]) == "dropout"
+    assert kind("aten::mul", ["aten::rms_norm"]) == "elementwise" and kind("aten::fill_", []) == "fill"
+    step = ["Optimizer.step#AdamW.step"]
+    assert (kind("aten::mul", step), phase(step)) == ("optimizer", "optimizer")
+    ops = [{"op": "aten::mm", "phase": "forward", "kind": "matmul", "ms": 30.0, "calls": 4},
+           {"op": "aten::mul", "phase": "backward", "kind": "elementwise", "ms": 10.0, "calls": 8}]
+    res = {"date": "d", "machine": "m", "torch": "t", "command": "--steps 3",
+           "cases": {"short": {"operators": ops, "profiled_steps": 2, "late_tokens_per_second": 500.0,
+                               "final_loss": 0.5}}}
+    text = table(res, top=5)
+    assert "| matmul | 15 | 75.0% |" in text and "| elementwise | 5 | 25.0% |" in text
+    assert "| `aten::mul` | backward | elementwise | 5.0 | 4 | 25.0% |" in text
+
+
+def test_an_accuracy_curve_takes_train_overrides_as_dvc_exp_run_does():
+    import pytest
+
+    from bench.accuracy_curve import merged, overrides
+
+    over = overrides(["train.lr=2e-3", "train.lora.lora_dropout=0", "train.lora.layers_to_transform=[28, 29]"])
+    assert over == {"lr": 2e-3, "lora": {"lora_dropout": 0, "layers_to_transform": [28, 29]}}
+    base = {"lr": 1e-3, "epochs": 3, "lora": {"r": 16, "lora_dropout": 0.05}}
+    assert merged(base, over) == {"lr": 2e-3, "epochs": 3,
+                                  "lora": {"r": 16, "lora_dropout": 0, "layers_to_transform": [28, 29]}}
+    with pytest.raises(SystemExit, match="train.KEY=VALUE"):
+        overrides(["lr=1"])

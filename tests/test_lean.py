@@ -120,3 +120,20 @@ def test_lean_dropout_replaces_every_lora_dropout(tiny_base):
     assert len(drops) == 10 and all(d.p == 0.1 for d in drops)
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     assert lean.lean_dropout(lora_model(tiny_base, dropout=0.0)) == 0  # PEFT uses the identity then
+
+
+def test_mask_dropout_is_the_product_with_its_mask():
+    """The dropout's output and gradient are x * keep * scale and g * keep * scale (the formula before the
+    masked fill), bit for bit, for the mask the same generator state draws."""
+    drop = lean.MaskDropout(0.1)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    n = x.numel()
+    torch.manual_seed(11)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    keep = (words.view(torch.int16)[:n].view(x.shape) >= drop.threshold - 2 ** (lean.BITS - 1)).float()
+    torch.manual_seed(11)
+    y = drop(x)
+    assert torch.equal(y, x.detach() * keep * drop.scale) and 0 < (y == 0).float().mean() < 0.2
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g * keep * drop.scale)

@@ -45,6 +45,9 @@ def test_seeding_repeats_and_precision_names_its_dtype():
     a = torch.rand(4)
     seed_everything(3)
     assert torch.equal(a, torch.rand(4)) and torch.are_deterministic_algorithms_enabled()
+    # deterministic kernels, without filling every new tensor first (docs/speed.md#where-the-step-goes)
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
     torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("fp32") is None
     assert list(batches(list(range(5)), 2)) == [[0, 1], [2, 3], [4]]

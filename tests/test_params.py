@@ -20,22 +20,27 @@ def test_repository_params_load():
     assert p.labels == ["negative", "neutral", "positive"]
 
 
+FPB_FAST = {"data.train", "data.validation", "data.license", "format.template", "format.chat_template", "train.epochs",
+            "train.checkpoint_every", "evaluate.samples", "evaluate.shots"}
+# what each profile changes in params.yaml, as its header says
+PROFILES = {"params-fpb-fast.yaml": FPB_FAST,  # fpb-3min: 2 epochs, as params.yaml
+            "params-fpb-3min.yaml": FPB_FAST - {"train.epochs"} | {"train.lr", "train.lr_scheduler", "train.lora"}}
+
+
 def test_profile_params_load_and_name_their_template():
     """Every profile in docs/examples is a complete, valid params file whose template exists, and it
     differs from params.yaml only where its header says (data, prompt, epochs, checkpoints, evaluation as the
     sweep that found it ran)."""
     import yaml
 
-    for path in sorted((ROOT / "docs" / "examples").glob("params-*.yaml")):
+    paths = sorted((ROOT / "docs" / "examples").glob("params-*.yaml"))
+    assert {p.name for p in paths} == set(PROFILES)
+    for path in paths:
         p = load_params(path)
         assert (ROOT / p.format.template).exists(), path
-        if path.name == "params-fpb-fast.yaml":
-            mine, default = yaml.safe_load(path.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
-            changed = {f"{k}.{j}" for k in mine if isinstance(mine[k], dict)
-                       for j in mine[k] if mine[k][j] != default[k][j]}
-            assert changed == {"data.train", "data.validation", "data.license", "format.template",
-                               "format.chat_template", "train.epochs", "train.checkpoint_every",
-                               "evaluate.samples", "evaluate.shots"}
+        mine, default = yaml.safe_load(path.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
+        changed = {f"{k}.{j}" for k in mine if isinstance(mine[k], dict) for j in mine[k] if mine[k][j] != default[k][j]}
+        assert changed == PROFILES[path.name], path
 
 
 @pytest.mark.parametrize(

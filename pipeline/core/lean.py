@@ -42,19 +42,21 @@ BITS = 16  # resolution of the drop probability: p is rounded to a multiple of 2
 
 
 class _MaskDropout(torch.autograd.Function):
+    # the kept elements scaled, the dropped ones set to zero in place: two passes over x and no float copy of
+    # the mask (multiplying by the uint8 mask made one, and a third pass); the kept values are the same bits
     @staticmethod
     def forward(ctx, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= threshold - 2 ** (BITS - 1)
-        ctx.save_for_backward(keep)
+        drop = words.view(torch.int16)[:n].view(x.shape) < threshold - 2 ** (BITS - 1)
+        ctx.save_for_backward(drop)
         ctx.scale = scale
-        return x * keep.view(torch.uint8) * scale
+        return x.mul(scale).masked_fill_(drop, 0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad * keep.view(torch.uint8) * ctx.scale, None, None
+        (drop,) = ctx.saved_tensors
+        return grad.mul(ctx.scale).masked_fill_(drop, 0), None, None
 
 
 class MaskDropout(torch.nn.Module):

@@ -1,0 +1,185 @@
+"""Validation accuracy against training time in one run: how far a recipe gets in N seconds, and where it levels off.
+
+The train stage's SFT run (bench.train_throughput.fit, its process set up as the stage program's) on Financial
+PhraseBank with a named prompt case (`--case`, the params committed at HEAD, the whole run: `train.epochs`,
+no step limit) and `-S train.KEY=VALUE` overrides (YAML values, dotted keys inside the train section, e.g.
+`-S train.lora.lora_dropout=0`). Every `--every` steps, and after the last, the adapter answers all 300
+validation sentences: the label whose first token PyTorch finds most likely after the prompt (the evaluate
+stage's `first_token` rule; each FPB label is one token here). The loop's seconds exclude that scoring.
+One accuracy of a run's end is a screening figure: a profile is measured by the evaluate stage (headline rule,
+three seeds, docs/results.md).
+
+Run: `python -m bench.accuracy_curve run --name NAME --seed 42 --every 25 -S train.epochs=3` (one process;
+about the run's training time plus 8 s a scoring), then `python -m bench.accuracy_curve plot` draws every kept
+curve (bench/results/accuracy_curve/<name>-<seed>.json) against the 3-minute line into accuracy_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "accuracy_curve"
+DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank"
+
+
+def overrides(sets: list[str]) -> dict:
+    """`train.a.b=v` arguments as a nested mapping of the train section (values read as YAML)."""
+    out: dict = {}
+    for s in sets:
+        key, sep, value = s.partition("=")
+        if not sep or not key.startswith("train."):
+            raise SystemExit(f"accuracy_curve: -S {s!r}: expected train.KEY=VALUE")
+        *path, last = key.split(".")[1:]
+        node = out
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = _value(value)
+    return out
+
+
+def _value(text: str):
+    """A YAML value; numbers as YAML 1.2 reads them (as `dvc exp run -S` does: 2e-3 is a float)."""
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`base` with `over`'s keys; nested mappings merge."""
+    return {**base, **{k: merged(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
+
+
+def validation_prompts(work: Path, label_ids: list[int]) -> list[tuple[list[int], int]]:
+    """Each tokenized validation row's prompt tokens and the index of its label among `label_ids`."""
+    from datasets import load_from_disk
+
+    rows = []
+    for r in load_from_disk(str(work / "tokenized" / "validation")):
+        k = next(i for i, y in enumerate(r["labels"]) if y != -100)
+        rows.append((r["input_ids"][:k], label_ids.index(r["input_ids"][k])))
+    return rows
+
+
+def accuracy(model, rows: list[tuple[list[int], int]], label_ids: list[int], precision: str) -> float:
+    """Share of rows whose label's first token is the most likely of the labels' after the prompt."""
+    import torch
+
+    from pipeline.core.modeling import autocast, device
+
+    model.eval()
+    right = 0
+    with torch.no_grad(), autocast(precision, device()):
+        for i in range(0, len(rows), 32):
+            part = rows[i : i + 32]
+            width = max(len(p) for p, _ in part)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in part], device=device())
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in part], device=device())
+            scores = model(input_ids=ids, attention_mask=mask).logits[:, -1, label_ids]
+            right += sum(int(s.argmax()) == y for s, (_, y) in zip(scores, part, strict=True))
+    model.train()
+    return right / len(rows)
+
+
+def run(args) -> None:
+    from bench import train_throughput as tt
+    from bench.step_profile import cpu_name
+
+    work = Path(f"/tmp/peftflow-curve-{args.case}")
+    shape = SimpleNamespace(steps=1, batch_size=16, base=ROOT / "models" / "base", data=DATA, seed=args.seed,
+                            case=args.case)
+    tt.setup_process("d", shape, work)  # allocator and threads as the stage program (re-executes once)
+    from pipeline.core.loading import load_tokenizer
+    from pipeline.recipes import sft
+
+    train = merged(tt.PARAMS["train"], overrides(args.set))
+    shape.batch_size = train["batch_size"]
+    if not (work / "tokenized").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        tt.prepare(shape, work)
+    tok = load_tokenizer(shape.base)
+    labels = tt.PARAMS["labels"]
+    label_ids = [tok(x, add_special_tokens=False)["input_ids"][0] for x in labels]
+    rows = validation_prompts(work, label_ids)
+    curve, clock = [], {"seconds": 0.0, "step": 0}
+    step = sft.SFT.step
+
+    def scored(self, micro):
+        t0 = time.perf_counter()
+        out = step(self, micro)
+        clock["seconds"] += time.perf_counter() - t0
+        clock["step"] += 1
+        if clock["step"] % args.every == 0 or clock["step"] == self.steps:
+            curve.append({"step": clock["step"], "train_seconds": round(clock["seconds"], 1),
+                          "accuracy": accuracy(self.model, rows, label_ids, self.t.precision)})
+            print(f"curve: step {clock['step']}/{self.steps}, {clock['seconds']:.0f} s, accuracy "
+                  f"{curve[-1]['accuracy']:.4f}", file=sys.stderr, flush=True)
+        return out
+
+    sft.SFT.step = scored
+    # the bench's run (no checkpoints, its own data) with the overridden keys, whole epochs
+    over = {k: train[k] for k in overrides(args.set) if k != "batch_size"}
+    p = tt.bench_params(shape, **over, max_steps=None, log_every=1000)
+    shutil.rmtree(work / "live", ignore_errors=True)
+    _, metrics, facts = tt.fit(p, work / "tokenized", shape.base, work / "live", work / "ckpt")
+    OUT.mkdir(parents=True, exist_ok=True)
+    res = {"name": args.name, "seed": args.seed, "case": args.case, "set": args.set, "params_commit": tt.PARAMS_COMMIT,
+           "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
+           "curve": curve, "train_seconds": facts["seconds"], "tokens_per_second": facts["tokens_per_second"],
+           "peak_rss_mb": facts["peak_rss_mb"], "final_train_loss": metrics["final_loss"]}
+    (OUT / f"{args.name}-{args.seed}.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+def plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for f in sorted(OUT.glob("*.json")):
+        r = json.loads(f.read_text())
+        c = r["curve"]
+        ax.plot([x["train_seconds"] for x in c], [x["accuracy"] for x in c], marker="o", ms=3,
+                label=f"{r['name']} (seed {r['seed']})")
+    ax.axvline(args.seconds, color="grey", ls="--", lw=1)
+    ax.axhline(args.target, color="grey", ls=":", lw=1)
+    ax.set(xlabel="training seconds (the loop, scoring excluded)", ylabel="validation accuracy (first-token rule)",
+           ylim=(args.floor, 1.0), title="Financial PhraseBank, SmolLM2-135M: accuracy against training time")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(OUT.parent / "accuracy_curve.png", dpi=110)
+    print(OUT.parent / "accuracy_curve.png")
+
+
+def main() -> None:
+    from bench.train_throughput import CASES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--name", required=True)
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--every", type=int, default=25, help="steps between scorings")
+    r.add_argument("--case", choices=sorted(CASES), default="short")
+    r.add_argument("-S", "--set", action="append", default=[], help="train.KEY=VALUE (YAML value), repeatable")
+    p = sub.add_parser("plot")
+    p.add_argument("--seconds", type=float, default=180, help="the time line drawn")
+    p.add_argument("--target", type=float, default=0.965, help="the accuracy line drawn")
+    p.add_argument("--floor", type=float, default=0.8)
+    args = ap.parse_args()
+    run(args) if args.cmd == "run" else plot(args)
+
+
+if __name__ == "__main__":
+    main()
