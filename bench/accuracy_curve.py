@@ -95,7 +95,7 @@ def run(args) -> None:
     from bench import train_throughput as tt
     from bench.step_profile import cpu_name
 
-    work = Path(f"/tmp/peftflow-curve-{args.case}")
+    work = Path(f"/tmp/peftflow-curve-{args.case}-{tt.PARAMS_COMMIT}")  # the data as that commit's stages make it
     shape = SimpleNamespace(steps=1, batch_size=16, base=ROOT / "models" / "base", data=DATA, seed=args.seed,
                             case=args.case)
     tt.setup_process("d", shape, work)  # allocator and threads as the stage program (re-executes once)

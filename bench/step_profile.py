@@ -19,7 +19,7 @@ backward through autograd, optimizer), and per kind:
 fused C++ kernels on a CPU), one process each: tokens/s over the second half of the steps (compiled kernels
 warm), the first step's seconds (where compilation happens) and the final train loss beside the eager run's.
 
-Run: `python -m bench.step_profile --steps 12 --compile` (about 4 minutes); writes
+Run: `python -m bench.step_profile --steps 12 --compile` (about 6 minutes); writes
 bench/results/step_profile/<name>.{json,md}.
 """
 

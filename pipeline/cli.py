@@ -31,7 +31,7 @@ from rich.table import Table
 
 from pipeline.core import lineage as lin
 from pipeline.core.io import read_jsonl
-from pipeline.core.layout import FLEET, PIPELINE_LOCKS, adapter_dir, adapter_names, resolved_params, split_stage
+from pipeline.core.layout import FLEET, adapter_dir, adapter_names, lock_file, resolved_params
 from pipeline.core.stage import PipelineError, peek
 from pipeline.importing import import_data as run_import
 from pipeline.report import build as build_report
@@ -304,7 +304,7 @@ def _lineage(path: str, root: Path, label: str = "") -> bool:
     made = rec.get("export", rec)
     made = made.get("adapter", made)
     console.print(f"{label}[bold]{path}[/bold] made by stage {r.get('stage') or rec.get('stage')}")
-    console.print(f"recorded in {PIPELINE_LOCKS[bool(split_stage(str(r.get('stage')))[1])]} at commit "
+    console.print(f"recorded in {lock_file(str(r.get('stage')))} at commit "
                   f"{r['found_in']}" if r["found_in"]
                   else "[yellow]no commit's dvc.lock records this folder[/yellow]")
     env, hw = rec.get("env", {}), rec.get("hardware", {})

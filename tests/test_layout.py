@@ -14,6 +14,8 @@ def test_stage_addresses_split_into_stage_and_adapter():
     assert layout.split_stage("train") == ("train", None)
     assert layout.split_stage("dvc.yaml:evaluate") == ("evaluate", None)
     assert layout.lock_name("fleet/dvc.yaml:gguf@chat") == "gguf@chat" and layout.lock_name("gguf") == "gguf"
+    assert layout.lock_file("fleet/dvc.yaml:gguf@chat") == "fleet/dvc.lock" == layout.lock_file("train@a")
+    assert layout.lock_file("gguf") == "dvc.lock" == layout.lock_file("dvc.yaml:train")
 
 
 def test_a_stage_run_with_an_adapters_params_is_that_adapters_stage(tmp_path):

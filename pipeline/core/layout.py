@@ -52,6 +52,11 @@ def lock_name(address: str) -> str:
     return address.rpartition(":")[2]
 
 
+def lock_file(address: str) -> str:
+    """The lock file that records the stage at this address: a fleet adapter's in fleet/dvc.lock, else dvc.lock."""
+    return PIPELINE_LOCKS[1] if split_stage(address)[1] else PIPELINE_LOCKS[0]
+
+
 def stage_of_params(stage: str, params: Path) -> str:
     """The lock name of `stage` run with this params file: `export@chat` for fleet/resolved/chat.yaml (a fleet
     adapter's), else `stage`."""
