@@ -55,11 +55,6 @@ def _value(text: str):
         return value
 
 
-def merged(base: dict, over: dict) -> dict:
-    """`base` with `over`'s keys; nested mappings merge."""
-    return {**base, **{k: merged(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
-
-
 def validation_prompts(work: Path, label_ids: list[int]) -> list[tuple[list[int], int]]:
     """Each tokenized validation row's prompt tokens and the index of its label among `label_ids`."""
     from datasets import load_from_disk
@@ -101,8 +96,9 @@ def run(args) -> None:
     tt.setup_process("d", shape, work)  # allocator and threads as the stage program (re-executes once)
     from pipeline.core.loading import load_tokenizer
     from pipeline.recipes import sft
+    from pipeline.stages.fleet import merge
 
-    train = merged(tt.PARAMS["train"], overrides(args.set))
+    train = merge(tt.PARAMS["train"], overrides(args.set))
     shape.batch_size = train["batch_size"]
     if not (work / "tokenized").exists():
         work.mkdir(parents=True, exist_ok=True)

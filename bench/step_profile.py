@@ -44,12 +44,13 @@ KINDS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "ate
 
 
 def cpu_name() -> str:
-    """The CPU's model name, and whether it has AMX or only avx512_bf16 (the two classes differ in bits and speed)."""
+    """The CPU's model name and its best matrix instructions (lineage's hardware class: amx_bf16, avx512_bf16, ...)."""
+    from pipeline.core.lineage import cpu_isa
+
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    return model + (", AMX" if "amx_bf16" in flags else ", avx512_bf16" if "avx512_bf16" in flags else "")
+    return f"{model}, {cpu_isa()}"
 
 
 def kind(op: str, chain: list[str]) -> str:
