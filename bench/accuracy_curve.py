@@ -3,11 +3,13 @@
 The train stage's SFT run (bench.train_throughput.fit, its process set up as the stage program's) on Financial
 PhraseBank with a named prompt case (`--case`, the params committed at HEAD, the whole run: `train.epochs`,
 no step limit) and `-S train.KEY=VALUE` overrides (YAML values, dotted keys inside the train section, e.g.
-`-S train.lora.lora_dropout=0`). Every `--every` steps, and after the last, the adapter answers all 300
-validation sentences: the label whose first token PyTorch finds most likely after the prompt (the evaluate
-stage's `first_token` rule; each FPB label is one token here). The loop's seconds exclude that scoring.
-One accuracy of a run's end is a screening figure: a profile is measured by the evaluate stage (headline rule,
-three seeds, docs/results.md).
+`-S train.lora.lora_dropout=0`); `--template` puts another prompt template in the case's place. Every `--every`
+steps, and after the last, the adapter answers all 300 validation sentences, scored by the evaluate stage's own
+scoring (pipeline.core.scoring): `accuracy` by its headline rule (each label's response + EOS, the most likely
+summed), `first_token` beside it, in the training precision (the evaluate stage loads the adapter in fp32: a
+row or two can differ). The loop's seconds exclude that scoring. One run's end is a screening figure: a profile
+is measured by the evaluate stage (three seeds, docs/results.md). Curves kept from before 2026-12-06
+(no `rule` in their file) were scored by the first-token rule alone.
 
 Run: `python -m bench.accuracy_curve run --name NAME --seed 42 --every 25 -S train.epochs=3` (one process;
 about the run's training time plus 8 s a scoring), then `python -m bench.accuracy_curve plot` draws every kept
@@ -17,6 +19,7 @@ curve (bench/results/accuracy_curve/<name>-<seed>.json) against the 3-minute lin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -55,47 +58,37 @@ def _value(text: str):
         return value
 
 
-def validation_prompts(work: Path, label_ids: list[int]) -> list[tuple[list[int], int]]:
-    """Each tokenized validation row's prompt tokens and the index of its label among `label_ids`."""
-    from datasets import load_from_disk
-
-    rows = []
-    for r in load_from_disk(str(work / "tokenized" / "validation")):
-        k = next(i for i, y in enumerate(r["labels"]) if y != -100)
-        rows.append((r["input_ids"][:k], label_ids.index(r["input_ids"][k])))
-    return rows
-
-
-def accuracy(model, rows: list[tuple[list[int], int]], label_ids: list[int], precision: str) -> float:
-    """Share of rows whose label's first token is the most likely of the labels' after the prompt."""
-    import torch
+def accuracy(model, tok, rows: list[dict], precision: str) -> dict[str, float]:
+    """The share of the formatted validation `rows` each rule gets right, scored as the evaluate stage scores
+    (pipeline.core.scoring: every label's response + EOS after the prompt): `accuracy` by the headline rule
+    (the summed log-probability), `first_token` by the label's first token alone."""
+    import numpy as np
 
     from pipeline.core.modeling import autocast, device
+    from pipeline.core.scoring import Scorer
 
     model.eval()
-    right = 0
-    with torch.no_grad(), autocast(precision, device()):
-        for i in range(0, len(rows), 32):
-            part = rows[i : i + 32]
-            width = max(len(p) for p, _ in part)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in part], device=device())
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in part], device=device())
-            scores = model(input_ids=ids, attention_mask=mask).logits[:, -1, label_ids]
-            right += sum(int(s.argmax()) == y for s, (_, y) in zip(scores, part, strict=True))
+    with autocast(precision, device()):  # the frozen weights are stored in the autocast dtype while training
+        s = Scorer(model, tok, 32).choices(rows)
     model.train()
-    return right / len(rows)
+    gold = np.array([r["choices"].index(r["response"]) for r in rows])
+    return {"accuracy": float((s.total.argmax(1) == gold).mean()),
+            "first_token": float((s.first.argmax(1) == gold).mean())}
 
 
 def run(args) -> None:
     from bench import train_throughput as tt
     from bench.step_profile import cpu_name
 
-    work = Path(f"/tmp/peftflow-curve-{args.case}-{tt.PARAMS_COMMIT}")  # the data as that commit's stages make it
+    prompt = args.case  # the data as that commit's stages make it with this prompt, kept between runs
+    if args.template:
+        prompt += f"-{Path(args.template).stem}-{hashlib.sha256(Path(args.template).read_bytes()).hexdigest()[:8]}"
+    work = Path(f"/tmp/peftflow-curve-{prompt}-{tt.PARAMS_COMMIT}")
     shape = SimpleNamespace(steps=1, batch_size=16, base=ROOT / "models" / "base", data=DATA, seed=args.seed,
-                            case=args.case)
+                            case=args.case, template=args.template)
     tt.setup_process("d", shape, work)  # allocator and threads as the stage program (re-executes once)
+    from pipeline.core.io import read_jsonl
     from pipeline.core.loading import load_tokenizer
-    from pipeline.recipes import sft
     from pipeline.stages.fleet import merge
 
     train = merge(tt.PARAMS["train"], overrides(args.set))
@@ -104,32 +97,27 @@ def run(args) -> None:
         work.mkdir(parents=True, exist_ok=True)
         tt.prepare(shape, work)
     tok = load_tokenizer(shape.base)
-    labels = tt.PARAMS["labels"]
-    label_ids = [tok(x, add_special_tokens=False)["input_ids"][0] for x in labels]
-    rows = validation_prompts(work, label_ids)
+    rows = read_jsonl(work / "formatted" / "validation.jsonl")  # prompt, every label's response, the label's
     curve, clock = [], {"seconds": 0.0, "step": 0}
-    step = sft.SFT.step
 
-    def scored(self, micro):
-        t0 = time.perf_counter()
-        out = step(self, micro)
-        clock["seconds"] += time.perf_counter() - t0
+    def scored(recipe, seconds: float, _out) -> None:
+        clock["seconds"] += seconds
         clock["step"] += 1
-        if clock["step"] % args.every == 0 or clock["step"] == self.steps:
+        if clock["step"] % args.every == 0 or clock["step"] == recipe.steps:
             curve.append({"step": clock["step"], "train_seconds": round(clock["seconds"], 1),
-                          "accuracy": accuracy(self.model, rows, label_ids, self.t.precision)})
-            print(f"curve: step {clock['step']}/{self.steps}, {clock['seconds']:.0f} s, accuracy "
-                  f"{curve[-1]['accuracy']:.4f}", file=sys.stderr, flush=True)
-        return out
+                          **accuracy(recipe.model, tok, rows, recipe.t.precision)})
+            print(f"curve: step {clock['step']}/{recipe.steps}, {clock['seconds']:.0f} s, accuracy "
+                  f"{curve[-1]['accuracy']:.4f} (first token {curve[-1]['first_token']:.4f})", file=sys.stderr,
+                  flush=True)
 
-    sft.SFT.step = scored
     # the bench's run (no checkpoints, its own data) with the overridden keys, whole epochs
     over = {k: train[k] for k in overrides(args.set) if k != "batch_size"}
     p = tt.bench_params(shape, **over, max_steps=None, log_every=1000)
     shutil.rmtree(work / "live", ignore_errors=True)
-    _, metrics, facts = tt.fit(p, work / "tokenized", shape.base, work / "live", work / "ckpt")
+    _, metrics, facts = tt.fit(p, work / "tokenized", shape.base, work / "live", work / "ckpt", scored)
     OUT.mkdir(parents=True, exist_ok=True)
-    res = {"name": args.name, "seed": args.seed, "case": args.case, "set": args.set, "params_commit": tt.PARAMS_COMMIT,
+    res = {"name": args.name, "seed": args.seed, "case": args.case, "template": args.template, "set": args.set,
+           "rule": "loglik", "params_commit": tt.PARAMS_COMMIT,
            "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
            "curve": curve, "train_seconds": facts["seconds"], "tokens_per_second": facts["tokens_per_second"],
            "peak_rss_mb": facts["peak_rss_mb"], "final_train_loss": metrics["final_loss"]}
@@ -147,10 +135,10 @@ def plot(args) -> None:
         r = json.loads(f.read_text())
         c = r["curve"]
         ax.plot([x["train_seconds"] for x in c], [x["accuracy"] for x in c], marker="o", ms=3,
-                label=f"{r['name']} (seed {r['seed']})")
+                label=f"{r['name']} (seed {r['seed']}{'' if 'rule' in r else ', first-token rule'})")
     ax.axvline(args.seconds, color="grey", ls="--", lw=1)
     ax.axhline(args.target, color="grey", ls=":", lw=1)
-    ax.set(xlabel="training seconds (the loop, scoring excluded)", ylabel="validation accuracy (first-token rule)",
+    ax.set(xlabel="training seconds (the loop, scoring excluded)", ylabel="validation accuracy",
            ylim=(args.floor, 1.0), title="Financial PhraseBank, SmolLM2-135M: accuracy against training time")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -168,6 +156,7 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--every", type=int, default=25, help="steps between scorings")
     r.add_argument("--case", choices=sorted(CASES), default="short")
+    r.add_argument("--template", help="a prompt template file in place of the case's (its other format keys kept)")
     r.add_argument("-S", "--set", action="append", default=[], help="train.KEY=VALUE (YAML value), repeatable")
     p = sub.add_parser("plot")
     p.add_argument("--seconds", type=float, default=180, help="the time line drawn")

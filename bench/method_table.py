@@ -16,7 +16,6 @@ Run: `python -m bench.method_table run --profile fpb [--rows a,b] [--force]`, th
 from __future__ import annotations
 
 import json
-import platform
 import re
 import subprocess
 import time
@@ -156,8 +155,9 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
 def machine() -> str:
     import torch
 
-    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                if x.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    from bench.step_profile import cpu_name
+
+    cpu = cpu_name()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
     return f"{cpu}, {dev}, torch {torch.__version__}"
 

@@ -30,7 +30,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from datetime import date
 from pathlib import Path
@@ -88,17 +87,12 @@ def one(case: str, steps: int, skip: int, compiled: bool, out: Path) -> None:
         tt.prepare(args, work)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=skip - 1, warmup=1, active=steps - skip))
     times: list[tuple[float, int]] = []
-    step = sft.SFT.step
 
-    def timed(self, micro):
-        t0 = time.perf_counter()
-        loss, tokens = step(self, micro)
-        times.append((time.perf_counter() - t0, tokens))
+    def timed(_recipe, seconds: float, out: tuple[float, int]) -> None:
+        times.append((seconds, out[1]))
         if not compiled:
             prof.step()
-        return loss, tokens
 
-    sft.SFT.step = timed
     if compiled:
         build = sft.build_model
 
@@ -111,7 +105,7 @@ def one(case: str, steps: int, skip: int, compiled: bool, out: Path) -> None:
         sft.build_model = build_compiled
     else:
         prof.start()
-    _, metrics, _ = tt.fit(tt.bench_params(args), work / "tokenized", args.base, work / "live", work / "ckpt")
+    _, metrics, _ = tt.fit(tt.bench_params(args), work / "tokenized", args.base, work / "live", work / "ckpt", timed)
     late = times[len(times) // 2:]
     res = {"case": case, "compiled": compiled, "steps": steps, "final_loss": metrics["final_loss"],
            "first_step_s": times[0][0], "late_tokens_per_second": sum(n for _, n in late) / sum(t for t, _ in late)}

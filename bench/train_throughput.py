@@ -123,6 +123,8 @@ def bench_params(args, quantization: dict | None = None, **train):
     """params.yaml with the run's shape (data, steps, batch, seed, no checkpoints) and the variant's keys."""
     raw = copy.deepcopy(PARAMS)
     raw["format"] |= CASES[getattr(args, "case", "chat")]
+    if getattr(args, "template", None):  # bench.accuracy_curve --template: another prompt in the case's place
+        raw["format"]["template"] = args.template
     raw["data"] = {"train": str(args.data / "train.jsonl"), "validation": str(args.data / "validation.jsonl"),
                    "license": f"see {args.data / 'LICENSE.txt'}"}  # the data's own (shared/datasets/*/README.md)
     raw["train"] |= {"method": "lora", "max_steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0,
@@ -239,9 +241,10 @@ def worker_f(args, work: Path) -> tuple:
                     per_device_train_batch_size=1)
 
 
-def fit(p, data: Path, base_dir: Path, live: Path, ckpt: Path) -> tuple:
+def fit(p, data: Path, base_dir: Path, live: Path, ckpt: Path, after_step=None) -> tuple:
     """The train stage's SFT run (pipeline/recipes/sft.py) as the stage sets it up, without saving an adapter:
-    the trained model, its metrics and the run facts."""
+    the trained model, its metrics and the run facts. `after_step(recipe, seconds, (loss, tokens))`, if given,
+    is called after each optimizer step with that step's own seconds (its time is not the step's)."""
     from pipeline import methods
     from pipeline.core.allocator import peak_rss_mb
     from pipeline.recipes import sft
@@ -250,6 +253,16 @@ def fit(p, data: Path, base_dir: Path, live: Path, ckpt: Path) -> tuple:
     fingerprint = sft.fingerprint(p.model_dump(by_alias=True), data, base_dir)
     recipe = sft.SFT(p.train, p.seed, p.deterministic, method, fingerprint)
     recipe.setup(data, base_dir, live, ckpt)
+    if after_step is not None:
+        step = recipe.step
+
+        def timed(micro):
+            t0 = time.perf_counter()
+            out = step(micro)
+            after_step(recipe, time.perf_counter() - t0, out)
+            return out
+
+        recipe.step = timed
     metrics, facts = recipe.train()
     recipe.log.end(metrics)
     return recipe.model, metrics, {**facts, "peak_rss_mb": peak_rss_mb()}

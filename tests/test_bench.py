@@ -15,11 +15,28 @@ def test_every_benchmark_imports():
 
 
 def test_the_benchmarks_train_run_is_the_train_stages(trained, tiny_base, tmp_path):
+    """The run the benchmarks time trains what the stage trains; the per-step hook the step profile and the accuracy
+    curve use sees every step, and the curve's accuracy of the trained model is the evaluate stage's."""
+    from bench.accuracy_curve import accuracy
     from bench.train_throughput import fit
+    from pipeline.core.io import read_jsonl
+    from pipeline.core.loading import load_tokenizer
+    from pipeline.stages import evaluate
 
-    _, metrics, facts = fit(trained["params"], trained["tokenized"], tiny_base, tmp_path / "live", tmp_path / "ckpt")
+    steps = []
+    model, metrics, facts = fit(trained["params"], trained["tokenized"], tiny_base, tmp_path / "live",
+                                tmp_path / "ckpt", lambda recipe, seconds, out: steps.append((seconds, out[1])))
     assert metrics["final_loss"] == trained["metrics"]["final_loss"] and metrics["steps"] == trained["metrics"]["steps"]
     assert facts["tokens"] > 0 and facts["peak_rss_mb"] > 0
+    assert len(steps) == metrics["steps"] and all(s > 0 for s, _ in steps)
+    assert sum(n for _, n in steps) == facts["tokens"]
+    rows = read_jsonl(trained["formatted"] / "validation.jsonl")
+    got = accuracy(model, load_tokenizer(tiny_base), rows, trained["params"].train.precision)
+    r = evaluate.run(trained["params"], tiny_base, trained["adapter"], trained["formatted"], trained["tokenized"],
+                     tmp_path / "ev", trained["validated"])
+    assert round(got["accuracy"], 4) == r["adapter"]["accuracy"]
+    assert round(got["first_token"], 4) == r["rules"]["adapter"]["first_token"]["accuracy"]
+    assert model.training  # scoring leaves the model as training had it
 
 
 def test_a_benchmark_run_is_the_committed_params_with_its_case_and_shape():
