@@ -91,7 +91,8 @@ def run(args) -> None:
     from pipeline.core.loading import load_tokenizer
     from pipeline.stages.fleet import merge
 
-    train = merge(tt.PARAMS["train"], overrides(args.set))
+    sets = overrides(args.set)
+    train = merge(tt.PARAMS["train"], sets)
     shape.batch_size = train["batch_size"]
     if not (work / "tokenized").exists():
         work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def run(args) -> None:
                   flush=True)
 
     # the bench's run (no checkpoints, its own data) with the overridden keys, whole epochs
-    over = {k: train[k] for k in overrides(args.set) if k != "batch_size"}
+    over = {k: train[k] for k in sets if k != "batch_size"}
     p = tt.bench_params(shape, **over, max_steps=None, log_every=1000)
     shutil.rmtree(work / "live", ignore_errors=True)
     _, metrics, facts = tt.fit(p, work / "tokenized", shape.base, work / "live", work / "ckpt", scored)

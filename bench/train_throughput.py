@@ -244,7 +244,7 @@ def worker_f(args, work: Path) -> tuple:
 def fit(p, data: Path, base_dir: Path, live: Path, ckpt: Path, after_step=None) -> tuple:
     """The train stage's SFT run (pipeline/recipes/sft.py) as the stage sets it up, without saving an adapter:
     the trained model, its metrics and the run facts. `after_step(recipe, seconds, (loss, tokens))`, if given,
-    is called after each optimizer step with that step's own seconds (its time is not the step's)."""
+    is called after each optimizer step with that step's own seconds (the hook's own time is not counted in them)."""
     from pipeline import methods
     from pipeline.core.allocator import peak_rss_mb
     from pipeline.recipes import sft
