@@ -131,17 +131,20 @@ def plot(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for f in sorted(OUT.glob("*.json")):
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    files = sorted(OUT.glob("*.json"))
+    colors = plt.get_cmap("tab20").colors  # twenty distinct colours; a line style per twenty curves
+    for i, f in enumerate(files):
         r = json.loads(f.read_text())
         c = r["curve"]
         ax.plot([x["train_seconds"] for x in c], [x["accuracy"] for x in c], marker="o", ms=3,
+                color=colors[i % 20], ls=("-", "--", ":")[i // 20 % 3],
                 label=f"{r['name']} (seed {r['seed']}{'' if 'rule' in r else ', first-token rule'})")
     ax.axvline(args.seconds, color="grey", ls="--", lw=1)
     ax.axhline(args.target, color="grey", ls=":", lw=1)
     ax.set(xlabel="training seconds (the loop, scoring excluded)", ylabel="validation accuracy",
            ylim=(args.floor, 1.0), title="Financial PhraseBank, SmolLM2-135M: accuracy against training time")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(OUT.parent / "accuracy_curve.png", dpi=110)
     print(OUT.parent / "accuracy_curve.png")
