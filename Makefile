@@ -104,10 +104,12 @@ lock-upgrade:
 
 # every benchmark, one process each (bench/README.md: what each compares, where it writes; ~4 h on 2 cores, the
 # method table most of it); `make bench BENCH="train_throughput flow_overhead"` runs the ones named
-BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants serving method_table
+BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants serving method_table \
+	cpu_classes
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	dvc repro
 	set -e; for b in $(BENCH); do echo "== bench.$$b"; case $$b in \
 	  method_table) $(PY) -m bench.method_table run --profile fpb; $(PY) -m bench.method_table table;; \
+	  cpu_classes) $(PY) -m bench.cpu_classes record; $(PY) -m bench.cpu_classes cost;; \
 	  *) $(PY) -m bench.$$b;; esac; done

@@ -29,9 +29,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.core import lineage as lin
+from pipeline import audit
 from pipeline.core.io import read_jsonl
-from pipeline.core.layout import FLEET, adapter_dir, adapter_names, lock_file, resolved_params
+from pipeline.core.layout import FLEET, adapter_dir, adapter_names, resolved_params
 from pipeline.core.stage import PipelineError, peek
 from pipeline.importing import import_data as run_import
 from pipeline.report import build as build_report
@@ -295,64 +295,11 @@ def lineage(
 
 def _lineage(path: str, root: Path, label: str = "") -> bool:
     """Print one artifact's lineage; whether every hash and package version matched."""
-    console = Console()
     if path.endswith(".gguf"):
-        r = lin.check_gguf(Path(path), later("pipeline.core.llamacpp").read_stamp(Path(path)), root)
+        r = audit.check_gguf(Path(path), later("pipeline.core.llamacpp").read_stamp(Path(path)), root)
     else:
-        r = lin.check(Path(path), root)
-    rec = r["record"]
-    made = rec.get("export", rec)
-    made = made.get("adapter", made)
-    console.print(f"{label}[bold]{path}[/bold] made by stage {r.get('stage') or rec.get('stage')}")
-    console.print(f"recorded in {lock_file(str(r.get('stage')))} at commit "
-                  f"{r['found_in']}" if r["found_in"]
-                  else "[yellow]no commit's dvc.lock records this folder[/yellow]")
-    env, hw = rec.get("env", {}), rec.get("hardware", {})
-    console.print(f"environment: requirements.lock sha256 {str(env.get('lock_sha256'))[:16]}, "
-                  f"Python {env.get('python')}")
-    console.print(f"hardware class: {lin.hardware_class(hw)}")
-    b = made.get("base", {})
-    console.print(f"base model: {b.get('source')} revision {b.get('revision')} gguf {b.get('gguf_file')} "
-                  f"weights sha256 {str(b.get('weights_sha256'))[:16]}")
-    t = made.get("prompt", {})
-    console.print(f"template: {t.get('template')} sha256 {str(t.get('template_sha256'))[:16]}; tokenizer sha256 "
-                  f"{str(made.get('tokenizer_sha256'))[:16]}; seed {made.get('params', {}).get('seed')}")
-    for split, d in made.get("data", {}).items():
-        if isinstance(d, dict):
-            console.print(f"data {split}: {d.get('path')} md5 {str(d.get('md5'))[:12]}, {d.get('accepted')} of "
-                          f"{d.get('rows')} rows accepted")
-    for path, meta in r["sources"].items():
-        console.print(f"source of {path}: {meta.get('source')} at commit {meta.get('revision')}, "
-                      f"file {meta.get('file')}")
-    table = Table("stage", "role", "path", "md5", "workspace", "DVC cache", title="lineage (newest first)")
-
-    def row(stage: str, role: str, v: dict) -> None:
-        ws = v["workspace"] if v["workspace"] == "ok" else f"[red]{v['workspace']}[/red]"
-        cache = {True: "yes", False: "no", None: "-"}[v["cache"]]
-        table.add_row(stage, role, v["path"], str(v["md5"])[:12], ws, cache)
-
-    for v in r["own"]:
-        row(rec.get("stage", ""), "input", v)
-    for c in r["chain"]:
-        for v in c["outs"]:
-            row(c["stage"], "output", v)
-        for v in c["deps"]:
-            row(c["stage"], "input", v)
-    console.print(table)
-    console.print("reproduce with:\n  " + "\n  ".join(r["commands"]))
-    here = lin.hardware()
-    if lin.hardware_class(here) != lin.hardware_class(hw):
-        console.print(f"[yellow]this machine is another hardware class ({lin.hardware_class(here)}): "
-                      "floating-point results may differ from the record[/yellow]")
-    for name, recorded, installed in r["env"]:
-        console.print(f"[red]environment mismatch: {name} recorded {recorded or 'absent'}, "
-                      f"installed {installed or 'absent'}[/red]")
-    if r["mismatches"] or r["env"]:
-        console.print(f"[red]{len(r['mismatches'])} recorded hash(es) and {len(r['env'])} package version(s) "
-                      "differ from the workspace[/red] (make setup installs the locked versions)")
-        return False
-    console.print("every recorded hash and package version matches the workspace")
-    return True
+        r = audit.check(Path(path), root)
+    return audit.show(r, path, label)
 
 
 @app.command()
@@ -419,9 +366,12 @@ def report(
     base: str = typer.Option("main", help="the revision to compare the working tree with"),
     out: Path = typer.Option(Path("pr-report"), help="folder for report.md and its images"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
+    atol: float = typer.Option(0.0, help="a metric delta with |delta| <= atol + rtol |before| is marked as within"),
+    rtol: float = typer.Option(0.0, help="relative part of that tolerance"),
 ) -> None:
-    """Markdown report for a pull request: params diff, metrics with deltas, changed plots."""
-    typer.echo(build_report(root, base, out))
+    """Markdown report for a pull request: what changed first (params, metrics beyond the tolerance), the
+    hardware class of both runs, changed plots; run facts last."""
+    typer.echo(build_report(root, base, out, atol, rtol))
     typer.echo(f"written to {out / 'report.md'}", err=True)
 
 

@@ -26,20 +26,25 @@ Inputs: the project folder (dvc.yaml, pipeline/). Outputs: lists, dvc.yaml and f
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
+import sys
+from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
 from pydantic import BaseModel
 
 from pipeline import methods, tasks
-from pipeline.core.layout import FLEET, FLEET_DVC_YAML, FLEET_PARAMS, RESOLVED
+from pipeline.core.layout import ENV, FLEET, FLEET_DVC_YAML, FLEET_PARAMS, RESOLVED, env_pins
 from pipeline.core.params import Params, Train
 from pipeline.stages import fleet
 
 PACKAGE = "pipeline"
-CODE = "pipeline/"  # deps under this prefix are generated; the others (data, models, lock) are kept as written
+CODE = "pipeline/"  # deps under this prefix are generated, and the stage's pins file (ENV); the others are kept
+LOCK = "requirements.lock"
 TASK_FILE = "pipeline/tasks/${task}.py"
 
 
@@ -128,6 +133,101 @@ def code_deps(root: Path, module: str) -> list[str]:
     return sorted(files)
 
 
+
+# ---- the packages a stage runs on: env/<stage>.txt, from requirements.lock -------------------------------
+
+ENV_HEAD = """\
+# The packages the {stage} stage runs on, at the versions of requirements.lock: the distributions its
+# code imports (and those its files name in PACKAGES), with everything they require. WRITTEN BY
+# `peftflow contract --write`; a dep of the stage in dvc.yaml, so a new version of one of these reruns
+# the stage, and a package it does not run on (a test or remote tool) reruns nothing.
+"""
+
+
+def normal(name: str) -> str:
+    """A distribution name as the lock writes it (PEP 503: lower case, runs of -_. as one -)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def third_party(root: Path, files: list[str]) -> set[str]:
+    """The top-level modules outside the standard library and the project that these files import."""
+    found: set[str] = set()
+    for f in files:
+        for node in ast.walk(ast.parse((root / f).read_text(encoding="utf-8"), f)):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m != PACKAGE and m not in sys.stdlib_module_names}
+
+
+def declared(root: Path, files: list[str]) -> set[str]:
+    """The distributions these files name in a module-level `PACKAGES` tuple: what their code runs without
+    importing it by name (a package found by params, bitsandbytes through transformers, llama.cpp's converters)."""
+    found: set[str] = set()
+    for f in files:
+        for node in ast.parse((root / f).read_text(encoding="utf-8"), f).body:
+            names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            if isinstance(node, ast.Assign) and "PACKAGES" in names:
+                found |= set(ast.literal_eval(node.value))
+    return found
+
+
+def requirement_closure(names: set[str]) -> set[str]:
+    """These distributions and every one they require (no extras), as installed (the lock's environment)."""
+    seen: set[str] = set()
+    todo = [normal(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += requires(name)
+    return seen
+
+
+@functools.cache
+def requires(name: str) -> tuple[str, ...]:
+    """What an installed distribution requires without extras (none when it is not installed)."""
+    try:
+        lines = distribution(name).requires or []
+    except PackageNotFoundError:
+        return ()
+    reqs = map(Requirement, lines)
+    return tuple(normal(r.name) for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""}))
+
+
+@functools.cache
+def module_distributions() -> dict[str, list[str]]:
+    """Top-level module -> the installed distributions that provide it."""
+    return packages_distributions()
+
+
+def lock_versions(root: Path) -> dict[str, str]:
+    """Distribution -> version, as requirements.lock pins it."""
+    pin = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)")
+    return {normal(m.group(1)): m.group(2) for line in (root / LOCK).read_text().splitlines()
+            if (m := pin.match(line))}
+
+
+def env_text(root: Path, module: str) -> str:
+    """A stage's pins file: the lock's pins of what its code (any task's, any method's) imports and requires."""
+    mod = importlib.import_module(module)
+    files = sorted({f for d in code_deps(root, module) for f in (tasks_files(root) if d == TASK_FILE else [d])
+                    if f.endswith(".py")})
+    by_module = module_distributions()
+    dists = {d for m in third_party(root, files) for d in by_module.get(m, ())} | declared(root, files)
+    versions = lock_versions(root)
+    names = sorted(n for n in requirement_closure(dists) if n in versions)
+    return ENV_HEAD.format(stage=mod.STAGE) + "".join(f"{n}=={versions[n]}\n" for n in names)
+
+
+def env_differences(root: Path, modules: dict[str, str]) -> list[str]:
+    """One line per stage whose pins file is not what the lock and its code make."""
+    return [f"{env_pins(stage)}: not what requirements.lock and the stage's imports make (peftflow contract --write)"
+            for stage, module in modules.items()
+            if not (root / env_pins(stage)).is_file() or (root / env_pins(stage)).read_text() != env_text(root, module)]
+
 SECTIONS = {name: info.annotation for name, info in Params.model_fields.items()
             if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
             and info.annotation is not Train}
@@ -156,9 +256,14 @@ def stage_params(module: str) -> list[str]:
     return compress(keys)
 
 
+def generated(dep: object) -> bool:
+    """Whether a dvc.yaml dep is written by `write` (code, the pins file; the whole lock it replaced), not by hand."""
+    return isinstance(dep, str) and (dep.startswith((CODE, ENV + "/")) or dep == LOCK)
+
+
 def expected(root: Path) -> dict[str, dict[str, list[str]]]:
-    """Stage -> {"params": ..., "code": ...} as the code says."""
-    return {stage: {"params": stage_params(module), "code": code_deps(root, module)}
+    """Stage -> {"params": ..., "code": ...} as the code says (code: the project files it runs, its pins file)."""
+    return {stage: {"params": stage_params(module), "code": [*code_deps(root, module), env_pins(stage)]}
             for stage, module in stage_modules(root).items()}
 
 
@@ -168,7 +273,7 @@ def differences(root: Path) -> list[str]:
     lines = []
     for stage, want in expected(root).items():
         have_params = set(spec[stage].get("params", []))
-        have_code = {d for d in spec[stage].get("deps", []) if isinstance(d, str) and d.startswith(CODE)}
+        have_code = {d for d in spec[stage].get("deps", []) if generated(d)}
         for key in sorted(set(want["params"]) - have_params):
             lines.append(f"stage {stage}: reads params key '{key}', not in its dvc.yaml params")
         for key in sorted(have_params - set(want["params"])):
@@ -177,7 +282,8 @@ def differences(root: Path) -> list[str]:
             lines.append(f"stage {stage}: runs {f}, not in its dvc.yaml deps")
         for f in sorted(have_code - set(want["code"])):
             lines.append(f"stage {stage}: dvc.yaml lists {f} among its deps, which it does not run")
-    return lines + fleet_differences(root)
+    modules = {**stage_modules(root), fleet.STAGE: "pipeline.stages.fleet"}
+    return lines + env_differences(root, modules) + fleet_differences(root)
 
 
 # ---- the fleet: fleet/dvc.yaml, made from dvc.yaml ---------------------------------------------------
@@ -234,7 +340,7 @@ def fleet_spec(root: Path) -> dict:
         "wdir": "..",
         "cmd": f"python -m pipeline.stages.fleet --fleet {FLEET_PARAMS} --out {RESOLVED}",
         "deps": [*sorted({f for d in code_deps(root, "pipeline.stages.fleet")  # every adapter's task: any of them
-                          for f in (tasks_files(root) if d == TASK_FILE else [d])}), "requirements.lock"],
+                          for f in (tasks_files(root) if d == TASK_FILE else [d])}), env_pins(fleet.STAGE)],
         "params": [*fleet.READS, {FLEET_PARAMS: ["adapters"]}],
         "outs": [{RESOLVED: {"cache": False}}]}}
     for name, s in spec.items():
@@ -285,13 +391,16 @@ def write(root: Path) -> list[str]:
     doc = rt.load(path.read_text())
     for stage, want in expected(root).items():
         entry = doc["stages"][stage]
-        others = [d for d in entry.get("deps", []) if not (isinstance(d, str) and d.startswith(CODE))]
+        others = [d for d in entry.get("deps", []) if not generated(d)]
         entry["deps"] = [*want["code"], *others]
         entry["params"] = want["params"]
     with path.open("w") as f:
         rt.dump(doc, f)
     (root / FLEET).mkdir(exist_ok=True)
     (root / FLEET_DVC_YAML).write_text(fleet_text(root))
+    (root / ENV).mkdir(exist_ok=True)
+    for stage, module in {**stage_modules(root), fleet.STAGE: "pipeline.stages.fleet"}.items():
+        (root / env_pins(stage)).write_text(env_text(root, module))
     return mended
 
 

@@ -39,10 +39,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from pipeline import contract, methods, tasks
+from pipeline.audit import dvc_repo
 from pipeline.core.allocator import beside_env
 from pipeline.core.io import atomic_write_json
 from pipeline.core.layout import FLEET_DVC_YAML, FLEET_PARAMS, lock_name, split_stage
-from pipeline.core.lineage import dvc_repo
 from pipeline.core.stage import PipelineError, tool_env
 from pipeline.stages import fleet as fleet_stage
 

@@ -10,6 +10,12 @@ then each adapter of the fleet whose params (its file fleet/resolved/<name>.yaml
 (fleet/<name>/reports/) changed, each with its own table and plots, so a pull request that changes one
 adapter shows that one; the adapters left as they were are named in one line.
 
+Metrics come as a reviewer reads them: what changed first, then the deltas within `--atol`/`--rtol`
+(|delta| <= atol + rtol |before|, marked as such: DVC's own `metrics diff` has no tolerance), the unchanged
+ones counted in one line, and last the run facts (`reports/train/run.json`: seconds, tokens per second,
+memory), which are the machine's and the day's, not the change's. The hardware class of both runs (from
+their run facts) is named; when they differ the report says so before any figure.
+
 Inputs: a git + DVC project and a revision. Outputs: `<out>/report.md` and its images.
 """
 
@@ -17,14 +23,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 from pathlib import Path
 
+from pipeline.audit import dvc_repo
 from pipeline.core.layout import FLEET, FLEET_DVC_YAML, FLEET_PARAMS, adapter_dir, owner
-from pipeline.core.lineage import dvc_repo
+from pipeline.core.lineage import hardware_class
 
 LOSS = "reports/train/plots/metrics/train/loss.tsv"
 CONFUSION = "reports/evaluate/confusion.png"
+RUN_FACTS = "reports/train/run.json"  # what differs run to run (a metrics file outside every stage's outs)
 
 
 def at_rev(root: Path, rev: str | None, path: str) -> bytes | None:
@@ -68,7 +77,20 @@ def fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def build(root: Path, base: str, out: Path) -> str:
+def hardware_at(root: Path, rev: str | None, prefix: str = "") -> str | None:
+    """The hardware class of the run whose facts a revision holds (None: no run facts there)."""
+    raw = at_rev(root, rev, prefix + RUN_FACTS)
+    hw = json.loads(raw).get("hardware") if raw else None
+    return hardware_class(hw) if hw else None
+
+
+def within(d: dict, atol: float, rtol: float) -> bool:
+    """A metric's delta inside the tolerance: |new - old| <= atol + rtol |old| (both numbers)."""
+    old, new = d.get("old"), d.get("new")
+    return isinstance(old, int | float) and abs(new - old) <= atol + rtol * abs(old)
+
+
+def build(root: Path, base: str, out: Path, atol: float = 0.0, rtol: float = 0.0) -> str:
     """Write `<out>/report.md` (and images) comparing the working tree with `base`; returns the markdown."""
 
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +114,7 @@ def build(root: Path, base: str, out: Path) -> str:
             who, f"fleet adapter `{who}` ({FLEET_DVC_YAML})")
         if who or len(owners) > 1:
             lines += [f"### {title[0].upper()}{title[1:]}", ""]
-        lines += section(root, base, out, who, mine, numbers)
+        lines += section(root, base, out, who, mine, numbers, (atol, rtol))
     if quiet:
         lines += [f"Fleet adapters with no params or metrics change: {', '.join(quiet)}.", ""]
     text = "\n".join(lines).rstrip("\n") + "\n"
@@ -100,11 +122,11 @@ def build(root: Path, base: str, out: Path) -> str:
     return text
 
 
-def section(root: Path, base: str, out: Path, who: str, changed: list, rows: list) -> list[str]:
+def section(root: Path, base: str, out: Path, who: str, changed: list, rows: list, tol: tuple) -> list[str]:
     """One pipeline's params table, metrics table and plots (`who`: owner(); its files under fleet/<who>/)."""
     prefix = f"{adapter_dir(Path(FLEET), who).as_posix()}/" if who not in ("", FLEET) else ""
     tag = f"{who}_" if prefix else ""
-    lines = ["#### Params", ""]
+    lines = machines(root, base, prefix) + ["#### Params", ""]
     if changed:
         lines += ["| param | before | after |", "|---|---|---|"]
         lines += [f"| {k} | {fmt(d.get('old'))} | {fmt(d.get('new'))} |" for _, k, d in changed]
@@ -112,12 +134,7 @@ def section(root: Path, base: str, out: Path, who: str, changed: list, rows: lis
         lines.append("No params changed.")
     if who == FLEET:
         return lines + [""]
-    lines += ["", "#### Metrics", "", "| metric | before | after | delta |", "|---|---:|---:|---:|"]
-    rows = sorted(rows, key=lambda r: (not r[2].get("diff"), r[1]))  # what changed first, then by name
-    for _, name, d in rows:
-        delta = d.get("diff")
-        lines.append(f"| {name} | {fmt(d.get('old'))} | {fmt(d['new'])} | {'' if delta is None else f'{delta:+.4g}'} |")
-    lines += ["", "#### Plots", ""]
+    lines += ["", *metrics_table(rows, *tol), "#### Plots", ""]
     if loss_plot(root, base, out / f"{tag}loss.png", prefix):
         lines.append(f"![training loss, before and after]({tag}loss.png)")
     before, after = at_rev(root, base, prefix + CONFUSION), at_rev(root, None, prefix + CONFUSION)
@@ -129,3 +146,40 @@ def section(root: Path, base: str, out: Path, who: str, changed: list, rows: lis
     elif after:
         lines.append("Confusion matrix unchanged.")
     return lines + [""]
+
+
+def machines(root: Path, base: str, prefix: str) -> list[str]:
+    """The hardware class of both runs, and a warning first when they differ."""
+    before, after = hardware_at(root, base, prefix), hardware_at(root, None, prefix)
+    if before is None and after is None:
+        return []
+    if before != after:
+        return [f"**Runs on different hardware classes**: `{base}` on {before or 'unknown'}, this change on "
+                f"{after or 'unknown'}. Floating-point results differ between classes (docs/reproducibility.md): "
+                "a delta may be the machine's, not the change's; see the tolerance column.", ""]
+    return [f"Both runs on the same hardware class: {after}.", ""]
+
+
+def metrics_table(rows: list, atol: float, rtol: float) -> list[str]:
+    """The metrics that changed (beyond the tolerance first, then within it), the unchanged ones counted, then
+    the run facts (not the change's)."""
+    facts = [r for r in rows if r[0].endswith(RUN_FACTS)]
+    numbers = [r for r in rows if r not in facts]
+    moved = [r for r in numbers if r[2].get("diff") or r[2].get("old") is None]
+    moved.sort(key=lambda r: (within(r[2], atol, rtol), r[1]))  # beyond the tolerance first, then by name
+    lines = ["#### Metrics", ""]
+    if moved:
+        lines += ["| metric | before | after | delta |", "|---|---:|---:|---:|"]
+        for _, name, d in moved:
+            delta = "" if d.get("diff") is None else f"{d['diff']:+.4g}"
+            mark = f" (within atol {atol:g} + rtol {rtol:g})" if within(d, atol, rtol) else ""
+            lines.append(f"| {name} | {fmt(d.get('old'))} | {fmt(d['new'])} | {delta}{mark} |")
+    else:
+        lines.append("No metric changed.")
+    if len(numbers) > len(moved):
+        lines += ["", f"{len(numbers) - len(moved)} metric(s) unchanged."]
+    if facts:
+        lines += ["", "Run facts (this machine and day, not the change):", "", "| fact | before | after |",
+                  "|---|---:|---:|", *(f"| {name} | {fmt(d.get('old'))} | {fmt(d['new'])} |" for _, name, d in facts)]
+    return lines + [""]
+

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.audit import git
 from pipeline.core.allocator import beside_env
 from pipeline.core.io import atomic_write_text
-from pipeline.core.lineage import git
 from pipeline.core.stage import PipelineError, tool_env
 
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}

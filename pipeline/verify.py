@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.core.lineage import cache_object, hardware_class, lock_outs
+from pipeline.audit import cache_object, lock_outs
+from pipeline.core.lineage import hardware_class
 from pipeline.core.stage import tool_env
 
 

@@ -225,6 +225,7 @@ def make_repo(r: Path, tiny_base: Path) -> Path:
         shutil.copy(ROOT / name, r / name)
     shutil.copytree(ROOT / "pipeline", r / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "prompts", r / "prompts")
+    shutil.copytree(ROOT / "env", r / "env")  # each stage's pins (a dep of the stage)
     (r / "data" / "example").mkdir(parents=True)
     for f in (ROOT / "data" / "example").glob("sentiment_*.jsonl"):
         shutil.copy(f, r / "data" / "example" / f.name)

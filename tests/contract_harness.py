@@ -171,6 +171,7 @@ class Project:
         for name in ("dvc.yaml", "requirements.lock"):
             shutil.copy(ROOT / name, d / name)
         shutil.copytree(ROOT / "prompts", d / "prompts")
+        shutil.copytree(ROOT / "env", d / "env")
         shutil.copytree(ROOT / "pipeline", d / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
         for f in list((d / "prompts").glob("*.jinja")):
             (d / "prompts" / f"{f.stem}_alt.jinja").write_text(f.read_text() + "{# another template file #}\n")

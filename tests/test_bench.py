@@ -109,3 +109,28 @@ def test_an_accuracy_curve_takes_train_overrides_as_dvc_exp_run_does():
                                   "lora": {"r": 16, "lora_dropout": 0, "layers_to_transform": [28, 29]}}
     with pytest.raises(SystemExit, match="train.KEY=VALUE"):
         overrides(["lr=1"])
+
+
+def test_the_cpu_class_trace_is_the_same_for_the_same_run_and_names_the_first_operation_that_differs(
+        trained, tiny_base, tmp_path):
+    """bench.cpu_classes: two runs of the same params give the same trace (every loss, operation, gradient and
+    parameter); a changed activation is named at its step and module; bf16 against fp32 parts at step 1."""
+    import copy
+
+    from bench.cpu_classes import first_difference, train_traced
+
+    p = trained["params"]
+    runs = [train_traced(p, trained["tokenized"], tiny_base, 2, tmp_path / str(i)) for i in range(2)]
+    a, b = runs
+    assert len(a["losses"]) == trained["metrics"]["steps"] and len(a["trace"]) == 2
+    assert len(a["trace"][0]["forward"]) > 20 and a["trace"][1]["grads"] and a["trace"][1]["params"]
+    assert first_difference(a, b).startswith("identical")
+    c = copy.deepcopy(b)
+    name, _ = c["trace"][1]["forward"][5]
+    c["trace"][1]["forward"][5] = (name, "0" * 16)
+    assert first_difference(a, c) == f"step 2: forward output of {name} (first of {len(a['trace'][1]['forward'])} " \
+                                     "operations to differ)"
+    assert p.train.precision == "fp32"
+    bf16 = p.model_copy(update={"train": p.train.model_copy(update={"precision": "bf16"})})
+    other = train_traced(bf16, trained["tokenized"], tiny_base, 1, tmp_path / "bf16")
+    assert first_difference(a, other).startswith("step 1: ")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from conftest import ROOT, make_params
 
 from pipeline import dvcspec, tasks
 from pipeline.contract import view
+from pipeline.core.lineage import md5_file
 from pipeline.core.params import UndeclaredParam
 from pipeline.stages import format as fmt
 
@@ -77,6 +79,8 @@ def test_dvc_yaml_says_what_each_stage_reads_and_runs():
 
 def test_drift_is_named_and_mended_by_the_generator(tmp_path):
     shutil.copytree(PIPELINE, tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "env", tmp_path / "env")
+    shutil.copy(ROOT / "requirements.lock", tmp_path / "requirements.lock")
     text = (ROOT / "dvc.yaml").read_text()  # edited as a person would: comments and layout stay
     fmt_at = text.index("  format:")
     text = text[:fmt_at] + text[fmt_at:].replace("    - labels\n", "", 1)  # format's params lose `labels`
@@ -102,6 +106,43 @@ def test_drift_is_named_and_mended_by_the_generator(tmp_path):
     assert "pipeline/report.py" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["validate"]["deps"]
     kept = (tmp_path / "dvc.yaml").read_text()
     assert all(c in kept for c in comments)  # the hand-written comments and entries stay
+
+
+def test_a_package_no_stage_runs_on_changes_no_pins_file_and_an_upgrade_changes_those_that_run_on_it(tmp_path):
+    """env/<stage>.txt is the lock's pins of what the stage imports and requires: a test or remote tool added to
+    the lock (moto, dvc-s3) moves no stage's pins (so nothing reruns and no record changes); a new transformers
+    moves every stage that runs on it, a new pandera only those that validate rows (not base, not export)."""
+    shutil.copytree(PIPELINE, tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    modules = {**dvcspec.stage_modules(ROOT), "fleet": "pipeline.stages.fleet"}
+    lock = (ROOT / "requirements.lock").read_text()
+
+    def pins(text: str) -> dict[str, str]:
+        (tmp_path / "requirements.lock").write_text(text)
+        return {stage: dvcspec.env_text(tmp_path, module) for stage, module in modules.items()}
+
+    now = pins(lock)
+    assert now == {stage: (ROOT / "env" / f"{stage}.txt").read_text() for stage in modules}
+    assert "pytest==" not in "".join(now.values()) and "trl==" not in "".join(now.values())
+    added = lock + "moto==5.1.0 \\\n    --hash=sha256:00\n    # via peftflow (pyproject.toml)\n" \
+                   "dvc-s3==3.2.0 \\\n    --hash=sha256:00\n    # via peftflow (pyproject.toml)\n"
+    assert pins(added) == now
+    version = re.search(r"^transformers==(\S+)", lock, re.M).group(1)
+    upgraded = pins(lock.replace(f"transformers=={version}", "transformers==99.0"))
+    assert {s for s in modules if upgraded[s] != now[s]} == {s for s in modules if "transformers==" in now[s]} != set()
+    version = re.search(r"^pandera==(\S+)", lock, re.M).group(1)
+    upgraded = pins(lock.replace(f"pandera=={version}", "pandera==99.0"))
+    changed = {s for s in modules if upgraded[s] != now[s]}
+    assert "validate" in changed and not {"base", "export"} & changed
+
+
+def test_every_file_hash_the_committed_lock_records_is_the_files_own():
+    """dvc.lock is made by commands (`dvc repro`, `dvc commit`), never by hand: every file dep it records (code,
+    pins, templates, data kept in git) has the md5 of the file as it is, so the committed lock says what the
+    committed code makes."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    files = [(stage, d) for stage, s in lock.items() for d in s.get("deps", []) if (ROOT / d["path"]).is_file()]
+    assert len(files) > 50
+    assert [f"{stage}: {d['path']}" for stage, d in files if md5_file(ROOT / d["path"]) != d["md5"]] == []
 
 
 def test_file_to_stages_table_in_the_docs_is_the_generated_one():

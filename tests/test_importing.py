@@ -8,6 +8,7 @@ import yaml
 from conftest import EXAMPLE, make_params, sh
 from typer.testing import CliRunner
 
+from pipeline import audit
 from pipeline.cli import app
 from pipeline.core import lineage
 from pipeline.core.io import read_records
@@ -57,7 +58,7 @@ def test_a_pinned_file_comes_from_the_hub_cache_offline_and_is_tracked(offline, 
     assert meta["source"] == f"hf://datasets/acme/chats@{SHA}/data/train.jsonl"
     spec = yaml.safe_load((project / "data" / "hub" / "train.jsonl.dvc").read_text())
     assert spec["meta"] == meta and spec["outs"][0]["md5"] == lineage.md5_file(out)
-    assert lineage.data_source(out) == meta and lineage.data_source(EXAMPLE / "chat_train.jsonl") is None
+    assert audit.data_source(out) == meta and audit.data_source(EXAMPLE / "chat_train.jsonl") is None
     assert "train.jsonl" in (project / "data" / "hub" / ".gitignore").read_text()  # the file is DVC's, not git's
     assert "up to date" in sh(project, sys.executable, "-m", "dvc", "status")
     assert len(read_records(out)) == 120
@@ -96,9 +97,9 @@ def test_the_lineage_names_the_imported_source(offline, hub_cache, project):
     meta = import_data("acme/chats", SHA, "data/train.jsonl", out, hub_cache, root=project)
     lock = {"validate": {"cmd": "x", "deps": [{"path": "data/hub/train.jsonl", "md5": lineage.md5_file(out)}],
                          "outs": [{"path": "data/validated", "md5": "0" * 32 + ".dir"}]}}
-    chain = lineage.upstream(lock, ["data/validated"])  # what `peftflow lineage` walks from a train stage's deps
+    chain = audit.upstream(lock, ["data/validated"])  # what `peftflow lineage` walks from a train stage's deps
     paths = [d["path"] for entry in chain.values() for d in entry["deps"]]
-    assert lineage.data_sources(project, paths) == {"data/hub/train.jsonl": meta}
+    assert audit.data_sources(project, paths) == {"data/hub/train.jsonl": meta}
 
 
 def test_the_command_runs_as_a_module_too(tmp_path):

@@ -7,6 +7,8 @@ lineage, the CLI and the report agree by construction:
   fleet/dvc.yaml, dvc.lock     the fleet's pipeline (written from dvc.yaml) and what DVC recorded of it
   fleet/resolved/<name>.yaml   an adapter's whole params (the `fleet` stage writes them)
   fleet/<name>/...             an adapter's outputs: dvc.yaml's paths under its own folder
+  env/<stage>.txt              the packages a stage runs on, at the lock's versions (a dep of the stage;
+                               a fleet adapter's stage runs on its stage's file)
 
 A stage address is DVC's: `train` (dvc.yaml), `fleet/dvc.yaml:train@chat` (the fleet's adapter `chat`);
 a lock file names the second `train@chat`.
@@ -74,3 +76,11 @@ def owner(path: str) -> str:
     if parts[:1] == (FLEET,):
         return parts[1] if len(parts) > 2 else FLEET
     return ""
+
+
+ENV = "env"  # each stage's pins file: the packages its code runs on, at the lock's versions
+
+
+def env_pins(stage: str) -> str:
+    """The pins file of a stage (or of a fleet adapter's stage: `train@chat` runs on train's): env/train.txt."""
+    return f"{ENV}/{split_stage(stage)[0]}.txt"

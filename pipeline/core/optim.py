@@ -11,6 +11,7 @@ import importlib
 
 import torch
 
+PACKAGES = ("bitsandbytes",)  # its optimizers, named by module path below (env/<stage>.txt pins it)
 OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw_8bit": "bitsandbytes.optim.AdamW8bit",
               "paged_adamw_8bit": "bitsandbytes.optim.PagedAdamW8bit",
               "paged_adamw_32bit": "bitsandbytes.optim.PagedAdamW32bit"}
