@@ -1,7 +1,7 @@
 """A DVC remote on a real S3-compatible server (moto's, on 127.0.0.1): a push that the remote drops in the
 middle leaves only whole objects behind, a second push completes it, and a fresh clone pulls everything,
-finds the pipeline up to date and the adapter's lineage whole. Skipped where moto[server] and dvc-s3 are not
-installed (the `s3` fixture): they are not in requirements.lock yet (docs/fleet.md#a-remote-on-an-object-store)."""
+finds the pipeline up to date and the adapter's lineage whole. moto[server] and dvc-s3 are the lock's `remote`
+extra (docs/fleet.md#a-remote-on-an-object-store)."""
 
 from __future__ import annotations
 
