@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from pipeline.core.params import load_params
 from pipeline.recipes import sft
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW = {("avx2-all", "bf16")}  # ~25x native on the EPYC class (../shared/reference/cpu-classes): only with --slow
 OUT = ROOT / "bench" / "results" / "cpu_classes"
 SWITCHES = {
     "native": {},
@@ -53,9 +55,9 @@ SWITCHES = {
 
 
 def digest(t: torch.Tensor) -> str:
-    """The first 16 hex digits of the sha256 of a tensor's bytes."""
+    """The first 12 hex digits of the sha256 of a tensor's bytes (48 bits: a reference, not a security boundary)."""
     raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(raw).hexdigest()[:12]
 
 
 def first_tensor(out) -> torch.Tensor | None:
@@ -72,6 +74,7 @@ class Trace:
 
     def __init__(self, model: torch.nn.Module, steps: int) -> None:
         self.steps, self.step, self.records = steps, 0, [self.empty() for _ in range(steps)]
+        self.operations: list[str] = []  # module names in their first step's call order
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         for name, module in model.named_modules():
             module.register_forward_hook(self.forward_hook(name or "model"))
@@ -80,15 +83,28 @@ class Trace:
 
     @staticmethod
     def empty() -> dict:
-        return {"forward": [], "grads": {}, "params": {}}
+        return {"forward": {}, "grads": {}, "params": {}}
 
     def forward_hook(self, name: str):
+        name = name.removeprefix("base_model.model.")
+
         def hook(module, args, out):
             rec = self.records[self.step] if self.step < self.steps else None
             t = first_tensor(out)
-            if rec is not None and t is not None and not any(n == name for n, _ in rec["forward"]):
-                rec["forward"].append((name, digest(t)))  # the first call (checkpointing recomputes it)
+            if rec is not None and t is not None and name not in rec["forward"]:
+                rec["forward"][name] = digest(t)  # the first call (activation checkpointing recomputes it)
+                if self.step == 0:
+                    self.operations.append(name)
         return hook
+
+    def result(self) -> dict:
+        """The trace as written: the operations and the trainable parameters once, then each step's hashes of
+        forward outputs, gradients and parameters, in those orders."""
+        names = sorted(self.trainable)
+        steps = [{"forward": [r["forward"].get(n) for n in self.operations],
+                  "grads": [r["grads"].get(n) for n in names], "params": [r["params"].get(n) for n in names]}
+                 for r in self.records]
+        return {"operations": self.operations, "parameters": names, "steps": steps}
 
     def grad_hook(self, name: str):
         def hook(p):
@@ -121,7 +137,7 @@ def train_traced(p, data: Path, base: Path, trace_steps: int, work: Path) -> dic
     seconds = time.perf_counter() - t0
     adapter = {n: t for n, t in recipe.model.named_parameters() if t.requires_grad}
     whole = hashlib.sha256(b"".join(digest(adapter[n]).encode() for n in sorted(adapter))).hexdigest()
-    return {"losses": losses, "trace": trace.records, "seconds": round(seconds, 1), "adapter_sha256": whole,
+    return {"losses": losses, "trace": trace.result(), "seconds": round(seconds, 1), "adapter_sha256": whole,
             "tokens": facts.get("tokens")}
 
 
@@ -135,7 +151,7 @@ def child(args) -> None:
                "hardware": hardware(), "cpu": cpu_name(), "torch": torch.__version__,
                "torch_config": {"mkldnn": torch.backends.mkldnn.is_available(), "cpu_capability":
                                 torch.backends.cpu.get_cpu_capability()}}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(result, separators=(",", ":")) + "\n")  # ~150 KB: a reference, not a page
 
 
 def run_one(switches: str, precision: str, trace: int, out: Path) -> dict:
@@ -146,30 +162,37 @@ def run_one(switches: str, precision: str, trace: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def combos(args) -> list[tuple[str, str]]:
+    """The (switches, precision) pairs asked for, without the impractically slow ones unless --slow."""
+    return [(s, p) for s in args.switches for p in args.precision if args.slow or (s, p) not in SLOW]
+
+
 def record(args) -> None:
     """A reference per switch set and precision, named by this machine's class."""
     OUT.mkdir(parents=True, exist_ok=True)
-    for switches in args.switches:
-        for precision in args.precision:
-            out = OUT / f"{cpu_isa()}_{switches}_{precision}.json"
-            r = run_one(switches, precision, args.trace, out)
-            final = float.fromhex(r["losses"][-1])
-            print(f"{out.relative_to(ROOT)}: {len(r['losses'])} steps, final loss {final:.6f}, "
-                  f"adapter {r['adapter_sha256'][:16]}, {r['seconds']} s")
+    for switches, precision in combos(args):
+        out = OUT / f"{cpu_isa()}_{switches}_{precision}.json"
+        r = run_one(switches, precision, args.trace, out)
+        final = float.fromhex(r["losses"][-1])
+        print(f"{out.relative_to(ROOT)}: {len(r['losses'])} steps, final loss {final:.6f}, "
+              f"adapter {r['adapter_sha256'][:16]}, {r['seconds']} s")
 
 
 def first_difference(a: dict, b: dict) -> str:
     """Where two runs' bits first part: the step, then the first operation in call order (or gradient, or
     parameter), or 'identical'."""
+    ops, steps_a, steps_b = a["trace"]["operations"], a["trace"]["steps"], b["trace"]["steps"]
+    if ops != b["trace"]["operations"] or a["trace"]["parameters"] != b["trace"]["parameters"]:
+        return "the two runs call other operations (another code or model): not comparable op by op"
     for i, (la, lb) in enumerate(zip(a["losses"], b["losses"], strict=False)):
-        ta = a["trace"][i] if i < len(a["trace"]) else None
-        tb = b["trace"][i] if i < len(b["trace"]) else None
+        ta = steps_a[i] if i < len(steps_a) else None
+        tb = steps_b[i] if i < len(steps_b) else None
         if ta is not None and tb is not None:
-            for (na, ha), (nb, hb) in zip(ta["forward"], tb["forward"], strict=False):
-                if (na, ha) != (nb, hb):
-                    return f"step {i + 1}: forward output of {na} (first of {len(ta['forward'])} operations to differ)"
+            for name, ha, hb in zip(ops, ta["forward"], tb["forward"], strict=True):
+                if ha != hb:
+                    return f"step {i + 1}: forward output of {name} (of {len(ops)} operations in call order)"
             for kind in ("grads", "params"):
-                names = [n for n in ta[kind] if ta[kind][n] != tb[kind].get(n)]
+                names = [n for n, ha, hb in zip(a["trace"]["parameters"], ta[kind], tb[kind], strict=True) if ha != hb]
                 if names:
                     return f"step {i + 1}: {kind[:-1]} of {names[0]} ({len(names)} of {len(ta[kind])} differ)"
         if la != lb:
@@ -189,18 +212,25 @@ def compare(args) -> None:
 def cost(args) -> None:
     """Each switch set's full run against native bf16, alternating, `--rounds` times; medians and ratios."""
     OUT.mkdir(parents=True, exist_ok=True)
-    others = [(s, p) for s in args.switches for p in args.precision if (s, p) != ("native", "bf16")]
-    runs = [("native", "bf16"), *others]
+    runs = [("native", "bf16"), *(c for c in combos(args) if c != ("native", "bf16"))]
     seconds: dict[str, list[float]] = {f"{s} {p}": [] for s, p in runs}
     with tempfile.TemporaryDirectory() as work:
         for _ in range(args.rounds):
             for s, p in runs:
                 seconds[f"{s} {p}"].append(run_one(s, p, 0, Path(work) / "r.json")["seconds"])
-    median = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
+    write_cost(seconds)
+
+
+def write_cost(seconds: dict[str, list[float]]) -> None:
+    """The cost table (medians, ratios to native bf16) as results/cpu_classes/cost_<isa>.{json,md}."""
+    median = {k: statistics.median(v) for k, v in seconds.items()}
     base = median["native bf16"]
-    rows = [f"| {k} | {median[k]:.1f} | {median[k] / base:.2f}x |" for k in seconds]
-    md = "\n".join([f"# Train stage seconds per switch set, {cpu_name()} ({cpu_isa()}), median of {args.rounds}",
-                    "", "| switches, precision | seconds | vs native bf16 |", "|---|---:|---:|", *rows]) + "\n"
+    rows = [f"| {k} | {median[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {median[k] / base:.2f}x |"
+            for k, v in seconds.items()]
+    md = "\n".join([f"# Train stage seconds per switch set, {cpu_name()} ({cpu_isa()})", "",
+                    "The default job's 30 steps, one process each, the sets alternating in each round.", "",
+                    "| switches, precision | median s | each round | vs native bf16 |", "|---|---:|---:|---:|",
+                    *rows]) + "\n"
     name = OUT / f"cost_{cpu_isa()}"
     name.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "median": median}, indent=1) + "\n")
     name.with_suffix(".md").write_text(md)
@@ -216,6 +246,7 @@ def main() -> None:
         c.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
         c.add_argument("--trace", type=int, default=6, help="steps whose every operation is hashed")
         c.add_argument("--rounds", type=int, default=1)
+        c.add_argument("--slow", action="store_true", help="also the pairs in SLOW (avx2-all bf16)")
     c = sub.add_parser("child")
     c.add_argument("--switches", choices=list(SWITCHES), required=True)
     c.add_argument("--precision", choices=["bf16", "fp32"], required=True)

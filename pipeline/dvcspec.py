@@ -210,16 +210,22 @@ def lock_versions(root: Path) -> dict[str, str]:
             if (m := pin.match(line))}
 
 
-def env_text(root: Path, module: str) -> str:
-    """A stage's pins file: the lock's pins of what its code (any task's, any method's) imports and requires."""
-    mod = importlib.import_module(module)
+def stage_distributions(root: Path, module: str) -> set[str]:
+    """The distributions a stage runs on: what its code (any task's, any method's) imports or names in PACKAGES,
+    and everything those require."""
     files = sorted({f for d in code_deps(root, module) for f in (tasks_files(root) if d == TASK_FILE else [d])
                     if f.endswith(".py")})
     by_module = module_distributions()
-    dists = {d for m in third_party(root, files) for d in by_module.get(m, ())} | declared(root, files)
+    return requirement_closure({d for m in third_party(root, files) for d in by_module.get(m, ())}
+                               | declared(root, files))
+
+
+def env_text(root: Path, module: str, dists: set[str] | None = None) -> str:
+    """A stage's pins file: the lock's pins of the distributions it runs on (`dists`, else worked out)."""
     versions = lock_versions(root)
-    names = sorted(n for n in requirement_closure(dists) if n in versions)
-    return ENV_HEAD.format(stage=mod.STAGE) + "".join(f"{n}=={versions[n]}\n" for n in names)
+    names = sorted(n for n in (stage_distributions(root, module) if dists is None else dists) if n in versions)
+    stage = importlib.import_module(module).STAGE
+    return ENV_HEAD.format(stage=stage) + "".join(f"{n}=={versions[n]}\n" for n in names)
 
 
 def env_differences(root: Path, modules: dict[str, str]) -> list[str]:

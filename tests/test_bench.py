@@ -122,14 +122,14 @@ def test_the_cpu_class_trace_is_the_same_for_the_same_run_and_names_the_first_op
     p = trained["params"]
     runs = [train_traced(p, trained["tokenized"], tiny_base, 2, tmp_path / str(i)) for i in range(2)]
     a, b = runs
-    assert len(a["losses"]) == trained["metrics"]["steps"] and len(a["trace"]) == 2
-    assert len(a["trace"][0]["forward"]) > 20 and a["trace"][1]["grads"] and a["trace"][1]["params"]
+    ops, steps = a["trace"]["operations"], a["trace"]["steps"]
+    assert len(a["losses"]) == trained["metrics"]["steps"] and len(steps) == 2
+    assert len(ops) > 20 and all(steps[1]["forward"]) and all(steps[1]["grads"]) and all(steps[1]["params"])
+    assert len(steps[1]["grads"]) == len(a["trace"]["parameters"]) > 0
     assert first_difference(a, b).startswith("identical")
     c = copy.deepcopy(b)
-    name, _ = c["trace"][1]["forward"][5]
-    c["trace"][1]["forward"][5] = (name, "0" * 16)
-    assert first_difference(a, c) == f"step 2: forward output of {name} (first of {len(a['trace'][1]['forward'])} " \
-                                     "operations to differ)"
+    c["trace"]["steps"][1]["forward"][5] = "0" * 16
+    assert first_difference(a, c) == f"step 2: forward output of {ops[5]} (of {len(ops)} operations in call order)"
     assert p.train.precision == "fp32"
     bf16 = p.model_copy(update={"train": p.train.model_copy(update={"precision": "bf16"})})
     other = train_traced(bf16, trained["tokenized"], tiny_base, 1, tmp_path / "bf16")
