@@ -174,7 +174,7 @@ class Found:
     checked_at: str
     made_in: str | None
     newest: str | None = None  # the newest commit that records it (what to check out to reproduce it)
-    stale: list[str] = field(default_factory=list)  # problems of the artifact itself (stale, tampered)
+    stale: list[dict] = field(default_factory=list)  # problems of the artifact itself (stale, tampered)
 
 
 def find(root: Path, records) -> Found | None:
@@ -294,8 +294,13 @@ def audit(rec: dict, found: Found, root: Path, stage: str | None) -> dict:
 
 
 def stale_note(root: Path, path: str | None, md5: str, found: Found) -> list[dict]:
-    """A workspace output whose current lock records another hash: stale (checked out or made before)."""
-    now = lock_outs(lock_stages(root)).get(path) if path else None
+    """A workspace output (or a file inside one) whose current lock records another hash: stale (checked out or
+    made before)."""
+    outs = lock_outs(lock_stages(root))
+    now = outs.get(path) if path else None
+    folder = next((o for o in outs if path and path.startswith(o + "/")), None)
+    if now is None and folder is not None and (files := manifest(root, outs[folder])) is not None:
+        now = files.get(path[len(folder) + 1:])  # a file of a folder output: its md5 in the current folder list
     if found.checked_at == WORKSPACE or now is None or now == md5:
         return []
     return [{"path": path, "md5": md5, "cache": None,
@@ -339,6 +344,7 @@ def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Pat
     # its stage: the one that read this export (the default job's gguf, or an adapter's gguf@<name>)
     name = next((n for n, s in found.lock.items() if split_stage(n)[0] == stage_name
                  and any(d.get("md5") == export_md5 for d in s.get("deps", []))), None)
+    found.stale += stale_note(root, relative(root, path), md5, found)
     if stamped != now:
         found.stale.append({"path": str(path), "md5": stamped, "cache": None,
                             "workspace": f"MISMATCH (tensor bytes changed: sha256 now {now[:12]})"})

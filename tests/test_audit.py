@@ -56,10 +56,10 @@ def test_a_deployed_copy_of_an_older_output_checks_against_its_own_commit_and_a_
         history, tmp_path):
     """The first commit's adapter (lr 2e-2; the second commit changed it): a copy outside the project is
     that commit's, whole (exit 0); the same folder in the workspace, where the lock now records another, is
-    stale (exit 1)."""
+    stale (exit 1), and so is a GGUF file of that commit in the workspace's models/gguf."""
     root = copy_repo(history["root"], tmp_path / "repo")
     git(root, "checkout", "-q", history["first"], "--", "dvc.lock")
-    sh(root, sys.executable, "-m", "dvc", "checkout", "-q", "-f", "train")
+    sh(root, sys.executable, "-m", "dvc", "checkout", "-q", "-f", "train", "gguf")
     deployed = shutil.copytree(root / "models" / "adapter", tmp_path / "deployed" / "adapter")
     git(root, "checkout", "-q", "HEAD", "--", "dvc.lock")
     code, out = lineage(root, deployed)
@@ -68,6 +68,8 @@ def test_a_deployed_copy_of_an_older_output_checks_against_its_own_commit_and_a_
     assert f"git checkout {history['first']}" in out
     code, out = lineage(root, root / "models" / "adapter")  # the workspace holds the first commit's adapter
     assert code == 1 and "stale" in out and "dvc checkout" in out, out
+    code, out = lineage(root, root / "models" / "gguf" / "adapter-f16.gguf")  # and its GGUF files
+    assert code == 1 and "stale" in out, out
 
 
 def test_a_changed_file_inside_an_adapter_folder_is_named(history, tmp_path):
