@@ -96,16 +96,21 @@ def cache_object(cache: Path, md5: str) -> Path:
     return cache / "files" / "md5" / md5[:2] / md5[2:]
 
 
+def cache_of(root: Path) -> Path:
+    """The project's DVC cache folder."""
+    return root / ".dvc" / "cache"
+
+
 def cache_has(root: Path, md5: str | None) -> bool | None:
     """Whether the DVC cache holds an object (None when there is no hash to look for)."""
-    return cache_object(root / ".dvc" / "cache", md5).exists() if md5 else None
+    return cache_object(cache_of(root), md5).exists() if md5 else None
 
 
-def manifest(root: Path, md5: str | None) -> dict[str, str] | None:
-    """A recorded folder's files (relpath -> md5) from the DVC cache, or None when the cache lacks it."""
-    if not md5 or not str(md5).endswith(".dir") or not cache_has(root, md5):
+def manifest(cache: Path, md5: str | None) -> dict[str, str] | None:
+    """A recorded folder's files (relpath -> md5) from the DVC cache folder `cache`, or None when it lacks them."""
+    if not md5 or not str(md5).endswith(".dir") or not cache_object(cache, md5).exists():
         return None
-    return {e["relpath"]: e["md5"] for e in json.loads(cache_object(root / ".dvc" / "cache", md5).read_text())}
+    return {e["relpath"]: e["md5"] for e in json.loads(cache_object(cache, md5).read_text())}
 
 
 def lock_stages(root: Path) -> dict:
@@ -213,11 +218,11 @@ def tampered(root: Path, folder: Path, rec: dict) -> tuple[str | None, list[str]
     differ from it; (None, []) when the DVC cache holds no recorded folder to compare with."""
     path = relative(root, folder)
     now_md5 = lock_outs(lock_stages(root)).get(path) if path else None
-    if (files := manifest(root, now_md5)) is not None:
+    if (files := manifest(cache_of(root), now_md5)) is not None:
         return now_md5, changed_files(folder, files)
     candidates = {o.get("md5") for _, stages in lock_history(root) for name, s in stages.items()
                   if split_stage(name)[0] == rec.get("stage") for o in s.get("outs", [])}
-    manifests = {m: f for m in candidates if (f := manifest(root, m)) is not None}
+    manifests = {m: f for m in candidates if (f := manifest(cache_of(root), m)) is not None}
     if not manifests:
         return None, []
     own = md5_file(folder / RECORD) if (folder / RECORD).is_file() else None
@@ -299,7 +304,7 @@ def stale_note(root: Path, path: str | None, md5: str, found: Found) -> list[dic
     outs = lock_outs(lock_stages(root))
     now = outs.get(path) if path else None
     folder = next((o for o in outs if path and path.startswith(o + "/")), None)
-    if now is None and folder is not None and (files := manifest(root, outs[folder])) is not None:
+    if now is None and folder is not None and (files := manifest(cache_of(root), outs[folder])) is not None:
         now = files.get(path[len(folder) + 1:])  # a file of a folder output: its md5 in the current folder list
     if found.checked_at == WORKSPACE or now is None or now == md5:
         return []
@@ -334,7 +339,7 @@ def check_gguf(path: Path, stamp: tuple[dict, str | None, str], root: Path = Pat
     md5, stage_name = md5_file(path), rec.get("stage", "gguf")
 
     def holds(stages: dict) -> bool:
-        return any(md5 in (manifest(root, o.get("md5")) or {}).values() for name, s in stages.items()
+        return any(md5 in (manifest(cache_of(root), o.get("md5")) or {}).values() for name, s in stages.items()
                    if split_stage(name)[0] == stage_name for o in s.get("outs", []))
 
     export_md5 = next((m for p, m in rec.get("inputs", {}).items() if Path(p).name == "export"), None)

@@ -228,6 +228,11 @@ def env_text(root: Path, module: str, dists: set[str] | None = None) -> str:
     return ENV_HEAD.format(stage=stage) + "".join(f"{n}=={versions[n]}\n" for n in names)
 
 
+def pinned_stages(root: Path) -> dict[str, str]:
+    """Stage -> module of every stage that has a pins file: dvc.yaml's and the fleet's own stage."""
+    return {**stage_modules(root), fleet.STAGE: "pipeline.stages.fleet"}
+
+
 def env_differences(root: Path, modules: dict[str, str]) -> list[str]:
     """One line per stage whose pins file is not what the lock and its code make."""
     return [f"{env_pins(stage)}: not what requirements.lock and the stage's imports make (peftflow contract --write)"
@@ -288,8 +293,7 @@ def differences(root: Path) -> list[str]:
             lines.append(f"stage {stage}: runs {f}, not in its dvc.yaml deps")
         for f in sorted(have_code - set(want["code"])):
             lines.append(f"stage {stage}: dvc.yaml lists {f} among its deps, which it does not run")
-    modules = {**stage_modules(root), fleet.STAGE: "pipeline.stages.fleet"}
-    return lines + env_differences(root, modules) + fleet_differences(root)
+    return lines + env_differences(root, pinned_stages(root)) + fleet_differences(root)
 
 
 # ---- the fleet: fleet/dvc.yaml, made from dvc.yaml ---------------------------------------------------
@@ -405,7 +409,7 @@ def write(root: Path) -> list[str]:
     (root / FLEET).mkdir(exist_ok=True)
     (root / FLEET_DVC_YAML).write_text(fleet_text(root))
     (root / ENV).mkdir(exist_ok=True)
-    for stage, module in {**stage_modules(root), fleet.STAGE: "pipeline.stages.fleet"}.items():
+    for stage, module in pinned_stages(root).items():
         (root / env_pins(stage)).write_text(env_text(root, module))
     return mended
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.audit import cache_object, lock_outs
+from pipeline.audit import cache_object, lock_outs, manifest
 from pipeline.core.lineage import hardware_class
 from pipeline.core.stage import tool_env
 
@@ -39,16 +39,6 @@ class Row:
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
-
-
-def dir_manifest(cache: Path, md5: str | None) -> dict[str, str] | None:
-    """A DVC folder hash's file list (relpath -> md5) from the cache, or None if it is not there."""
-    if not md5 or not md5.endswith(".dir"):
-        return None
-    f = cache_object(cache, md5)
-    if not f.exists():
-        return None
-    return {e["relpath"]: e["md5"] for e in json.loads(f.read_text())}
 
 
 def weights_diff(old: Path, new: Path) -> float | None:
@@ -69,7 +59,7 @@ def weights_diff(old: Path, new: Path) -> float | None:
 
 def explain(cache: Path, old_md5: str | None, new_md5: str | None) -> tuple[list[str], str]:
     """Which files inside a folder output differ, and for weights on another hardware class how much."""
-    old, new = dir_manifest(cache, old_md5), dir_manifest(cache, new_md5)
+    old, new = manifest(cache, old_md5), manifest(cache, new_md5)
     if old is None or new is None:
         folder = str(old_md5 or new_md5 or "").endswith(".dir")
         return [], "(the recorded folder's file list is not in the DVC cache)" if folder else ""

@@ -113,7 +113,7 @@ def test_a_package_no_stage_runs_on_changes_no_pins_file_and_an_upgrade_changes_
     the lock (moto, dvc-s3) moves no stage's pins (so nothing reruns and no record changes); a new transformers
     moves every stage that runs on it, a new pandera only those that validate rows (not base, not export)."""
     shutil.copytree(PIPELINE, tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    modules = {**dvcspec.stage_modules(ROOT), "fleet": "pipeline.stages.fleet"}
+    modules = dvcspec.pinned_stages(ROOT)
     lock = (ROOT / "requirements.lock").read_text()
 
     dists = {stage: dvcspec.stage_distributions(tmp_path, module) for stage, module in modules.items()}
