@@ -105,7 +105,7 @@ lock-upgrade:
 # every benchmark, one process each (bench/README.md: what each compares, where it writes; ~4 h on 2 cores, the
 # method table most of it); `make bench BENCH="train_throughput flow_overhead"` runs the ones named
 BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants serving method_table \
-	cpu_classes
+	cpu_classes serve_load
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	dvc repro

@@ -36,19 +36,22 @@ from pathlib import Path
 import httpx
 
 from bench.method_table import machine
+from pipeline.backend import Backend
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import read_jsonl
 from pipeline.core.loading import load_tokenizer
 from pipeline.core.params import parse_params
-from pipeline.serve import free_port, slot_plan, start_llama_server
+from pipeline.serve import free_port, llama_server_cmd, slot_plan
 from pipeline.stages import export, gguf, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)
 
 
-def make_adapters(work: Path, steps: int) -> list[Path]:
-    """The 3 adapters' gguf stage folders (made once: train -> export -> gguf on the workspace's data)."""
+def make_adapters(work: Path, steps: int, precision: str | None = None) -> list[Path]:
+    """The 3 adapters' gguf stage folders (made once: train -> export -> gguf on the workspace's data), trained in
+    params.yaml's precision or `precision` (fp32 where the CPU has no bf16 instructions: a serving bench needs
+    adapters, not the lock's)."""
     import yaml
 
     base, tokenized, formatted = ROOT / "models" / "base", ROOT / "data" / "tokenized", ROOT / "data" / "formatted"
@@ -59,6 +62,7 @@ def make_adapters(work: Path, steps: int) -> list[Path]:
             raw = yaml.safe_load((ROOT / "params.yaml").read_text())
             raw["seed"] = seed
             raw["train"] |= {"max_steps": steps, "checkpoint_every": 0}
+            raw["train"] |= {"precision": precision} if precision else {}
             raw["gguf"] |= {"quantize": [], "rows": 4}
             p = parse_params(raw)
             print(f"adapter seed {seed}: train {steps} steps, export, gguf -> {d}", flush=True)
@@ -122,20 +126,20 @@ def one_round(mode: str, folders: list[Path], prompts: list[list[int]], args) ->
     else:
         specs = [(f / "model-f16.gguf", [], max(1, args.concurrency // 3), args.merged_threads or args.threads)
                  for f in folders]
-    procs, urls = [], []
+    servers = []
     try:
         for model, loras, slots, threads in specs:
             port = free_port()
-            procs.append(start_llama_server(model, loras, port, threads, slots, ctx))
-            urls.append(f"http://127.0.0.1:{port}")
-        result = asyncio.run(asyncio.wait_for(load(urls, prompts, args, mode), args.budget))
-        result["peak_rss_mb"] = round(sum(peak_rss_mb(p.pid) for p in procs), 1)
-        result["servers"] = len(procs)
+            servers.append(Backend(llama_server_cmd(model, loras, port, threads, slots, ctx), port,
+                                   args.work / f"llama-server-{port}.log"))
+            servers[-1].start()
+        result = asyncio.run(asyncio.wait_for(load([s.url for s in servers], prompts, args, mode), args.budget))
+        result["peak_rss_mb"] = round(sum(peak_rss_mb(s.proc.pid) for s in servers), 1)
+        result["servers"] = len(servers)
         return result
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=30)
+        for s in servers:
+            s.stop()
 
 
 def table(results: dict, args) -> str:
@@ -163,6 +167,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/peftflow-bench-serving"))
     ap.add_argument("--steps", type=int, default=8, help="train steps of each adapter")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="train precision (default: params')")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=6)
@@ -175,7 +180,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=600.0, help="seconds one round's load may take")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
     args = ap.parse_args()
-    folders = make_adapters(args.work, args.steps)
+    folders = make_adapters(args.work, args.steps, args.precision)
     tok = load_tokenizer(folders[0] / "tokenizer")
     prompts = [encode_prompt(tok, r["prompt"]) for r in read_jsonl(ROOT / "data" / "formatted" / "validation.jsonl")]
     results: dict[str, list[dict]] = {"adapters": [], "adapters, pinned slots": [], "one adapter": [], "merged": []}

@@ -20,7 +20,9 @@ import functools
 import importlib
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +52,15 @@ def later(module: str) -> ModuleType:
     return importlib.import_module(module)
 
 
+def error_line(e: PipelineError, params: str | Path | None = None) -> str:
+    """The one line a PipelineError is shown as; a message about `params.yaml:` names the params file the command
+    read instead when it read another (`--params`)."""
+    text = " ".join(str(e).split())
+    if params is not None and text.startswith("params.yaml:") and Path(params) != Path("params.yaml"):
+        text = f"{params}:{text[len('params.yaml:'):]}"
+    return f"error: {text}"
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """A command whose PipelineError is one line on stderr and exit code 2."""
 
@@ -58,7 +69,7 @@ def one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(error_line(e, kwargs.get("params")), err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -71,6 +82,19 @@ def _load(path: Path) -> dict | None:
 @app.callback()
 def _root() -> None:
     """Reproducible PEFT fine-tuning: run the pipeline with `dvc repro`."""
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library chatter a user cannot act on (bitsandbytes' optional-kernel line, transformers' FutureWarnings and
+    advisory logging) stays off the terminal unless PEFTFLOW_VERBOSE=1; before any command imports them."""
+    if os.environ.get("PEFTFLOW_VERBOSE", "") not in ("", "0"):
+        return
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def gguf_score(c: dict) -> float:
@@ -170,23 +194,33 @@ def predict(
     params: Path = typer.Option(Path("params.yaml"), help="where the defaults come from (section serve)"),
     allow_other_base: bool = typer.Option(False, "--allow-other-base",
                                           help="load adapters onto base weights other than the recorded ones"),
+    id_field: str = typer.Option(None, "--id", help="keep only this field of each input row beside the answers "
+                                                   "(default: the whole row, as `input`)"),
 ) -> None:
-    """Answer rows with each adapter, rendered with the template that adapter was trained with."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    """Answer rows with each adapter, rendered with the template that adapter was trained with. Each output line:
+    the row number, each adapter's answer by its name, and the input row (`input`) or its `--id` field."""
     limit, batch = max_new_tokens or peek(params, "serve.max_new_tokens"), peek(params, "serve.batch_size")
     if not isinstance(limit, int) or not isinstance(batch, int):
         raise PipelineError(f"predict: {params} has no serve.max_new_tokens and serve.batch_size (run where the "
                             "project's params.yaml is, or give --params)")
     named = dict(_split_adapter(a) for a in adapter)
+    taken = ({"row", "input", id_field} | ({"base"} if with_base else set())) & set(named)
+    if taken:
+        raise PipelineError(f"predict: an adapter may not be named {', '.join(sorted(taken))}: the output uses the "
+                            "name for another field")
     p = later("pipeline.predict").Predictor(base, named, max_new_tokens=limit, batch_size=batch,
                                             allow_other_base=allow_other_base)
     prompt = next(iter(p.prompts.values()))
     rows = [_stdin_row(line, prompt) for line in sys.stdin if line.strip()] if input == "-" else read_jsonl(input)
+    missing = next((i for i, r in enumerate(rows) if id_field is not None and id_field not in r), None)
+    if missing is not None:
+        raise PipelineError(f"predict: {input} row {missing + 1} field '{id_field}': missing (--id names it)")
     answers = {name: p.predict(rows, name) for name in p.adapters}
     if with_base:
         answers["base"] = p.predict(rows, None)
-    for i, _ in enumerate(rows):
-        typer.echo(json.dumps({"row": i + 1, **{k: v[i] for k, v in answers.items()}}, ensure_ascii=False))
+    for i, row in enumerate(rows):
+        kept = {id_field: row[id_field]} if id_field is not None else {"input": row}
+        typer.echo(json.dumps({"row": i + 1, **{k: v[i] for k, v in answers.items()}, **kept}, ensure_ascii=False))
 
 
 @app.command("flow")
@@ -252,11 +286,12 @@ def serve(
     max_tokens: int = typer.Option(None, help="default answer limit (default: params.yaml's serve.max_new_tokens)"),
     params: Path = typer.Option(Path("params.yaml"), help="where the default answer limit comes from"),
     fleet: Path = typer.Option(None, help="a fleet folder (fleet): every adapter of it, by its name, beside any given"),
+    log: Path = typer.Option(None, help="llama-server's log file (default: peftflow-serve-PORT-llama-server.log in "
+                                        "the temporary folder)"),
 ) -> None:
     """Serve adapters over one base model with llama.cpp's llama-server, OpenAI-compatible on 127.0.0.1: the
-    `model` field names the adapter, whose training template is applied to the user's text. Runs until stopped."""
-    import os
-
+    `model` field names the adapter, whose training template is applied to the user's text. llama-server is
+    restarted if it dies (GET /health says how it is). Runs until SIGINT or SIGTERM (docs/serving.md)."""
     specs = [(n, Path(f)) if sep else (None, Path(n)) for n, sep, f in (a.partition("=") for a in adapter or
                                                                           ([] if fleet else ["models/gguf"]))]
     specs += fleet_adapters(fleet) if fleet else []
@@ -265,7 +300,7 @@ def serve(
     adapters = srv.load_adapters(specs)  # checked before anything starts
     typer.echo(f"serving {', '.join(a.name for a in adapters)} over {adapters[0].base} on "
                f"http://127.0.0.1:{port}/v1")
-    srv.serve(adapters, port, threads or os.cpu_count() or 1, slots, ctx, limit, cache_type)
+    srv.serve(adapters, port, threads or os.cpu_count() or 1, slots, ctx, limit, cache_type, log)
 
 
 @app.command()

@@ -5,35 +5,38 @@ its GGUF LoRA adapter, the base GGUF it goes with, the training tokenizer and, i
 lineage, the prompt it was trained with. All must share one base: the base files' tensor hashes must be
 equal, else one line names the adapter that differs (as `peftflow predict` refuses another base).
 
-One `llama-server` (built from the locked sdist) holds the base weights once and every adapter, loaded
-unapplied (`--lora-init-without-apply`); in front of it, on 127.0.0.1, a small OpenAI-compatible layer
-(FastAPI, already in the lock for Prefect's server):
+One `llama-server` (built from the locked sdist, watched and restarted by pipeline.backend) holds the base
+weights once and every adapter, loaded unapplied (`--lora-init-without-apply`); in front of it, on 127.0.0.1, an
+OpenAI-compatible layer (FastAPI, already in the lock for Prefect's server):
   - `GET /v1/models`: the adapters by name, each with its GGUF path and tensor hash (what `peftflow lineage
-    http://...` checks);
-  - `POST /v1/chat/completions`, `POST /v1/completions`: `model` names the adapter; the user's text (the last
-    user message, or the prompt) fills the adapter's own training template, which the training tokenizer
-    turns into the training ids; llama-server gets those ids and `lora` set to that adapter alone (scale 1,
-    the others 0), and answers greedily (temperature 0) up to `max_tokens`; each adapter has slots of its own
-    when there are enough (slot_plan), so that no slot's prompt cache is cleared by a change of adapter.
-An unknown adapter name is a 404 and a malformed request a 400, in OpenAI's error shape; the server stays up.
+    http://...` checks); `GET /health`: 200 while llama-server serves, else 503 and its state;
+  - `POST /v1/chat/completions`, `POST /v1/completions`, whole or streamed (server-sent events): `model` names
+    the adapter; the user's text (the last user message, or each prompt) fills the adapter's own training
+    template, which the training tokenizer turns into the training ids; llama-server gets those ids and `lora`
+    set to that adapter alone (scale 1, the others 0); each adapter has slots of its own when there are enough
+    (slot_plan), so that no slot's prompt cache is cleared by a change of adapter.
+Requests are checked (pipeline.api) before llama-server sees them: a client's error is a 4xx in OpenAI's error
+shape naming the field; while llama-server is down or restarting, a 503 with Retry-After. docs/serving.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import os
 import socket
-import subprocess
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline import tasks
+from pipeline import api, tasks
+from pipeline.backend import Backend
 from pipeline.core import llamacpp
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.loading import load_tokenizer
@@ -111,43 +114,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent() -> None:
-    """In the child before exec (Linux): end llama-server when the process that started it ends, however it ends."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_llama_server(model: Path, loras: list[Path], port: int, threads: int, slots: int, ctx: int,
-                       cache_type: str = "f16") -> subprocess.Popen:
+def llama_server_cmd(model: Path, loras: list[Path], port: int, threads: int, slots: int, ctx: int,
+                     cache_type: str = "f16") -> list[str]:
     """llama-server on 127.0.0.1:`port` with the model and every LoRA adapter given (unapplied: a request says
-    which), its KV cache of `cache_type`; returns when it is ready."""
-    import urllib.request
-
+    which), `slots` slots of `ctx` tokens each, its KV cache of `cache_type`."""
     cmd = [str(llamacpp.tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-np", str(slots), "-c", str(ctx * slots), "-ctk", cache_type, "-ctv", cache_type,
-           "--no-webui", "--log-disable"]
+           "--no-webui", "--log-disable", "--cache-ram", "0"]
     if loras:
         cmd.append("--lora-init-without-apply")
     for lora in loras:
         cmd += ["--lora", str(lora)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=die_with_parent)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise PipelineError(f"serve: llama-server exited ({proc.returncode}): "
-                                f"{' | '.join(proc.stderr.read().strip().splitlines()[-3:])}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise PipelineError("serve: llama-server did not become ready in 120 s")
+    return cmd
 
 
 def slot_plan(n_adapters: int, slots: int) -> list[list[int]]:
@@ -159,101 +137,195 @@ def slot_plan(n_adapters: int, slots: int) -> list[list[int]]:
     return [list(range(k, slots, n_adapters)) for k in range(n_adapters)]
 
 
-def app(adapters: list[Adapter], upstream: str, max_tokens: int, slots: int = 0):
-    """The OpenAI-compatible layer in front of llama-server (`slots`: llama-server's, for slot_plan)."""
-    by_name = {a.name: (i, a) for i, a in enumerate(adapters)}
-    plan, sent = slot_plan(len(adapters), slots), [0] * len(adapters)
-    api = FastAPI(title="peftflow serve")
-    client = httpx.AsyncClient(base_url=upstream, timeout=600)
+async def read_body(request: Request, limits: api.Limits) -> bytes:
+    """The request body, refused (413) as soon as it is longer than the limit, before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body:
+        raise api.ApiError(413, f"the request body is {declared} bytes; this server takes at most {limits.max_body}",
+                           None, "request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limits.max_body:
+            raise api.ApiError(413, f"the request body is over {limits.max_body} bytes, this server's limit", None,
+                               "request_too_large")
+    return bytes(raw)
 
-    def error(status: int, message: str, code: str) -> JSONResponse:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
 
-    @api.get("/v1/models")
+@dataclass
+class Job:
+    """One answer to make: llama-server's /completion body, the prompt's token count."""
+
+    body: dict
+    prompt_tokens: int
+
+
+class Layer:
+    """What the OpenAI-compatible routes do: check a request, send its answers' jobs to llama-server, shape them."""
+
+    def __init__(self, adapters: list[Adapter], backend: Backend, limits: api.Limits, slots: int):
+        self.adapters, self.backend, self.limits = adapters, backend, limits
+        self.by_name = {a.name: (i, a) for i, a in enumerate(adapters)}
+        self.plan, self.sent = slot_plan(len(adapters), slots), [0] * len(adapters)
+        self.client = httpx.AsyncClient(base_url=backend.url, timeout=600)
+
+    def jobs(self, ask: api.Ask) -> list[Job]:
+        """The request's answers (prompt by prompt, n each), each on its adapter's next slot; 4xx when the
+        adapter is unknown, refuses sampling, or a prompt does not fit."""
+        if ask.model not in self.by_name:
+            raise api.ApiError(404, f"no adapter named '{ask.model}' (served: {', '.join(self.by_name)})", "model",
+                               "model_not_found")
+        index, adapter = self.by_name[ask.model]
+        labels = tasks.get(adapter.prompt.task).serving_labels(adapter.prompt)
+        if labels and ask.sampling():
+            raise api.ApiError(400, f"{', '.join(ask.sampling())}: adapter '{adapter.name}' answers with one of its "
+                                    f"labels ({', '.join(labels)}), greedily, as the evaluate stage scored it: ask "
+                                    "without sampling (temperature 0, top_p 1, n 1)", ask.sampling()[0],
+                               "unsupported_for_adapter")
+        try:
+            prompts = [adapter.ids(None, m) if ask.chat else adapter.ids(m, None) for m in ask.inputs]
+        except (ValueError, PipelineError) as e:
+            raise api.ApiError(400, f"{'messages' if ask.chat else 'prompt'}: {e}",
+                               "messages" if ask.chat else "prompt") from None
+        lora = [{"id": i, "scale": 1.0 if i == index else 0.0} for i in range(len(self.adapters))]
+        out = []
+        for ids in prompts:
+            limit = api.budget(ask, len(ids), self.limits)
+            for k in range(ask.n):
+                own = self.plan[index]
+                slot = own[self.sent[index] % len(own)] if own else -1  # -1: any free slot
+                self.sent[index] += 1
+                out.append(Job({**api.upstream(ask, ids, limit, k), "lora": lora, "id_slot": slot}, len(ids)))
+        return out
+
+    async def one(self, job: Job) -> dict:
+        """One whole answer from llama-server (ApiError 503 when it is down, 502 when it refuses)."""
+        try:
+            r = await self.client.post("/completion", json=job.body)
+        except httpx.TransportError:
+            raise self.backend.lost() from None
+        if r.status_code == 200:
+            return r.json()
+        if r.status_code == 503 or self.backend.check() != "ready":
+            raise self.backend.lost()
+        raise api.ApiError(502, f"llama-server: {r.text[:300]}", None, "upstream_error")
+
+    async def pieces(self, i: int, job: Job, queue: asyncio.Queue) -> None:
+        """One streamed answer from llama-server onto `queue`: (i, "piece", text)..., then (i, "end", last) or
+        (i, "error", ApiError)."""
+        try:
+            async with self.client.stream("POST", "/completion", json=job.body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise self.backend.lost() if r.status_code == 503 or self.backend.check() != "ready" else \
+                        api.ApiError(502, f"llama-server: {r.text[:300]}", None, "upstream_error")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = json.loads(line[6:])
+                    await queue.put((i, "piece", data.get("content", "")))
+                    if data.get("stop"):
+                        await queue.put((i, "end", data))
+                        return
+            raise self.backend.lost()
+        except httpx.TransportError:
+            await queue.put((i, "error", self.backend.lost()))
+        except api.ApiError as e:
+            await queue.put((i, "error", e))
+
+    async def stream(self, ask: api.Ask, jobs: list[Job]):
+        """The server-sent events of a streamed request: its choices' pieces as they come, then usage and [DONE]
+        (or an error event when llama-server is lost midway)."""
+        chunks, queue = api.Chunks(ask), asyncio.Queue()
+        running = [asyncio.create_task(self.pieces(i, j, queue)) for i, j in enumerate(jobs)]
+        left, made = len(jobs), 0
+        try:
+            while left:
+                i, kind, x = await queue.get()
+                if kind == "error":
+                    yield chunks.error(x)
+                    return
+                if kind == "end":
+                    left, made = left - 1, made + int(x.get("tokens_predicted", 0))
+                event = chunks.piece(i, x) if kind == "piece" else chunks.end(i, x)
+                if event:
+                    yield event
+            yield chunks.usage(sum(j.prompt_tokens for j in jobs[::ask.n]), made)
+            yield chunks.done()
+        finally:
+            for t in running:
+                t.cancel()
+
+    async def complete(self, request: Request, chat: bool):
+        try:
+            ask = api.parse(api.parse_body(await read_body(request, self.limits), self.limits), chat, self.limits)
+            jobs = self.jobs(ask)
+            self.backend.ready()
+            if ask.stream:
+                return StreamingResponse(self.stream(ask, jobs), media_type="text/event-stream")
+            results = await asyncio.gather(*(self.one(j) for j in jobs))
+        except api.ApiError as e:
+            return e.response()
+        return JSONResponse(api.answer(ask, results, sum(j.prompt_tokens for j in jobs[::ask.n])))
+
+
+def app(adapters: list[Adapter], backend: Backend, limits: api.Limits, slots: int = 0) -> FastAPI:
+    """The OpenAI-compatible layer in front of llama-server (`slots`: llama-server's, for slot_plan); it watches
+    llama-server while it runs."""
+    layer = Layer(adapters, backend, limits, slots)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        watcher = asyncio.create_task(backend.watch())
+        yield
+        watcher.cancel()
+        await layer.client.aclose()
+        backend.stop()  # here, in the graceful shutdown: uvicorn re-raises SIGTERM/SIGINT after it
+
+    routes = FastAPI(title="peftflow serve", lifespan=lifespan)
+
+    @routes.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return api.ApiError(e.status_code, str(e.detail), None, "not_found" if e.status_code == 404 else
+                            "invalid_request").response()
+
+    @routes.get("/health")
+    async def health():
+        state = backend.health()
+        ok = state["state"] == "ready"
+        return JSONResponse({"status": "ok" if ok else "unavailable", "llama_server": state}, 200 if ok else 503,
+                            headers=None if ok else {"Retry-After": "2"})
+
+    @routes.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [
             {"id": a.name, "object": "model", "owned_by": "peftflow", "created": 0, "task": a.prompt.task,
              "gguf": str(a.gguf.resolve()), "base": str(a.base.resolve()), "base_tensors_sha256": a.base_sha256}
             for a in adapters]}
 
-    async def complete(request: Request, chat: bool):
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the request body is not JSON", "invalid_json")
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return error(400, "'model' (the adapter's name) is required", "missing_model")
-        if body["model"] not in by_name:
-            return error(404, f"no adapter named '{body['model']}' (served: {', '.join(by_name)})", "model_not_found")
-        index, adapter = by_name[body["model"]]
-        try:
-            ids = request_ids(adapter, body, chat)
-            limit = int(body.get("max_tokens") or body.get("max_completion_tokens") or max_tokens)
-        except (ValueError, TypeError, KeyError, PipelineError) as e:
-            return error(400, f"{type(e).__name__}: {e}", "invalid_request")
-        lora = [{"id": i, "scale": 1.0 if i == index else 0.0} for i in range(len(adapters))]
-        own = plan[index]
-        slot = own[sent[index] % len(own)] if own else -1  # -1: any free slot
-        sent[index] += 1
-        r = await client.post("/completion", json={"prompt": ids, "n_predict": limit, "temperature": 0.0,
-                                                   "top_k": 1, "lora": lora, "cache_prompt": True, "id_slot": slot})
-        if r.status_code != 200:
-            return error(502, f"llama-server: {r.text[:300]}", "upstream_error")
-        return openai_response(r.json(), adapter.name, chat, len(ids))
-
-    @api.post("/v1/chat/completions")
+    @routes.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, chat=True)
+        return await layer.complete(request, chat=True)
 
-    @api.post("/v1/completions")
+    @routes.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, chat=False)
+        return await layer.complete(request, chat=False)
 
-    return api
-
-
-def request_ids(adapter: Adapter, body: dict, chat: bool) -> list[int]:
-    """The training ids for an OpenAI request body (chat: `messages`; completions: `prompt`, one string)."""
-    if chat:
-        messages = body["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise ValueError("messages: a non-empty list of {role, content} objects with text content")
-        return adapter.ids(None, [{"role": m.get("role"), "content": m["content"]} for m in messages])
-    prompt = body["prompt"]
-    if not isinstance(prompt, str):
-        raise ValueError("prompt: one string (the text the adapter's template is filled with)")
-    return adapter.ids(prompt, None)
-
-
-def openai_response(r: dict, model: str, chat: bool, prompt_tokens: int) -> dict:
-    """llama-server's /completion answer in OpenAI's shape."""
-    text, n = r.get("content", "").strip(), int(r.get("tokens_predicted", 0))
-    finish = "length" if r.get("stop_type") == "limit" else "stop"
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        return {"id": f"chatcmpl-{os.urandom(6).hex()}", "object": "chat.completion", "created": int(time.time()),
-                "model": model, "choices": [choice], "usage": usage}
-    return {"id": f"cmpl-{os.urandom(6).hex()}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": usage}
+    return routes
 
 
 def serve(adapters: list[Adapter], port: int, threads: int, slots: int, ctx: int, max_tokens: int,
-          cache_type: str = "f16") -> None:
-    """Start llama-server and the OpenAI layer on 127.0.0.1:`port`; runs until stopped."""
-    import uvicorn
-
+          cache_type: str = "f16", log: Path | None = None) -> None:
+    """Start llama-server (watched, restarted) and the OpenAI layer on 127.0.0.1:`port`; runs until SIGINT or
+    SIGTERM, which stop both."""
     inner = free_port()
-    proc = start_llama_server(adapters[0].base, [a.gguf for a in adapters], inner, threads, slots, ctx, cache_type)
+    log = log or Path(tempfile.gettempdir()) / f"peftflow-serve-{port}-llama-server.log"
+    log.write_text("")
+    backend = Backend(llama_server_cmd(adapters[0].base, [a.gguf for a in adapters], inner, threads, slots, ctx,
+                                       cache_type), inner, log)
+    backend.start()
     try:
-        uvicorn.run(app(adapters, f"http://127.0.0.1:{inner}", max_tokens, slots), host="127.0.0.1", port=port,
-                    log_level="warning")
+        uvicorn.run(app(adapters, backend, api.Limits(ctx=ctx, max_tokens=max_tokens), slots), host="127.0.0.1",
+                    port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        backend.stop()

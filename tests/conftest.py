@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.core.lineage import cpu_isa
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "data" / "example"
 SHARED = ROOT.parent / "shared" / "datasets"
+# the real-model tests train in bf16, as the default job does, where the CPU has bf16 instructions (amx_bf16,
+# avx512_bf16); on an AVX2-only CPU (AMD EPYC, Zen 2: drawn 2026-12-07) bf16 matmuls are emulated at about 1/55 of
+# fp32's speed (1.3 against 69 GFLOP/s, one thread) and one of these tests ran past 10 minutes: fp32 there
+REAL_PRECISION = "bf16" if cpu_isa() in ("amx_bf16", "avx512_bf16") else "fp32"
 
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # in the DAG's order
 

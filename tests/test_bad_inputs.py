@@ -161,7 +161,7 @@ CASES = {
     "unknown method": (bad_params(**{"train.method": "lora2"}), ["'train.method' is 'lora2'; valid choices:", "lora"]),
     "target modules match nothing": (bad_params(**{"train.lora": {"r": 4, "target_modules": ["attn"]}}),
                                      ["train.lora.target_modules ['attn'] matches no supported module", "q_proj"]),
-    "missing base model path": (missing_base, ["base.model", "no_such_model", "no such directory"]),
+    "missing base model path": (missing_base, ["base.model", "no_such_model", "no such folder"]),
     "truncated safetensors": (truncated_base_weights, ["base/model.safetensors: sha256 differs", "corrupted"]),
     "corrupted adapter safetensors": (corrupted_adapter, ["adapter: cannot load the adapter"]),
     "adapter of another shape": (adapter_of_another_shape, ["adapter: cannot load the adapter", "size mismatch for",

