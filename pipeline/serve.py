@@ -206,9 +206,13 @@ class Layer:
             raise self.backend.lost() from None
         if r.status_code == 200:
             return r.json()
+        raise self.refused(r)
+
+    def refused(self, r: httpx.Response) -> api.ApiError:
+        """What a non-200 answer of llama-server becomes: a 503 while it is down or starting, else a 502."""
         if r.status_code == 503 or self.backend.check() != "ready":
-            raise self.backend.lost()
-        raise api.ApiError(502, f"llama-server: {r.text[:300]}", None, "upstream_error")
+            return self.backend.lost()
+        return api.ApiError(502, f"llama-server: {r.text[:300]}", None, "upstream_error")
 
     async def pieces(self, i: int, job: Job, queue: asyncio.Queue) -> None:
         """One streamed answer from llama-server onto `queue`: (i, "piece", text)..., then (i, "end", last) or
@@ -217,8 +221,7 @@ class Layer:
             async with self.client.stream("POST", "/completion", json=job.body) as r:
                 if r.status_code != 200:
                     await r.aread()
-                    raise self.backend.lost() if r.status_code == 503 or self.backend.check() != "ready" else \
-                        api.ApiError(502, f"llama-server: {r.text[:300]}", None, "upstream_error")
+                    raise self.refused(r)
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
                         continue
