@@ -28,11 +28,12 @@ $(UV):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 
-# Everything in the lock but llama-cpp-python (the gguf extra, built from source: `make test` adds it).
+# Everything in the lock but llama-cpp-python (the gguf extra, built from source: `make test` adds it). Reinstalled
+# when pipeline/__init__.py changes too: an editable install made without it maps `pipeline` as a namespace.
 # --compile-bytecode: the packages' .pyc files are written once here, so that every stage program (and every
 # test's subprocess) reads them instead of compiling torch, transformers and PEFT from source on each start,
 # which it does where PYTHONDONTWRITEBYTECODE is set, as on this project's machines (a stage starts ~40% faster).
-$(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
+$(VENV)/.installed: $(LOCK) pyproject.toml pipeline/__init__.py | $(UV)
 	awk '/^[a-z0-9]/ {skip = /^llama-cpp-python==/} !skip' $(LOCK) > $(VENV)/run.lock
 	$(UV) pip sync -q --require-hashes --compile-bytecode $(VENV)/run.lock
 	$(UV) pip install -q --no-deps -e .

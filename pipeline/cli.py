@@ -19,10 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +32,7 @@ from rich.table import Table
 from pipeline import audit
 from pipeline.core.io import read_jsonl
 from pipeline.core.layout import FLEET, adapter_dir, adapter_names, resolved_params
-from pipeline.core.stage import PipelineError, peek
+from pipeline.core.stage import PipelineError, error_line, peek
 from pipeline.importing import import_data as run_import
 from pipeline.report import build as build_report
 from pipeline.sweep import compare as compare_runs
@@ -50,15 +48,6 @@ def later(module: str) -> ModuleType:
     so `peftflow --help` and the light commands answer at once: the CLI's one lazy load, like the plug-in
     registries' (the CLI is no DVC stage: nothing depends on its import closure)."""
     return importlib.import_module(module)
-
-
-def error_line(e: PipelineError, params: str | Path | None = None) -> str:
-    """The one line a PipelineError is shown as; a message about `params.yaml:` names the params file the command
-    read instead when it read another (`--params`)."""
-    text = " ".join(str(e).split())
-    if params is not None and text.startswith("params.yaml:") and Path(params) != Path("params.yaml"):
-        text = f"{params}:{text[len('params.yaml:'):]}"
-    return f"error: {text}"
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -82,19 +71,7 @@ def _load(path: Path) -> dict | None:
 @app.callback()
 def _root() -> None:
     """Reproducible PEFT fine-tuning: run the pipeline with `dvc repro`."""
-    quiet_libraries()
 
-
-def quiet_libraries() -> None:
-    """Library chatter a user cannot act on (bitsandbytes' optional-kernel line, transformers' FutureWarnings and
-    advisory logging) stays off the terminal unless PEFTFLOW_VERBOSE=1; before any command imports them."""
-    if os.environ.get("PEFTFLOW_VERBOSE", "") not in ("", "0"):
-        return
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
 
 
 def gguf_score(c: dict) -> float:

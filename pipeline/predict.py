@@ -15,43 +15,16 @@ Used by `peftflow predict` (see cli.py).
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 
 import torch
 
 from pipeline import tasks
-from pipeline.core.loading import load_tokenizer
+from pipeline.core.loading import adapter_misfit, load_tokenizer
 from pipeline.core.prompting import Prompt, Renderer
 from pipeline.core.scoring import Scorer
 from pipeline.core.stage import PipelineError
 from pipeline.methods.adapters import check_adapter, load_adapter, record_of, trained_method
-
-MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
-                      r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
-
-
-def misfit(folder: Path, e: Exception) -> str:
-    """Why an adapter does not load, in one line: for weights that do not fit its config and base (PyTorch lists
-    every tensor: 240 clauses, 50,206 characters for the default adapter), how many differ, the first with both
-    shapes and the likely cause (the rank `r`, or another base model); other errors as they were, cut at 600
-    characters."""
-    found = MISMATCH.findall(str(e))
-    if not found:
-        text = " ".join(str(e).split())
-        return text if len(text) <= 600 else f"{text[:600]}... ({len(text) - 600:,} more characters)"
-    name, got, want = found[0]
-    got_s, want_s = [int(x) for x in got.split(",")], [int(x) for x in want.split(",")]
-    rank_axis = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
-    differs = [i for i, (a, b) in enumerate(zip(got_s, want_s, strict=False)) if a != b]
-    if rank_axis is not None and differs == [rank_axis]:
-        cause = (f"the rank: the file holds rank-{got_s[rank_axis]} weights, adapter_config.json says "
-                 f"r={want_s[rank_axis]}")
-    else:
-        cause = "another base model (a layer's size differs), or other target_modules in adapter_config.json"
-    return (f"{folder}: cannot load the adapter: its weights do not fit adapter_config.json and the base: "
-            f"{len(found)} tensors differ in shape, first {name.removeprefix('base_model.model.')}: {got_s} in the "
-            f"file, {want_s} expected; likely {cause}")
 
 
 class Predictor:
@@ -80,8 +53,10 @@ class Predictor:
                 else:
                     check_adapter(Path(base_dir), path, allow_other_base)
                     self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            except PipelineError:
+                raise
             except Exception as e:  # PyTorch lists every tensor that does not fit: one short line instead
-                raise PipelineError(misfit(path, e)) from None
+                raise PipelineError(adapter_misfit(path, e)) from None
             self.prompts[name] = Prompt.from_record(record_of(path))
             self.renderers[name] = self.prompts[name].renderer(self.tokenizer)
             self.prompt_learning[name] = method.prompt_learning

@@ -1,6 +1,8 @@
 """pipeline/core/prompting.py: the Renderer wraps a prompt in the tokenizer's chat template, puts shots
 first (chat turns or paragraphs), renders the Alpaca template, and names template and row in its errors."""
 
+import signal
+
 import pytest
 from conftest import ROOT
 
@@ -47,3 +49,22 @@ def test_template_errors_name_template_and_row(text, message):
         r = Renderer(text, "prompts/bad.jinja")
         r.prompt({"sentence": "s", "row": 3}, where="data.jsonl row 3")
     assert message in str(e.value) and "prompts/bad.jinja" in str(e.value)
+
+
+def test_a_template_that_runs_or_grows_without_end_fails_naming_it_and_the_row():
+    import time
+
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}BODY{% endfor %}{% endfor %}"
+    quiet = Renderer("{% block prompt %}" + loops.replace("BODY", "") + "{% endblock %}{% block response %}x"
+                     "{% endblock %}", "prompts/slow.jinja")
+    t0 = time.monotonic()
+    with pytest.raises(TemplateError, match=r"prompts/slow.jinja: row 3: the prompt block took over 2 s"):
+        quiet.prompt({"text": "a"}, "row 3")
+    assert time.monotonic() - t0 < 10
+    big = Renderer("{% block prompt %}" + loops.replace("BODY", "{{ text }}") + "{% endblock %}{% block response %}"
+                   "x{% endblock %}", "prompts/big.jinja")
+    with pytest.raises(TemplateError, match=r"prompts/big.jinja: row 4: the prompt block renders over 1,000,000"):
+        big.prompt({"text": "abc"}, "row 4")
+    assert Renderer("{% block prompt %}{{ text }}{% endblock %}{% block response %}x{% endblock %}",
+                    "ok").prompt({"text": "fine"}) == "fine"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the timer is off again: nothing fires later

@@ -6,6 +6,7 @@ from conftest import fit, make_params, prompt_of
 from safetensors.torch import load_file
 
 from pipeline.core.modeling import left_pad
+from pipeline.core.stage import Interrupted
 from pipeline.methods.adapters import load_adapter
 from pipeline.stages import train
 
@@ -106,7 +107,8 @@ def test_interrupted_run_resumes_from_checkpoint(prepared, tiny_base, tmp_path, 
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"train: interrupted in step 7 of 16; a rerun \(dvc repro\) resumes from "
+                                          r"the checkpoint of step 4 in .*ckpt"):
         train.run(p, prepared["tokenized"], prompt_of(prepared["tokenized"]), tiny_base, tmp_path / "a", tmp_path / "live", ckpt)
     assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 4
     assert not (tmp_path / "a").exists()

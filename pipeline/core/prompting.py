@@ -14,8 +14,11 @@ export, gguf, predict and serving rebuild it with `Prompt.from_record` and rende
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,34 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from pipeline.core.stage import PipelineError, TemplateError
 
 RECORD_FILE = "format.json"  # the format stage's record: {"prompt": ..., "data": ..., "rows": ...}
+# a template comes from whoever opened the pull request: one row's block renders within these or fails naming it
+# (a row renders in well under a millisecond; the sandbox already caps one range() at 100,000 items)
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 1_000_000
+
+
+class RenderTimeout(Exception):
+    """A block's rendering ran past RENDER_SECONDS (raised by the timer's signal handler)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise RenderTimeout in this code if it runs over `seconds` (a real-time timer signal: in the main thread;
+    elsewhere, as in a server's worker thread, only the size bound holds)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Renderer:
@@ -52,8 +83,19 @@ class Renderer:
 
     def block(self, block: str, row: dict, where: str) -> str:
         try:
-            ctx = self.template.new_context(dict(row))
-            return "".join(self.template.blocks[block](ctx)).strip()
+            with time_limit(RENDER_SECONDS):
+                ctx = self.template.new_context(dict(row))
+                parts, size = [], 0
+                for part in self.template.blocks[block](ctx):
+                    parts.append(part)
+                    size += len(part)
+                    if size > RENDER_CHARS:
+                        raise TemplateError(f"{self.name}: {where}: the {block} block renders over {RENDER_CHARS:,} "
+                                            "characters (a loop without end?)")
+                return "".join(parts).strip()
+        except RenderTimeout:
+            raise TemplateError(f"{self.name}: {where}: the {block} block took over {RENDER_SECONDS:g} s to render "
+                                "(a loop without end?)") from None
         except jinja2.UndefinedError as e:
             raise TemplateError(f"{self.name}: {where}: {e.message}") from None
         except SecurityError as e:

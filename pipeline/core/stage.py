@@ -22,6 +22,10 @@ class PipelineError(Exception):
     """An error the user can fix; its message names the file, row, field or params key."""
 
 
+class Interrupted(PipelineError):
+    """Stopped by the user (Ctrl-C); the message says where and what a rerun does. Exit code 130."""
+
+
 class TemplateError(PipelineError, ValueError):
     """A template could not render a row; the message names the template and row."""
 
@@ -70,6 +74,15 @@ def without_bitsandbytes(quantization: dict | None, optimizer: str | None) -> bo
     return True
 
 
+def error_line(e: PipelineError, params: str | Path | None = None) -> str:
+    """The one line a PipelineError is shown as: `error: ...`, a message about `params.yaml:` naming the params
+    file the program read instead when it read another (`--params`)."""
+    text = " ".join(str(e).split())
+    if params is not None and text.startswith("params.yaml:") and Path(params) != Path("params.yaml"):
+        text = f"{params}:{text[len('params.yaml:'):]}"
+    return f"error: {text}"
+
+
 def command(fn: Callable, whole_process: bool = True) -> typer.Typer:
     """`fn` as a typer program: a PipelineError is one line on stderr and exit code 2. A `whole_process`
     (`python -m`) also leaves bitsandbytes out when its params need none; a program run inside another
@@ -82,9 +95,13 @@ def command(fn: Callable, whole_process: bool = True) -> typer.Typer:
             without_bitsandbytes(peek(params, "train.quantization"), peek(params, "train.optimizer"))
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted (Ctrl-C); outputs are written whole or not at all: none was half written",
+                       err=True)
+            sys.exit(130)
         except PipelineError as e:
-            typer.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            typer.echo(error_line(e, kwargs.get("params")), err=True)
+            sys.exit(130 if isinstance(e, Interrupted) else 2)
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(wrapper)

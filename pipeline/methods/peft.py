@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.loading import one_line
+from pipeline.core.loading import adapter_misfit
 from pipeline.core.params import check_arguments
 from pipeline.core.stage import PipelineError
 from pipeline.methods.base import Method
@@ -136,7 +136,7 @@ class Peft(Method):
         try:
             return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
         except Exception as e:  # safetensors, shape and config errors all mean the same to the user
-            raise PipelineError(f"{folder}: cannot load the adapter: {one_line(e)}") from None
+            raise PipelineError(adapter_misfit(folder, e)) from None
 
 
 class AdaLora(Peft):

@@ -54,7 +54,7 @@ from pipeline.core.loading import load_base_model
 from pipeline.core.modeling import autocast, autocast_dtype, device, nondeterministic_ops, seed_everything
 from pipeline.core.optim import optimizer_step
 from pipeline.core.processes import Processes
-from pipeline.core.stage import PipelineError
+from pipeline.core.stage import Interrupted, PipelineError
 from pipeline.methods.base import Method
 
 
@@ -118,6 +118,15 @@ def fingerprint(params: dict, data: Path, base_dir: Path) -> str:
     tok = json.loads((data / "tokenize.json").read_text())
     return sha256_text(json.dumps({"params": params, "data": tok, "base": base}, sort_keys=True, default=str))
 
+
+
+def interrupted(step: int, steps: int, saved: int, ckpt: Path, every: int | None) -> str:
+    """What Ctrl-C during training tells the user: where it stopped and where a rerun starts."""
+    where = f"train: interrupted in step {step} of {steps}"
+    if saved:
+        return f"{where}; a rerun (dvc repro) resumes from the checkpoint of step {saved} in {ckpt}"
+    why = f"the first is at step {every}" if every else "train.checkpoint_every is off"
+    return f"{where}; no checkpoint yet ({why}): a rerun starts from step 1"
 
 
 def total_steps(t, rows: int) -> int:
@@ -320,16 +329,21 @@ class SFT:
         stream = micro_batches(self.rows, t.batch_size, t.group_by_length, self.seed, self.start * t.grad_accum)
         self.wrapped.train()
         tokens, t0 = 0, time.time()
-        with self.log.bar:
-            for k in range(self.start + 1, self.steps + 1):
-                loss, n = self.step([next(stream) for _ in range(t.grad_accum)])
-                tokens += n
-                self.method.after_step(self.model, k)
-                self.schedule.step()
-                self.progress.add(self.procs.total(loss))
-                self.log.sft(k, self.progress.last, self.progress.average, self.schedule.get_last_lr()[0])
-                if t.checkpoint_every and k % t.checkpoint_every == 0 and k < self.steps:
-                    self.save_checkpoint(k)
+        saved, k = self.start, self.start + 1
+        try:
+            with self.log.bar:
+                for k in range(self.start + 1, self.steps + 1):
+                    loss, n = self.step([next(stream) for _ in range(t.grad_accum)])
+                    tokens += n
+                    self.method.after_step(self.model, k)
+                    self.schedule.step()
+                    self.progress.add(self.procs.total(loss))
+                    self.log.sft(k, self.progress.last, self.progress.average, self.schedule.get_last_lr()[0])
+                    if t.checkpoint_every and k % t.checkpoint_every == 0 and k < self.steps:
+                        self.save_checkpoint(k)
+                        saved = k
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted(k, self.steps, saved, self.ckpt, t.checkpoint_every)) from None
         seconds, tokens = time.time() - t0, int(self.procs.total(tokens))
         trainable, total = self.method.trainable(self.model)
         metrics = {"method": self.method.name, "steps": self.steps, "final_loss": round(self.progress.last, 4),

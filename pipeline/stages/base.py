@@ -153,16 +153,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def readable(folder: Path) -> None:
-    """The files written here get a plain new file's mode under the umask (safetensors writes its files 0600,
-    which a teammate or a server under another user could not read)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for f in folder.iterdir():
-        if f.is_file():
-            f.chmod(0o666 & ~mask)
-
-
 def run(params: Params, out: Path) -> dict:
     """Convert and save; returns the record written as `<out>/base.json`."""
     p = view(params, STAGE, READS).base
@@ -188,7 +178,6 @@ def run(params: Params, out: Path) -> dict:
             "files_sha256": files,
         }
         atomic_write_json(tmp / "base.json", record)
-        readable(tmp)
     return record
 
 
