@@ -29,6 +29,8 @@ from types import SimpleNamespace
 
 import yaml
 
+from bench.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "accuracy_curve"
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank"
@@ -78,7 +80,6 @@ def accuracy(model, tok, rows: list[dict], precision: str) -> dict[str, float]:
 
 def run(args) -> None:
     from bench import train_throughput as tt
-    from bench.step_profile import cpu_name
 
     prompt = args.case  # the data as that commit's stages make it with this prompt, kept between runs
     if args.template:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench.step_profile import cpu_name
+from bench.machine import cpu_name
 from pipeline import methods
 from pipeline.core.lineage import cpu_isa, hardware
 from pipeline.core.params import load_params

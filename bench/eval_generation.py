@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.method_table import machine
+from bench.machine import machine
 from pipeline import tasks
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl

@@ -25,6 +25,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from bench.machine import machine
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl
 from pipeline.tasks.classification import ONE_CLASS
 
@@ -150,16 +151,6 @@ def run(profile: str = typer.Option("fpb"), rows: str = typer.Option("", help="c
         sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "reports", check=False)
         sh("dvc", "checkout", "--quiet", check=False)
     table()
-
-
-def machine() -> str:
-    import torch
-
-    from bench.step_profile import cpu_name
-
-    cpu = cpu_name()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
-    return f"{cpu}, {dev}, torch {torch.__version__}"
 
 
 def fmt_int(n: int) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import openai
 
-from bench.method_table import machine
+from bench.machine import machine
 from bench.serving import make_adapters
 from pipeline.core.io import read_jsonl
 from pipeline.core.lineage import cpu_isa

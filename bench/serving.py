@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.method_table import machine
+from bench.machine import machine
 from pipeline.backend import Backend
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import read_jsonl

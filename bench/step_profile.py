@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from collections import defaultdict
@@ -35,21 +34,14 @@ from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 
+from bench.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"),
          "casts": ("aten::_to_copy", "aten::copy_", "aten::to", "aten::empty_strided"),
          "fill": ("aten::fill_", "aten::zero_"),
          "softmax": ("aten::_softmax", "aten::_softmax_backward_data")}
 
-
-def cpu_name() -> str:
-    """The CPU's model name and its best matrix instructions (lineage's hardware class: amx_bf16, avx512_bf16, ...)."""
-    from pipeline.core.lineage import cpu_isa
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    return f"{model}, {cpu_isa()}"
 
 
 def kind(op: str, chain: list[str]) -> str:

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.step_profile import cpu_name
+from bench.machine import cpu_name
 from pipeline.core import encoding, modeling
 from pipeline.core.allocator import SLEEP, SPIN
 from pipeline.core.encoding import IGNORE

@@ -68,6 +68,12 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def train_seconds(train_reports: Path) -> str:
+    """The train run's seconds: resources.json (what it took); run.json in an experiment or an older run."""
+    took = _load(train_reports / "resources.json") or _load(train_reports / "run.json") or {}
+    return str(took.get("seconds", "?"))
+
+
 @app.callback()
 def _root() -> None:
     """Reproducible PEFT fine-tuning: run the pipeline with `dvc repro`."""
@@ -94,7 +100,7 @@ def fleet_table(fleet: Path) -> Table:
                   title=f"peftflow metrics: the fleet in {fleet}/")
     for name in fleet_names(fleet):
         resolved, reports = resolved_params(fleet, name), adapter_dir(fleet, name) / "reports"
-        t, run = _load(reports / "train" / "metrics.json") or {}, _load(reports / "train" / "run.json") or {}
+        t = _load(reports / "train" / "metrics.json") or {}
         e, g = _load(reports / "evaluate" / "metrics.json") or {}, _load(reports / "gguf.json") or {}
         key = next((k for k in ("accuracy", "eval_loss") if k in e.get("adapter", {})), None)
         score = f"{key} {e['base'][key]} -> {e['adapter'][key]}" if key else "not yet"
@@ -102,7 +108,8 @@ def fleet_table(fleet: Path) -> Table:
         gguf = (", ".join(f"{f.split('.')[0]}: {gguf_score(c)}" for f, c in files.items())
                 if files else g.get("reason", "not yet"))
         table.add_row(name, str(peek(resolved, "task")), str(peek(resolved, "train.method")),
-                      f"{t['final_loss']} ({t['steps']})" if t else "not yet", str(run.get("seconds", "")), score, gguf)
+                      f"{t['final_loss']} ({t['steps']})" if t else "not yet", train_seconds(reports / "train"),
+                      score, gguf)
     return table
 
 
@@ -128,9 +135,8 @@ def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's r
     t = _load(reports / "train" / "metrics.json")
     if t:
         table.add_row("train", f"{t['method']}: final loss, {t['steps']} steps", "", str(t["final_loss"]), "")
-        run = _load(reports / "train" / "run.json") or {}  # the run facts: timings differ run to run
         table.add_row("train", "trainable params / seconds", "",
-                      f"{t['trainable_params']:,} / {run.get('seconds', '?')}", "")
+                      f"{t['trainable_params']:,} / {train_seconds(reports / 'train')}", "")
     e = _load(reports / "evaluate" / "metrics.json")
     if e:
         for k in ("accuracy", "macro_f1", "eval_loss", "perplexity"):

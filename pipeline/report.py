@@ -33,7 +33,10 @@ from pipeline.core.lineage import hardware_class
 
 LOSS = "reports/train/plots/metrics/train/loss.tsv"
 CONFUSION = "reports/evaluate/confusion.png"
-RUN_FACTS = "reports/train/run.json"  # what differs run to run (a metrics file outside every stage's outs)
+# the train run's facts, metrics files outside every stage's outs: what ran (in git: names the hardware class of a
+# revision's run) and what it took (out of git: only this run's figures)
+RUN_FACTS = "reports/train/run.json"
+RESOURCES = "reports/train/resources.json"
 
 
 def at_rev(root: Path, rev: str | None, path: str) -> bytes | None:
@@ -163,7 +166,7 @@ def machines(root: Path, base: str, prefix: str) -> list[str]:
 def metrics_table(rows: list, atol: float, rtol: float) -> list[str]:
     """The metrics that changed (beyond the tolerance first, then within it), the unchanged ones counted, then
     the run facts (not the change's)."""
-    facts = [r for r in rows if r[0].endswith(RUN_FACTS)]
+    facts = [r for r in rows if r[0].endswith((RUN_FACTS, RESOURCES))]
     numbers = [r for r in rows if r not in facts]
     moved = [r for r in numbers if r[2].get("diff") or r[2].get("old") is None]
     moved.sort(key=lambda r: (within(r[2], atol, rtol), r[1]))  # beyond the tolerance first, then by name

@@ -26,6 +26,7 @@ from pipeline.core.params import UndeclaredParam
 from pipeline.stages import format as fmt
 
 PIPELINE = ROOT / "pipeline"
+BENCH = ROOT / "bench"
 PLUGINS = ("pipeline.tasks", "pipeline.methods", "pipeline.recipes", "pipeline.stages", "pipeline.contract",
            "pipeline.dvcspec", "pipeline.cli", "pipeline.flow", "pipeline.predict", "pipeline.report",
            "pipeline.sweep", "pipeline.verify", "pipeline.importing")
@@ -158,6 +159,9 @@ def test_file_to_stages_table_in_the_docs_is_the_generated_one():
 
 # ---- the house rules that keep the deps exact ------------------------------------------------------
 
+PROJECT = ("pipeline", "bench")  # the packages whose modules are the project's
+
+
 def project_imports(path: Path):
     """(node, imported module, inside a function) for every import of a project module in a file, those
     under `if TYPE_CHECKING:` left out."""
@@ -168,11 +172,11 @@ def project_imports(path: Path):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 continue
             inner = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
-            if isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("pipeline"):
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.startswith(PROJECT):
                 yield child, child.module, inner
                 yield from ((child, f"{child.module}.{a.name}", inner) for a in child.names)
             elif isinstance(child, ast.Import):
-                yield from ((child, a.name, inner) for a in child.names if a.name.startswith("pipeline"))
+                yield from ((child, a.name, inner) for a in child.names if a.name.startswith(PROJECT))
             yield from walk(child, inner)
 
     yield from walk(tree, False)
@@ -188,6 +192,51 @@ def test_core_imports_no_plug_in_and_no_module_imports_a_project_module_inside_a
             if rel.startswith("pipeline/core/") and module.startswith(PLUGINS):
                 problems.append(f"{rel}:{node.lineno}: the library imports {module}")
     assert problems == []
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of a module graph: its strongly connected components of more than one module
+    (Tarjan's algorithm), or a module that imports itself."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1 or v in graph.get(v, ()):
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """file -> the project files it imports (at the top or inside a function), over pipeline/ and bench/."""
+    graph = {}
+    for f in sorted([*PIPELINE.rglob("*.py"), *BENCH.rglob("*.py")]):
+        files = {dvcspec.module_file(ROOT, m) for _, m, _ in project_imports(f)}
+        graph[f.relative_to(ROOT).as_posix()] = {g.relative_to(ROOT).as_posix() for g in files if g and g != f}
+    return graph
+
+
+def test_no_import_circle_anywhere_in_the_repository():
+    """Counting imports inside functions: a circle there is still two modules that cannot be read apart."""
+    assert circles(import_graph()) == []
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can fail
 
 
 def test_tasks_import_no_other_task_and_stages_no_other_stage():

@@ -173,7 +173,9 @@ def assert_same_run(trained: dict, tmp_path, processes: int, distributed: str) -
     assert len(one) == len(two) == 16
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 0.02 * max(one), (one, two)
     out = tmp_path / "adapter"
-    m = {**json.loads((out / "peftflow.json").read_text())["metrics"], **json.loads((tmp_path / "live" / "run.json").read_text())}
+    m = {**json.loads((out / "peftflow.json").read_text())["metrics"],
+         **json.loads((tmp_path / "live" / "run.json").read_text()),
+         **json.loads((tmp_path / "live" / "resources.json").read_text())}
     assert (m["processes"], m["distributed"], m["steps"]) == (processes, distributed, trained["metrics"]["steps"])
     assert m["tokens_per_second"] > 0
     a, b = load_file(str(trained["adapter"] / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
@@ -241,3 +243,19 @@ def test_the_train_program_imports_peft_once_and_leaves_bitsandbytes_out(tmp_pat
     assert len(re.findall(r"\|\s+peft$", r.stderr, re.M)) == 1
     assert len(re.findall(r"\|\s+pipeline\.core\.allocator$", r.stderr, re.M)) == 2  # before and after the exec
     assert not re.findall(r"\|\s+bitsandbytes\.", r.stderr, re.M)
+
+
+def test_run_facts_keep_what_ran_in_git_and_what_it_took_out_of_it(tmp_path, monkeypatch):
+    """run.json (committed) holds what ran, the same on every reproduction on one hardware class; what a run took
+    goes to resources.json (git-ignored); in a DVC experiment, whose commit keeps only git-tracked files, run.json
+    holds both, so sweeps compare what each point took."""
+    facts = {"seconds": 53.1, "tokens": 38724, "tokens_per_second": 728.7, "peak_rss_mb": 1762, "device": "cpu",
+             "resumed_from_step": 0, "hardware": {"cpu_isa": "avx512_bf16"}}
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    train.write_facts(tmp_path / "a", facts)
+    ran, took = (json.loads((tmp_path / "a" / f).read_text()) for f in ("run.json", "resources.json"))
+    assert ran == {"tokens": 38724, "device": "cpu", "resumed_from_step": 0, "hardware": {"cpu_isa": "avx512_bf16"}}
+    assert took == {"seconds": 53.1, "tokens_per_second": 728.7, "peak_rss_mb": 1762} and set(took) <= set(train.TOOK)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-3e-4")
+    train.write_facts(tmp_path / "b", facts)
+    assert json.loads((tmp_path / "b" / "run.json").read_text()) == facts

@@ -25,9 +25,11 @@ def test_a_fresh_clone_gives_the_same_dvc_lock_and_verify_names_a_changed_byte(h
     sh(one, sys.executable, "-m", "dvc", "repro")
     assert (one / "dvc.lock").read_text() == (history["root"] / "dvc.lock").read_text()
     assert {"models/base", "models/adapter", "models/export", "models/gguf"} <= set(outs(one / "dvc.lock"))
-    # timings are run facts, kept out of every hashed output
-    assert "seconds" in (one / "reports" / "train" / "run.json").read_text()
+    # timings are run facts, kept out of every hashed output and out of git: the reproduction leaves git clean
+    assert "seconds" in (one / "reports" / "train" / "resources.json").read_text()
     assert "seconds" not in (one / "reports" / "train" / "metrics.json").read_text()
+    assert "seconds" not in (one / "reports" / "train" / "run.json").read_text()
+    assert sh(one, "git", "status", "--porcelain") == ""
 
     sh(one, "git", "add", "-A")
     sh(one, "git", "commit", "-qm", "pipeline run", "--allow-empty")  # the outputs are the committed ones

@@ -1,0 +1,29 @@
+"""Which machine a benchmark ran on, said one way in every result: the CPU's model name and its hardware class
+(pipeline/core/lineage.py: the best matrix instructions, which decide bf16/fp32 results and speed here), the
+accelerator or the CPU threads, and torch's version. The ground floor of bench/: it imports no benchmark.
+
+Inputs: /proc/cpuinfo, torch. Outputs: strings for the `machine` field of bench/results/*.json and their tables.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from pipeline.core.lineage import cpu_isa
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its hardware class (amx_bf16, avx512_bf16, avx2, ...)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model}, {cpu_isa()}"
+
+
+def machine() -> str:
+    """cpu_name, then the GPU or the CPU threads torch uses, then torch's version."""
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    return f"{cpu_name()}, {dev}, torch {torch.__version__}"
