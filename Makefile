@@ -103,14 +103,18 @@ lock: | $(UV)
 lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade
 
-# every benchmark, one process each (bench/README.md: what each compares, where it writes; ~4 h on 2 cores, the
+# every benchmark, one process each (bench/README.md: what each compares, where it writes; ~4.5 h on 2 cores, the
 # method table most of it); `make bench BENCH="train_throughput flow_overhead"` runs the ones named
-BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants serving method_table \
-	cpu_classes serve_load
+BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants step_profile \
+	accuracy_curve serving method_table cpu_classes serve_load fleet_memory
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	dvc repro
 	set -e; for b in $(BENCH); do echo "== bench.$$b"; case $$b in \
 	  method_table) $(PY) -m bench.method_table run --profile fpb; $(PY) -m bench.method_table table;; \
 	  cpu_classes) $(PY) -m bench.cpu_classes record; $(PY) -m bench.cpu_classes cost;; \
+	  step_profile) $(PY) -m bench.step_profile --steps 12 --compile;; \
+	  accuracy_curve) $(PY) -m bench.accuracy_curve run --name default-short --seed 42 --every 25; \
+	    $(PY) -m bench.accuracy_curve plot;; \
+	  fleet_memory) $(PY) -m bench.fleet_memory --name dvc_repro_force -- dvc repro --force fleet/dvc.yaml;; \
 	  *) $(PY) -m bench.$$b;; esac; done

@@ -3,6 +3,8 @@ stage's run as the benchmarks drive it (bench.train_throughput.fit) trains what 
 
 import importlib
 import pkgutil
+import re
+from pathlib import Path
 
 import bench
 
@@ -12,6 +14,21 @@ def test_every_benchmark_imports():
     assert len(names) >= 8
     for name in names:
         importlib.import_module(f"bench.{name}")
+
+
+def makefile_bench_list(text: str) -> set[str]:
+    """The names in the Makefile's `BENCH ?=` list (continued over backslash-ended lines)."""
+    first = re.search(r"^BENCH \?=((?:.*\\\n)*.*)$", text, re.M)
+    return set(first.group(1).replace("\\\n", " ").split()) if first else set()
+
+
+def test_make_bench_runs_every_benchmark():
+    """Every module of bench/ that runs as a program (`python -m bench.NAME`) is in `make bench`'s list."""
+    folder = Path(bench.__path__[0])
+    programs = {f.stem for f in folder.glob("*.py") if 'if __name__ == "__main__"' in f.read_text()}
+    listed = makefile_bench_list((folder.parent / "Makefile").read_text())
+    assert len(programs) >= 14 and programs - listed == set() and listed - programs == set(), (programs, listed)
+    assert makefile_bench_list("BENCH ?= a b \\\n\tc\nbench: setup\n") == {"a", "b", "c"}  # the reader can fail
 
 
 def test_the_benchmarks_train_run_is_the_train_stages(trained, tiny_base, tmp_path):

@@ -3,8 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app, error_line, fleet_adapters
-from pipeline.core.stage import PipelineError
+from pipeline.cli import app
+from pipeline.cli.common import fleet_adapters
+from pipeline.core.stage import PipelineError, error_line
 
 
 def test_metrics_table_reads_the_reports(tmp_path):

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from pipeline.core.modeling import left_pad
 from pipeline.core.stage import Interrupted
 from pipeline.methods.adapters import load_adapter
+from pipeline.recipes import sft
 from pipeline.stages import train
 
 
@@ -252,10 +253,10 @@ def test_run_facts_keep_what_ran_in_git_and_what_it_took_out_of_it(tmp_path, mon
     facts = {"seconds": 53.1, "tokens": 38724, "tokens_per_second": 728.7, "peak_rss_mb": 1762, "device": "cpu",
              "resumed_from_step": 0, "hardware": {"cpu_isa": "avx512_bf16"}}
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    train.write_facts(tmp_path / "a", facts)
+    sft.write_facts(tmp_path / "a", facts)
     ran, took = (json.loads((tmp_path / "a" / f).read_text()) for f in ("run.json", "resources.json"))
     assert ran == {"tokens": 38724, "device": "cpu", "resumed_from_step": 0, "hardware": {"cpu_isa": "avx512_bf16"}}
-    assert took == {"seconds": 53.1, "tokens_per_second": 728.7, "peak_rss_mb": 1762} and set(took) <= set(train.TOOK)
+    assert took == {"seconds": 53.1, "tokens_per_second": 728.7, "peak_rss_mb": 1762} and set(took) <= set(sft.TOOK)
     monkeypatch.setenv("DVC_EXP_NAME", "lr-3e-4")
-    train.write_facts(tmp_path / "b", facts)
+    sft.write_facts(tmp_path / "b", facts)
     assert json.loads((tmp_path / "b" / "run.json").read_text()) == facts

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -201,6 +202,22 @@ class Log:
             self.live.summary.update(metrics)
             self.live.make_summary()
             self.live.end()
+
+
+# the run facts that differ between two runs of the same inputs on one machine: `<live>/resources.json` (out of
+# git), not run.json (in git: what ran), except inside a DVC experiment (DVC_EXP_NAME), whose commit keeps only
+# git-tracked files: there run.json holds them too, so `dvc exp show` and sweeps compare what each point took
+TOOK = ("seconds", "tokens_per_second", "peak_rss_mb", "peak_gpu_mb", "dpo_seconds")
+
+
+def write_facts(live_dir: Path, facts: dict) -> None:
+    """`<live>/run.json` (what ran: device, processes, allocator, threads, resumed step, hardware class; the same
+    on every reproduction on one class) and `<live>/resources.json` (what it took: TOOK)."""
+    took = {k: facts[k] for k in TOOK if k in facts}
+    in_experiment = bool(os.environ.get("DVC_EXP_NAME"))
+    kept = facts if in_experiment else {k: v for k, v in facts.items() if k not in took}
+    atomic_write_json(live_dir / "run.json", kept)
+    atomic_write_json(live_dir / "resources.json", took)
 
 
 def trim_curves(live_dir: Path, last_step: int) -> None:

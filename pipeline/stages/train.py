@@ -2,10 +2,8 @@
 task that asks for it. Inputs: the tokenized data, the format stage's record (`format.json`: prompt, data),
 the base model. Outputs: `<out>/` the adapter and `peftflow.json`, its record (also in the safetensors
 metadata: pipeline/core/lineage.py), `<out>/sft/` the SFT adapter DPO started from; `<live>/` the loss
-curve, metrics, `run.json` (what ran: device, processes, allocator, threads, hardware class; committed) and
-`resources.json` (what it took: seconds, tokens/s, peak memory; differs every run, so out of git: a reproduction
-leaves the tree clean); `<checkpoints>/` to resume. The same inputs on the same hardware class give the same
-bytes in `<out>/`, resumed or not."""
+curve, metrics, `run.json` (what ran) and `resources.json` (what it took: out of git); `<checkpoints>/` to
+resume. The same inputs on the same hardware class give the same bytes in `<out>/`, resumed or not."""
 from __future__ import annotations
 
 import sys
@@ -20,7 +18,6 @@ if __name__ == "__main__":
     without_bitsandbytes(peek(PARAMS, "train.quantization"), peek(PARAMS, "train.optimizer"))
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -38,10 +35,6 @@ STAGE = "train"
 READS = ("seed", "deterministic", "task", *(f"train.{k}" for k in Train.model_fields if k != "dpo"))
 LOADS = ("task", "method")
 BASE_FACTS = ("source", "revision", "gguf_file", "gguf_sha256", "tokenizer_pre", "weights_sha256")
-# the run facts that differ between two runs of the same inputs on one machine: `<live>/resources.json`, not
-# run.json, except inside a DVC experiment (DVC_EXP_NAME), whose commit keeps only git-tracked files: there
-# run.json holds them too, so `dvc exp show` and sweeps compare what each point took
-TOOK = ("seconds", "tokens_per_second", "peak_rss_mb", "peak_gpu_mb", "dpo_seconds")
 
 
 def save(p: View, method, model, metrics: dict, data: Path, prompt_file: Path, base_dir: Path, out: Path,
@@ -62,14 +55,6 @@ def save(p: View, method, model, metrics: dict, data: Path, prompt_file: Path, b
         atomic_write_json(tmp / lineage.RECORD, rec)
 
 
-def write_facts(live: Path, facts: dict) -> None:
-    """`<live>/run.json` (what ran) and `<live>/resources.json` (what it took: TOOK)."""
-    took = {k: facts[k] for k in TOOK if k in facts}
-    in_experiment = bool(os.environ.get("DVC_EXP_NAME"))
-    atomic_write_json(live / "run.json", facts if in_experiment else {k: v for k, v in facts.items() if k not in took})
-    atomic_write_json(live / "resources.json", took)
-
-
 def run(params: Params, data: Path, prompt_file: Path, base_dir: Path, out: Path, live: Path, ckpt: Path) -> dict:
     """Train and save; returns the metrics and the run facts together (the facts also go to `<live>/`)."""
     method = methods.get(params.train.method)
@@ -84,7 +69,7 @@ def run(params: Params, data: Path, prompt_file: Path, base_dir: Path, out: Path
     if is_main_process():  # one adapter, saved once
         save(p, method, recipe.model, metrics, data, prompt_file, base_dir, out, sft_dir)
         facts |= {"peak_rss_mb": peak_rss_mb(), "hardware": lineage.hardware()}
-        write_facts(live, facts)
+        sft.write_facts(live, facts)
         shutil.rmtree(ckpt, ignore_errors=True)  # finished and saved: nothing to resume
     end_processes()
     return {**metrics, **facts}
