@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,11 +287,16 @@ def test_kill_9_at_every_point_then_repro_gives_the_same_dvc_lock(history, tmp_p
     assert "Data and pipelines are up to date" in sh(repo, sys.executable, "-m", "dvc", "status")
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action, as a terminal's foreground program has it. A command started
+    in the background of a shell without job control (`make test &`, some CI runners) inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler: the signal would be lost, as the user who ran it so asked."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_training_says_where_it_stopped_and_the_checkpoint_is_readable(ready, tmp_path):
     """SIGINT (Ctrl-C) once a checkpoint is written: one line with the step and where a rerun resumes, exit 130,
     no adapter written; the checkpoint's files are readable by others (0644 under umask 022)."""
-    import signal
-    import time
 
     w = tmp_path / "w"
     shutil.copytree(ready, w)
@@ -298,7 +305,7 @@ def test_ctrl_c_in_training_says_where_it_stopped_and_the_checkpoint_is_readable
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train", "--data", "tokenized", "--prompt",
                              "formatted/format.json", "--base", "base", "--out", "out", "--live", "live2",
                              "--checkpoints", "ckpt2"], cwd=w, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, umask=0o022)
+                            text=True, env=env, umask=0o022, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (w / "ckpt2" / "checkpoint.json").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
