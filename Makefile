@@ -106,7 +106,7 @@ lock-upgrade:
 # every benchmark, one process each (bench/README.md: what each compares, where it writes; ~4.5 h on 2 cores, the
 # method table most of it); `make bench BENCH="train_throughput flow_overhead"` runs the ones named
 BENCH ?= train_throughput flow_overhead eval_generation step_memory rss_timeline layouts_check step_variants step_profile \
-	accuracy_curve serving method_table cpu_classes serve_load fleet_memory
+	accuracy_curve serving method_table cpu_classes serve_load fleet_memory fleet_workers fleet_scale
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	dvc repro
@@ -117,4 +117,5 @@ bench: setup
 	  accuracy_curve) $(PY) -m bench.accuracy_curve run --name default-short --seed 42 --every 25; \
 	    $(PY) -m bench.accuracy_curve plot;; \
 	  fleet_memory) $(PY) -m bench.fleet_memory --name dvc_repro_force -- dvc repro --force fleet/dvc.yaml;; \
+	  fleet_workers) $(PY) -m bench.fleet_workers --workers 1,2 -S train.max_steps=8 -S gguf.rows=4 -S 'gguf.quantize=[]';; \
 	  *) $(PY) -m bench.$$b;; esac; done

@@ -90,7 +90,7 @@ def run(args) -> None:
     tt.setup_process("d", shape, work)  # allocator and threads as the stage program (re-executes once)
     from pipeline.core.io import read_jsonl
     from pipeline.core.loading import load_tokenizer
-    from pipeline.stages.fleet import merge
+    from pipeline.core.overlay import merge
 
     sets = overrides(args.set)
     train = merge(tt.PARAMS["train"], sets)

@@ -13,7 +13,6 @@ its command line, wall seconds, the base model's weights on disk beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.machine import save
 from pipeline.core.lineage import cpu_isa
 from pipeline.core.stage import tool_env
 
@@ -66,15 +66,12 @@ def main() -> None:
     weights = Path("models/base/model.safetensors")
     r["base_weights_mb"] = round(weights.stat().st_size / 2**20) if weights.exists() else None
     r["cpu"] = f"{psutil.cpu_count()} cores, {cpu_isa()}"
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")
-    (OUT / f"{a.name}.md").write_text(
-        f"# {a.name}\n\n`{r['command']}` (exit {r['exit_code']}, {r['cpu']})\n\n"
-        "| wall s | peak RSS, all processes | peak RSS, one process | processes at once | base weights on disk |\n"
-        "|---:|---:|---:|---:|---:|\n"
-        f"| {r['seconds']} | {r['peak_rss_sum_mb']} MB | {r['peak_rss_one_mb']} MB | {r['most_processes_at_once']} "
-        f"| {r['base_weights_mb']} MB |\n\nThe largest process: `{r['peak_one_command']}`\n")
-    print(json.dumps(r, indent=1))
+    save(OUT, a.name, r,
+         f"# {a.name}\n\n`{r['command']}` (exit {r['exit_code']}, {r['cpu']})\n\n"
+         "| wall s | peak RSS, all processes | peak RSS, one process | processes at once | base weights on disk |\n"
+         "|---:|---:|---:|---:|---:|\n"
+         f"| {r['seconds']} | {r['peak_rss_sum_mb']} MB | {r['peak_rss_one_mb']} MB | {r['most_processes_at_once']} "
+         f"| {r['base_weights_mb']} MB |\n\nThe largest process: `{r['peak_one_command']}`\n")
     sys.exit(r["exit_code"])
 
 

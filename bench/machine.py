@@ -1,12 +1,15 @@
 """Which machine a benchmark ran on, said one way in every result: the CPU's model name and its hardware class
 (pipeline/core/lineage.py: the best matrix instructions, which decide bf16/fp32 results and speed here), the
-accelerator or the CPU threads, and torch's version. The ground floor of bench/: it imports no benchmark.
+accelerator or the CPU threads, and torch's version; and `save`, one way to keep a result (JSON with the machine,
+markdown table). The ground floor of bench/: it imports no benchmark.
 
-Inputs: /proc/cpuinfo, torch. Outputs: strings for the `machine` field of bench/results/*.json and their tables.
+Inputs: /proc/cpuinfo, torch. Outputs: strings for the `machine` field of bench/results/*.json and their tables;
+the files `save` writes.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 
@@ -27,3 +30,12 @@ def machine() -> str:
     """cpu_name, then the GPU or the CPU threads torch uses, then torch's version."""
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
     return f"{cpu_name()}, {dev}, torch {torch.__version__}"
+
+
+def save(out: Path, name: str, record: dict, markdown: str) -> None:
+    """A benchmark's result as `<out>/<name>.json` (the record, with the machine it ran on) and `<name>.md` (its
+    table, printed too): the one way every benchmark that uses it keeps a result."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"machine": machine(), **record}, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)

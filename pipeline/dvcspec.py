@@ -40,7 +40,6 @@ from pydantic import BaseModel
 from pipeline import methods, tasks
 from pipeline.core.layout import ENV, FLEET, FLEET_DVC_YAML, FLEET_PARAMS, RESOLVED, env_pins
 from pipeline.core.params import Params, Train
-from pipeline.stages import fleet
 
 PACKAGE = "pipeline"
 CODE = "pipeline/"  # deps under this prefix are generated, and the stage's pins file (ENV); the others are kept
@@ -228,9 +227,17 @@ def env_text(root: Path, module: str, dists: set[str] | None = None) -> str:
     return ENV_HEAD.format(stage=stage) + "".join(f"{n}=={versions[n]}\n" for n in names)
 
 
+FLEET_STAGE = "pipeline.stages.fleet"  # a stage like the others: loaded by name, as stage_modules loads them
+
+
+def fleet_stage():
+    """The fleet stage's module (its STAGE, READS and the REQUIRED keys each adapter sets)."""
+    return importlib.import_module(FLEET_STAGE)
+
+
 def pinned_stages(root: Path) -> dict[str, str]:
     """Stage -> module of every stage that has a pins file: dvc.yaml's and the fleet's own stage."""
-    return {**stage_modules(root), fleet.STAGE: "pipeline.stages.fleet"}
+    return {**stage_modules(root), fleet_stage().STAGE: FLEET_STAGE}
 
 
 def env_differences(root: Path, modules: dict[str, str]) -> list[str]:
@@ -309,9 +316,10 @@ def _paths(stage: dict) -> list[str]:
 
 
 def _per_adapter(value: str) -> str:
-    """`${x.y}` of dvc.yaml as the adapter's own `${item.x.y}` (a key fleet.REQUIRED makes every adapter set)."""
+    """`${x.y}` of dvc.yaml as the adapter's own `${item.x.y}` (a key the fleet stage's REQUIRED makes every
+    adapter set)."""
     def item(m: re.Match) -> str:
-        if m.group(1) not in fleet.REQUIRED:
+        if m.group(1) not in fleet_stage().REQUIRED:
             raise ValueError(f"dvc.yaml interpolates ${{{m.group(1)}}}, which pipeline/stages/fleet.py's REQUIRED "
                              "does not make every adapter set: add it there")
         return "${item." + m.group(1) + "}"
@@ -346,10 +354,11 @@ def fleet_spec(root: Path) -> dict:
                  for i, w in enumerate(words)]
         return " ".join([*words, "--params", f"{RESOLVED}/${{key}}.yaml"])
 
+    fleet = fleet_stage()
     stages: dict = {fleet.STAGE: {
         "wdir": "..",
-        "cmd": f"python -m pipeline.stages.fleet --fleet {FLEET_PARAMS} --out {RESOLVED}",
-        "deps": [*sorted({f for d in code_deps(root, "pipeline.stages.fleet")  # every adapter's task: any of them
+        "cmd": f"python -m {FLEET_STAGE} --fleet {FLEET_PARAMS} --out {RESOLVED}",
+        "deps": [*sorted({f for d in code_deps(root, FLEET_STAGE)  # every adapter's task: any of them
                           for f in (tasks_files(root) if d == TASK_FILE else [d])}), env_pins(fleet.STAGE)],
         "params": [*fleet.READS, {FLEET_PARAMS: ["adapters"]}],
         "outs": [{RESOLVED: {"cache": False}}]}}

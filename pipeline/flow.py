@@ -2,9 +2,10 @@
 
 The stage list and order come from DVC (`dvc.yaml` read through DVC's own index), never written a
 second time. DVC stays the source of truth for what is up to date: each task asks DVC for its
-stage's status; an unchanged stage is skipped and says so, a changed one runs as
-`dvc repro --single-item <stage>`, which updates dvc.lock exactly as `dvc repro` would, with its
-output streamed into the Prefect run's logs. A failed stage fails the flow with the stage's own
+stage's status; an unchanged stage is skipped and says so, a changed one runs the command DVC
+resolved for it, its output streamed into the Prefect run's logs, and `dvc commit` then records
+it in dvc.lock as `dvc repro` does (the deps', params' and outputs' hashes). One runner
+(`run_committed`) serves both flows. A failed stage fails the flow with the stage's own
 error line, and nothing after it runs. Retries are only on I/O: `dvc pull` / `dvc push`.
 
 Flow parameters: `overrides` (`key=value`, applied to params.yaml the way `dvc exp run -S` does,
@@ -43,8 +44,7 @@ from pipeline.audit import dvc_repo
 from pipeline.core.allocator import beside_env
 from pipeline.core.io import atomic_write_json
 from pipeline.core.layout import FLEET_DVC_YAML, FLEET_PARAMS, lock_name, split_stage
-from pipeline.core.stage import PipelineError, tool_env
-from pipeline.stages import fleet as fleet_stage
+from pipeline.core.stage import PipelineError, peek, tool_env
 
 LAST_METRICS = Path(".dvc") / "tmp" / "peftflow-flow-metrics.json"
 DVC_CALLS = threading.Lock()  # the fleet's adapters run at once; their DVC calls (status, commit) one at a time
@@ -58,22 +58,23 @@ def dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def stage_order(root: Path) -> list[str]:
-    """The pipeline's stages, dependencies first, as DVC reads them from dvc.yaml (not fleet/dvc.yaml's: DVC's
-    index holds every pipeline file of the project, and names theirs `fleet/dvc.yaml:<stage>`)."""
+def dag(root: Path) -> dict[str, set[str]]:
+    """Every stage of the project's pipeline files (dvc.yaml and fleet/dvc.yaml: DVC's index holds both, and
+    addresses the fleet's as `fleet/dvc.yaml:<stage>`), dependencies first, each with the addresses of the stages
+    upstream of it: the one graph reader of both flows, DVC's own (addresses are made inside the project: DVC
+    writes them relative to the working folder)."""
     import networkx as nx
     from dvc.stage import PipelineStage
 
     with dvc_repo(root) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [s.name for s in reversed(list(nx.topological_sort(graph)))
-                if isinstance(s, PipelineStage) and s.addressing == s.name]
+        return {s.addressing: {u.addressing for u in nx.descendants(graph, s) if isinstance(u, PipelineStage)}
+                for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)}
 
 
-def changed(root: Path, stage: str) -> dict:
-    """DVC's status of one stage (empty when it is up to date)."""
-    with dvc_repo(root) as repo:
-        return repo.status(targets=[stage])
+def stage_order(root: Path) -> list[str]:
+    """dvc.yaml's stages, dependencies first."""
+    return [a for a in dag(root) if ":" not in a]
 
 
 def apply_overrides(root: Path, overrides: list[str]) -> None:
@@ -125,26 +126,8 @@ def metrics_markdown(states: dict[str, str], now: dict[str, float], before: dict
 
 @task(task_run_name="{stage}")
 def run_stage(root: Path, stage: str) -> str:
-    """Run one stage if DVC says it changed; returns "ran" or "skipped"."""
-    log = get_run_logger()
-    why = changed(root, stage)
-    if not why:
-        log.info(f"{stage}: unchanged, skipped (DVC status is clean)")
-        return "skipped"
-    log.info(f"{stage}: changed ({json.dumps(why.get(stage, why), default=str)}), running")
-    proc = subprocess.Popen(dvc("repro", "--single-item", stage), cwd=root, env=tool_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    errors = []
-    for line in proc.stdout:  # stream the stage's output into the run's logs as it comes
-        line = line.rstrip()
-        if line:
-            log.info(line)
-        if line.startswith(("error:", "ERROR:")):
-            errors.append(line)
-    if proc.wait():
-        own = [e for e in errors if e.startswith("error:")]
-        raise StageFailed(f"stage {stage} failed: {(own or errors or ['exit code ' + str(proc.returncode)])[0]}")
-    return "ran"
+    """One stage of the pipeline, run if DVC says it changed (run_committed); "ran" or "skipped"."""
+    return run_committed(root, stage)
 
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120])
@@ -201,26 +184,22 @@ def pipeline(root: str = ".", overrides: list[str] | None = None, experiment: st
 def fleet_order(root: Path) -> tuple[list[str], dict[str, list[str]]]:
     """fleet/dvc.yaml's stages, dependencies first: the shared ones (the `fleet` stage and the dvc.yaml stages
     it and the adapters read, as `base`), and adapter name -> its chain (`fleet/dvc.yaml:train@<name>`, ...)."""
-    import networkx as nx
-    from dvc.stage import PipelineStage
-
-    with dvc_repo(root) as repo:
-        graph = repo.index.graph
-        fleet = [s for s in graph if isinstance(s, PipelineStage) and s.addressing.startswith(FLEET_DVC_YAML + ":")]
-        upstream = set().union(*(nx.descendants(graph, s) for s in fleet))  # edges point to what a stage reads
-        order = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
-        shared = [s.addressing for s in order if not split_stage(s.name)[1] and (s in upstream or s in fleet)]
-        chains: dict[str, list[str]] = {}
-        for s in order:
-            adapter = split_stage(s.name)[1]
-            if s in fleet and adapter:
-                chains.setdefault(adapter, []).append(s.addressing)
-        return shared, chains
+    upstream_of = dag(root)
+    fleet = [a for a in upstream_of if a.startswith(FLEET_DVC_YAML + ":")]
+    upstream = set().union(*(upstream_of[a] for a in fleet))
+    shared = [a for a in upstream_of if not split_stage(a)[1] and (a in upstream or a in fleet)]
+    chains: dict[str, list[str]] = {}
+    for a in fleet:
+        adapter = split_stage(a)[1]
+        if adapter:
+            chains.setdefault(adapter, []).append(a)
+    return shared, chains
 
 
 def fleet_concurrency(root: Path) -> int:
-    """fleet/params.yaml's `concurrency` (adapters run at once; 1 when unset), checked by the fleet stage's rules."""
-    return fleet_stage.read_fleet(root / FLEET_PARAMS)[1]
+    """fleet/params.yaml's `concurrency` (adapters run at once; 1 when unset), read after the fleet stage has run
+    (its rules check it: an integer >= 1)."""
+    return peek(root / FLEET_PARAMS, "concurrency") or 1
 
 
 def stage_env(at_once: int) -> dict[str, str]:
@@ -231,8 +210,9 @@ def stage_env(at_once: int) -> dict[str, str]:
 
 
 def run_committed(root: Path, stage: str, at_once: int = 1) -> str:
-    """Run one fleet stage if DVC says it changed: its command as DVC resolved it, then `dvc commit` (see the
-    module docstring); "ran" or "skipped"."""
+    """The one stage runner of every flow: run the stage (dvc.yaml's or the fleet's, by its DVC address) if DVC
+    says it changed, as the command DVC resolved for it, its output streamed into the run's logs, then
+    `dvc commit` it (see the module docstring); "ran" or "skipped". `at_once`: stage programs beside it."""
     log = get_run_logger()
     with DVC_CALLS, dvc_repo(root) as repo:
         why = repo.status(targets=[stage])
@@ -241,7 +221,7 @@ def run_committed(root: Path, stage: str, at_once: int = 1) -> str:
     if not why:
         log.info(f"{stage}: unchanged, skipped (DVC status is clean)")
         return "skipped"
-    log.info(f"{stage}: changed, running: {cmd}")
+    log.info(f"{stage}: changed ({json.dumps(why.get(stage, why), default=str)}), running: {cmd}")
     proc = subprocess.Popen(cmd, shell=True, cwd=wdir, env=stage_env(at_once), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     errors = []
@@ -275,6 +255,35 @@ def fleet_markdown(states: dict[str, dict[str, str]], failed: dict[str, str]) ->
     return "\n".join(lines) + "\n"
 
 
+def run_adapters(names: list[str], submit, limit: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each adapter's `submit(name)` (a Prefect future), at most `limit` in flight; an adapter's failure stops
+    only its own chain. Returns adapter -> what its future gave, and adapter -> its error (in `names`' order)."""
+    waiting, running, states, failed = list(names), {}, {}, {}
+    while waiting or running:
+        while waiting and len(running) < limit:
+            name = waiting.pop(0)
+            running[submit(name)] = name
+        done = next(as_completed(list(running)))
+        name = running.pop(done)
+        try:
+            states[name] = done.result()
+        except Exception as e:  # noqa: BLE001 - an adapter's failure is reported with the others at the end
+            failed[name], states[name] = str(e), {}
+            get_run_logger().error(f"adapter {name}: {e}")
+    return {name: states[name] for name in names}, failed
+
+
+def fleet_report(states: dict[str, dict[str, str]], failed: dict[str, str]) -> None:
+    """The run's artifact; fails the run naming every failed adapter, or says when nothing had to run."""
+    create_markdown_artifact(fleet_markdown(states, failed), key="peftflow-fleet",
+                             description="each adapter of the fleet: its state and the stages that ran")
+    if failed:
+        raise StageFailed(f"{len(failed)} of {len(states)} adapters failed: "
+                          + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+    if not any(v == "ran" for chain in states.values() for v in chain.values()):
+        get_run_logger().info(f"nothing to do: all {len(states)} adapters are up to date")
+
+
 @flow(name="peftflow-fleet", log_prints=True)
 def fleet(root: str = ".", concurrency: int | None = None, pull: bool = False,
           push: bool = False) -> dict[str, dict[str, str]]:
@@ -288,26 +297,9 @@ def fleet(root: str = ".", concurrency: int | None = None, pull: bool = False,
     for stage in shared:
         run_stage(where, stage)
     limit = max(1, concurrency or fleet_concurrency(where))
-    waiting, running, states, failed = list(chains), {}, {}, {}
-    while waiting or running:
-        while waiting and len(running) < limit:
-            name = waiting.pop(0)
-            running[run_adapter.submit(where, name, chains[name], min(limit, len(chains)))] = name
-        done = next(as_completed(list(running)))
-        name = running.pop(done)
-        try:
-            states[name] = done.result()
-        except Exception as e:  # an adapter's failure stops its own chain only
-            failed[name], states[name] = str(e), {}
-            get_run_logger().error(f"adapter {name}: {e}")
-    states = {name: states[name] for name in chains}
+    states, failed = run_adapters(list(chains), lambda name: run_adapter.submit(where, name, chains[name],
+                                                                               min(limit, len(chains))), limit)
     if push:
         transfer(where, "push", (FLEET_DVC_YAML,))
-    create_markdown_artifact(fleet_markdown(states, failed), key="peftflow-fleet",
-                             description="each adapter of the fleet: its state and the stages that ran")
-    if failed:
-        raise StageFailed(f"{len(failed)} of {len(chains)} adapters failed: "
-                          + "; ".join(f"{n}: {e}" for n, e in failed.items()))
-    if not any(v == "ran" for chain in states.values() for v in chain.values()):
-        get_run_logger().info(f"nothing to do: all {len(chains)} adapters are up to date")
+    fleet_report(states, failed)
     return states

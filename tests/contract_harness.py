@@ -348,12 +348,14 @@ def perturb(project: Project, stages: list, outs: dict, key: str, value) -> dict
     return result
 
 
-def code_sensitivity(project: Project, imports: dict) -> dict:
-    """For every project file: the stages DVC's status names after a comment is appended to it, against the
-    stages that imported it."""
+def code_sensitivity(project: Project, imports: dict, under: str = "pipeline/") -> dict:
+    """For every project file (under `under`): the stages DVC's status names after a comment is appended to it,
+    against the stages that imported it."""
     out = {}
     for f in sorted(ROOT.glob("pipeline/**/*.py")) + sorted(ROOT.glob("pipeline/**/*.jinja")):
         rel = f.relative_to(ROOT).as_posix()
+        if not rel.startswith(under):
+            continue
         target = project.dir / rel
         original = target.read_text()
         target.write_text(original + ("\n# touched\n" if rel.endswith(".py") else "{# touched #}\n"))
@@ -479,7 +481,8 @@ def main() -> None:
     ap.add_argument("--keys", default="all", help="all | fast (without SLOW_KEYS) | comma-separated keys")
     ap.add_argument("--out", required=True)
     ap.add_argument("--scratch", required=True)
-    ap.add_argument("--code", action="store_true", help="also touch every project file")
+    ap.add_argument("--code", nargs="?", const="pipeline/", default=None,
+                    help="also touch every project file (those under this folder: pipeline/tasks/)")
     ap.add_argument("--fleet", action="store_true", help="the fleet's rerun rules instead (fleet_rules)")
     a = ap.parse_args()
     if a.fleet:
@@ -507,7 +510,7 @@ def main() -> None:
         if key in report["keys"]:
             report["skipped"].pop(key, None)
     if a.code:
-        report["code"] = code_sensitivity(project, imports)
+        report["code"] = code_sensitivity(project, imports, a.code)
     report["seconds"] = round(time.time() - t0, 1)
     Path(a.out).write_text(json.dumps(report, indent=1, default=str))
 

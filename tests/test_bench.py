@@ -117,7 +117,7 @@ def test_an_accuracy_curve_takes_train_overrides_as_dvc_exp_run_does():
     import pytest
 
     from bench.accuracy_curve import overrides
-    from pipeline.stages.fleet import merge as merged  # what the curve lays its overrides over params with
+    from pipeline.core.overlay import merge as merged  # what the curve lays its overrides over params with
 
     over = overrides(["train.lr=2e-3", "train.lora.lora_dropout=0", "train.lora.layers_to_transform=[28, 29]"])
     assert over == {"lr": 2e-3, "lora": {"lora_dropout": 0, "layers_to_transform": [28, 29]}}

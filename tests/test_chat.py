@@ -225,16 +225,15 @@ def alpaca_as_messages(row: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(tmp_path):
+def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(real_base, tmp_path):
     """The real SmolLM2 template: the mask audit passes on every row of every task's data (the whole Alpaca
     sample and Financial PhraseBank, the example sets); Alpaca as `messages` trains and evaluates like the
     instruction task on the same rows and steps (eval loss within 2%)."""
     from conftest import ROOT, SHARED
 
-    from pipeline.stages import base, evaluate, export, gguf
+    from pipeline.stages import evaluate, export, gguf
 
-    b = tmp_path / "base"
-    base.run(make_params(), b)
+    b = real_base
     alpaca = {s: [json.loads(x) for x in (SHARED / "alpaca_small" / f"{s}.jsonl").read_text().splitlines()]
               for s in ("train", "validation")}
     for s, rows in alpaca.items():

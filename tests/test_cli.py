@@ -35,12 +35,13 @@ def fleet_folder(tmp_path):
 
 
 def test_metrics_of_a_fleet_is_one_row_per_adapter(tmp_path):
-    r = CliRunner().invoke(app, ["metrics", "--fleet", str(fleet_folder(tmp_path))], env={"COLUMNS": "200"})
+    fleet_folder(tmp_path)
+    r = CliRunner().invoke(app, ["metrics", "--fleet", "--root", str(tmp_path)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     rows = [line for line in r.output.splitlines() if "lora" in line]
     assert len(rows) == 2 and "chat" in rows[0] and "not yet" in rows[0]
     assert "sentiment" in rows[1] and "accuracy 0.35 -> 0.93" in rows[1]
-    r = CliRunner().invoke(app, ["metrics", "--fleet", str(tmp_path / "none")])
+    r = CliRunner().invoke(app, ["metrics", "--fleet", "--root", str(tmp_path / "none")])
     assert r.exit_code == 2 and "error:" in r.output and "no adapters yet" in r.output and "dvc repro" in r.output
 
 

@@ -7,16 +7,15 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, STAGES, copy_repo, free_port, sh
+from conftest import ROOT, STAGES, api, copy_repo, run_info, sh, wait_for
 
-from pipeline import flow
+from pipeline import flow, workers
 from pipeline.core.params import ParamsError
+from pipeline.verify import verify
 
 
 def test_stage_order_is_dvc_yaml_dag():
@@ -33,18 +32,21 @@ def test_stage_order_is_dvc_yaml_dag():
 
 
 def test_work_pool_example_names_the_flow_and_its_parameters():
-    """docs/prefect.yaml (the work-pool example of docs/scaling.md) deploys this flow, as it is."""
+    """docs/prefect.yaml (the work-pool examples of docs/scaling.md) deploys these flows, as they are."""
     import inspect
 
     from prefect.client.schemas.schedules import CronSchedule
+    from prefect.utilities.importtools import import_object
 
     doc = yaml.safe_load((ROOT / "docs" / "prefect.yaml").read_text())
-    for d in doc["deployments"]:
-        path, name = d["entrypoint"].split(":")
-        assert (ROOT / path).exists() and getattr(flow, name) is flow.pipeline
-        assert set(d["parameters"]) <= set(inspect.signature(flow.pipeline.fn).parameters)
+    assert [d["entrypoint"] for d in doc["deployments"]] == ["pipeline/flow.py:pipeline",
+                                                            "pipeline.workers:fleet_adapter"]
+    for d, fn in zip(doc["deployments"], (flow.pipeline, workers.fleet_adapter), strict=True):
+        found = import_object(d["entrypoint"] if ".py:" not in d["entrypoint"] else str(ROOT / d["entrypoint"]))
+        assert found.name == fn.name and found.fn.__qualname__ == fn.fn.__qualname__  # a file path loads a copy
+        assert set(d.get("parameters", {})) <= set(inspect.signature(fn.fn).parameters)
         assert d["work_pool"]["name"]
-        for sched in d["schedules"]:
+        for sched in d.get("schedules", []):
             CronSchedule(cron=sched["cron"], timezone=sched.get("timezone"))  # raises on a bad schedule
 
 
@@ -53,62 +55,6 @@ def test_metrics_markdown_deltas():
     assert "**1 of 2 stages ran** (train)" in md
     assert "| m:acc | 0.9 | 0.8 | +0.1 |" in md and "| m:new | 1 |  |  |" in md
     assert "**Nothing to do**" in flow.metrics_markdown({"a": "skipped"}, {}, {})
-
-
-def wait_for(check, what: str, timeout: float):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real Prefect server on a free loopback port, SQLite in a temporary PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url}
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "the Prefect server", 120)
-        yield {"url": url, "env": env}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-
-
-def api(env: dict):
-    """Prefect settings pointing this process at the test server."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-    return temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_HOME: env["PREFECT_HOME"]})
-
-
-async def run_info(flow_run_id) -> dict:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
-
-    async with get_client() as client:
-        run = await client.read_flow_run(flow_run_id)
-        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                            limit=100, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
-        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])), limit=100, sort=ArtifactSort.CREATED_DESC)
-        return {"state": run.state.type.value, "message": run.state.message,
-                "tasks": {t.name: t.state.type.value for t in tasks},
-                "artifact": next((a.data for a in arts if a.key == "peftflow-metrics"), None)}
 
 
 def test_scheduled_deployment_skips_what_is_done_and_runs_what_changed(server, history, tmp_path):
@@ -172,11 +118,12 @@ def test_work_pool_worker_runs_the_deployment_of_docs_prefect_yaml(server, histo
     params["gguf"]["rows"] = 3  # read by the last stage only
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     doc = yaml.safe_load((ROOT / "docs" / "prefect.yaml").read_text())
-    doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(repo)
     dep = doc["deployments"][0]
+    dep["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(repo)
     dep["parameters"] |= {"root": str(repo), "pull": False, "push": False}  # no DVC remote in this test
     dep["work_pool"]["name"] = "test-pool"
     dep.pop("schedules")
+    doc["deployments"] = [dep]
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     prefect = (sys.executable, "-m", "prefect")
 
@@ -267,6 +214,8 @@ def test_fleet_runs_each_adapter_on_its_own_and_a_failing_one_stops_only_itself(
         out = sh(repo, sys.executable, "-m", "pipeline.cli", "lineage", "a")  # an adapter by its name
         assert "made by stage train@a" in out and "recorded in fleet/dvc.lock; made in commit" in out
         assert "dvc repro fleet/dvc.yaml:train@a" in out and "MISMATCH" not in out
+        rows = verify(repo, ["train@a"])  # a fleet stage rerun in a scratch copy: what fleet/dvc.lock records
+        assert {r.path for r in rows} >= {"fleet/a/models/adapter"} and all(r.same for r in rows), rows
 
         add_fleet(repo, {"a": sentiment(good)}, concurrency=1)  # b taken out: a is up to date, nothing runs
         sh(repo, sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(repo.parent / "store"))

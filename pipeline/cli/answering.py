@@ -12,6 +12,7 @@ import typer
 
 from pipeline.cli.common import fleet_adapters, later, one_line_errors
 from pipeline.core.io import read_jsonl
+from pipeline.core.layout import FLEET
 from pipeline.core.stage import PipelineError, peek
 
 
@@ -67,7 +68,8 @@ def serve(
                                                "closest to PyTorch's float32; q8_0: half the memory)"),
     max_tokens: int = typer.Option(None, help="default answer limit (default: params.yaml's serve.max_new_tokens)"),
     params: Path = typer.Option(Path("params.yaml"), help="where the default answer limit comes from"),
-    fleet: Path = typer.Option(None, help="a fleet folder (fleet): every adapter of it, by its name, beside any given"),
+    fleet: bool = typer.Option(False, help="every adapter of the fleet (fleet/dvc.yaml), by name, beside any given"),
+    root: Path = typer.Option(Path("."), help="--fleet: the DVC project folder"),
     log: Path = typer.Option(None, help="llama-server's log file (default: peftflow-serve-PORT-llama-server.log in "
                                         "the temporary folder)"),
 ) -> None:
@@ -76,7 +78,7 @@ def serve(
     restarted if it dies (GET /health says how it is). Runs until SIGINT or SIGTERM (docs/serving.md)."""
     specs = [(n, Path(f)) if sep else (None, Path(n)) for n, sep, f in (a.partition("=") for a in adapter or
                                                                           ([] if fleet else ["models/gguf"]))]
-    specs += fleet_adapters(fleet) if fleet else []
+    specs += fleet_adapters(root / FLEET) if fleet else []
     limit = max_tokens or peek(params, "serve.max_new_tokens") or 64
     srv = later("pipeline.serve")
     adapters = srv.load_adapters(specs)  # checked before anything starts

@@ -50,7 +50,8 @@ def lineage_of(path: str, root: Path, label: str = "") -> bool:
 
 
 def verify(
-    stages: list[str] = typer.Argument(None, help="stages to rerun (default: all)"),
+    stages: list[str] = typer.Argument(None, help="stages to rerun (default: all of dvc.yaml's; a fleet adapter's "
+                                                  "by its lock name, train@chat)"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
     keep: Path = typer.Option(None, help="rerun in this folder and keep it (default: a temporary one)"),
 ) -> None:

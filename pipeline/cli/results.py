@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli.common import fleet_names, gguf_score, load_json, one_line_errors
-from pipeline.core.layout import adapter_dir, resolved_params
+from pipeline.core.layout import FLEET, adapter_dir, resolved_params
 from pipeline.core.stage import peek
 from pipeline.report import build as build_report
 from pipeline.sweep import compare as compare_runs
@@ -45,11 +45,12 @@ def fleet_table(fleet: Path) -> Table:
 
 @one_line_errors
 def metrics(reports: Path = typer.Option(Path("reports"), help="the pipeline's reports folder"),
-            fleet: Path = typer.Option(None, help="a fleet folder (fleet): one row per adapter instead")) -> None:
-    """Print the latest metrics of the pipeline, or of every adapter of a fleet (after `dvc repro`)."""
+            fleet: bool = typer.Option(False, help="the fleet's adapters instead (fleet/dvc.yaml): one row each"),
+            root: Path = typer.Option(Path("."), help="--fleet: the DVC project folder")) -> None:
+    """Print the latest metrics of the pipeline, or of every adapter of the fleet (after `dvc repro`)."""
     console = Console()
-    if fleet is not None:
-        console.print(fleet_table(fleet))
+    if fleet:
+        console.print(fleet_table(root / FLEET))
         return
     table = Table("stage", "metric", "base", "adapter", "gain", title="peftflow metrics")
     v = load_json(reports / "validate.json")

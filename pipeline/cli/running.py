@@ -20,15 +20,23 @@ def run_flow(
     push: bool = typer.Option(False, help="`dvc push` after the run (retried)"),
     root: Path = typer.Option(Path("."), help="the DVC project folder"),
     fleet: bool = typer.Option(False, help="run fleet/dvc.yaml instead: every adapter of the fleet (docs/fleet.md)"),
-    concurrency: int = typer.Option(None, help="--fleet: adapters at once (default: fleet/params.yaml's)"),
+    concurrency: int = typer.Option(None, help="--fleet: adapters at once (default: fleet/params.yaml's; with "
+                                    "--workers, all: the pool's workers take one each)"),
+    workers: str = typer.Option(None, help="--fleet: hand each adapter to this deployment's workers instead "
+                                "(`peftflow-fleet-adapter/fleet`, docs/scaling.md); runs the commit at HEAD"),
 ) -> None:
     """Run the pipeline's DVC stages as a Prefect flow: each stage a task, run or skipped by DVC."""
     if fleet:
-        if set_ or experiment:
-            typer.echo("error: --fleet takes --concurrency, --pull, --push and --root (edit fleet/params.yaml for "
-                       "params)", err=True)
+        if set_ or experiment or (workers and (pull or push)):
+            typer.echo("error: --fleet takes --concurrency, --pull, --push, --workers and --root (edit "
+                       "fleet/params.yaml for params; workers pull and push themselves)", err=True)
             raise typer.Exit(2)
-        chains = later("pipeline.flow").fleet(root=str(root.resolve()), concurrency=concurrency, pull=pull, push=push)
+        if workers:
+            chains = later("pipeline.workers").fleet_workers(root=str(root.resolve()), deployment=workers,
+                                                             concurrency=concurrency)
+        else:
+            chains = later("pipeline.flow").fleet(root=str(root.resolve()), concurrency=concurrency, pull=pull,
+                                                  push=push)
         for name, chain in chains.items():
             typer.echo(f"{name}: " + " ".join(f"{k.split(':')[-1].split('@')[0]}:{v}" for k, v in chain.items()))
         return

@@ -25,7 +25,6 @@ Inputs: params.yaml, fleet/params.yaml. Output: `<out>/<name>.yaml` per adapter 
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import yaml
 from pipeline import contract, methods, tasks
 from pipeline.core.io import atomic_dir
 from pipeline.core.layout import FLEET_PARAMS
+from pipeline.core.overlay import merge
 from pipeline.core.params import Params, ParamsError
 from pipeline.core.stage import PipelineError, entry
 
@@ -44,17 +44,6 @@ READS = tuple(info.alias or name for name, info in Params.model_fields.items()) 
 LOADS = ("task", "method")  # it checks each adapter as a stage would: any task, any method
 REQUIRED = ("task", "data.train", "data.validation", "format.template", "train.method")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
-
-
-def merge(defaults: dict, overrides: dict) -> dict:
-    """`defaults` with `overrides` laid over it: mappings merge key by key, any other value replaces."""
-    out = copy.deepcopy(defaults)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _has(tree: Any, dotted: str) -> bool:
