@@ -1,6 +1,6 @@
 """Validation accuracy against training time in one run: how far a recipe gets in N seconds, and where it levels off.
 
-The train stage's SFT run (bench.train_throughput.fit, its process set up as the stage program's) on Financial
+The train stage's SFT run (bench.stage_run.fit, its process set up as the stage program's) on Financial
 PhraseBank with a named prompt case (`--case`, the params committed at HEAD, the whole run: `train.epochs`,
 no step limit) and `-S train.KEY=VALUE` overrides (YAML values, dotted keys inside the train section, e.g.
 `-S train.lora.lora_dropout=0`); `--template` puts another prompt template in the case's place. Every `--every`
@@ -13,25 +13,41 @@ is measured by the evaluate stage (three seeds, docs/results.md). Curves kept fr
 
 Run: `python -m bench.accuracy_curve run --name NAME --seed 42 --every 25 -S train.epochs=3` (one process;
 about the run's training time plus 8 s a scoring), then `python -m bench.accuracy_curve plot` draws every kept
-curve (bench/results/accuracy_curve/<name>-<seed>.json) against the 3-minute line into accuracy_curve.png.
+curve (bench/results/accuracy_curve/<name>_<class>_seed<seed>.json) against the 3-minute line into accuracy_curve.png.
 """
 
 from __future__ import annotations
+
+import sys
+
+from bench.stage_process import CASES, PARAMS, PARAMS_COMMIT, ROOT, as_stage
+
+if __name__ == "__main__" and sys.argv[1:2] == ["run"]:
+    as_stage()  # before the imports below: the stage program's allocator and threads (re-executes once)
 
 import argparse
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib
+import numpy as np
 import yaml
 
-from bench.machine import cpu_name
+from bench.machine import class_tag, cpu_name
+from bench.stage_run import bench_params, fit, prepare
+from pipeline.core.io import read_jsonl
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.modeling import autocast, device
+from pipeline.core.overlay import merge
+from pipeline.core.scoring import Scorer
 
-ROOT = Path(__file__).resolve().parents[1]
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
+
 OUT = ROOT / "bench" / "results" / "accuracy_curve"
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank"
 
@@ -64,11 +80,6 @@ def accuracy(model, tok, rows: list[dict], precision: str) -> dict[str, float]:
     """The share of the formatted validation `rows` each rule gets right, scored as the evaluate stage scores
     (pipeline.core.scoring: every label's response + EOS after the prompt): `accuracy` by the headline rule
     (the summed log-probability), `first_token` by the label's first token alone."""
-    import numpy as np
-
-    from pipeline.core.modeling import autocast, device
-    from pipeline.core.scoring import Scorer
-
     model.eval()
     with autocast(precision, device()):  # the frozen weights are stored in the autocast dtype while training
         s = Scorer(model, tok, 32).choices(rows)
@@ -79,25 +90,18 @@ def accuracy(model, tok, rows: list[dict], precision: str) -> dict[str, float]:
 
 
 def run(args) -> None:
-    from bench import train_throughput as tt
-
     prompt = args.case  # the data as that commit's stages make it with this prompt, kept between runs
     if args.template:
         prompt += f"-{Path(args.template).stem}-{hashlib.sha256(Path(args.template).read_bytes()).hexdigest()[:8]}"
-    work = Path(f"/tmp/peftflow-curve-{prompt}-{tt.PARAMS_COMMIT}")
+    work = Path(f"/tmp/peftflow-curve-{prompt}-{PARAMS_COMMIT}")
     shape = SimpleNamespace(steps=1, batch_size=16, base=ROOT / "models" / "base", data=DATA, seed=args.seed,
                             case=args.case, template=args.template)
-    tt.setup_process("d", shape, work)  # allocator and threads as the stage program (re-executes once)
-    from pipeline.core.io import read_jsonl
-    from pipeline.core.loading import load_tokenizer
-    from pipeline.core.overlay import merge
-
     sets = overrides(args.set)
-    train = merge(tt.PARAMS["train"], sets)
+    train = merge(PARAMS["train"], sets)
     shape.batch_size = train["batch_size"]
     if not (work / "tokenized").exists():
         work.mkdir(parents=True, exist_ok=True)
-        tt.prepare(shape, work)
+        prepare(shape, work)
     tok = load_tokenizer(shape.base)
     rows = read_jsonl(work / "formatted" / "validation.jsonl")  # prompt, every label's response, the label's
     curve, clock = [], {"seconds": 0.0, "step": 0}
@@ -114,24 +118,19 @@ def run(args) -> None:
 
     # the bench's run (no checkpoints, its own data) with the overridden keys, whole epochs
     over = {k: train[k] for k in sets if k != "batch_size"}
-    p = tt.bench_params(shape, **over, max_steps=None, log_every=1000)
+    p = bench_params(shape, **over, max_steps=None, log_every=1000)
     shutil.rmtree(work / "live", ignore_errors=True)
-    _, metrics, facts = tt.fit(p, work / "tokenized", shape.base, work / "live", work / "ckpt", scored)
+    _, metrics, facts = fit(p, work / "tokenized", shape.base, work / "live", work / "ckpt", scored)
     OUT.mkdir(parents=True, exist_ok=True)
     res = {"name": args.name, "seed": args.seed, "case": args.case, "template": args.template, "set": args.set,
-           "rule": "loglik", "params_commit": tt.PARAMS_COMMIT,
+           "rule": "loglik", "params_commit": PARAMS_COMMIT,
            "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
            "curve": curve, "train_seconds": facts["seconds"], "tokens_per_second": facts["tokens_per_second"],
            "peak_rss_mb": facts["peak_rss_mb"], "final_train_loss": metrics["final_loss"]}
-    (OUT / f"{args.name}-{args.seed}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (OUT / f"{args.name}_{class_tag()}_seed{args.seed}.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
 def plot(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(11, 5.5))
     files = sorted(OUT.glob("*.json"))
     colors = plt.get_cmap("tab20").colors  # twenty distinct colours; a line style per twenty curves
@@ -152,8 +151,6 @@ def plot(args) -> None:
 
 
 def main() -> None:
-    from bench.train_throughput import CASES
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")

@@ -2,7 +2,7 @@
 
 This project's machines come in two CPU classes (AMD EPYC with avx512_bf16 and no AMX; Intel Xeon with
 AMX), drawn per session: the same adapter on both needs the same bits from every operation. This bench
-runs the train stage's own recipe (pipeline/recipes/sft.py, set up as `bench.train_throughput.fit` sets it
+runs the train stage's own recipe (pipeline/recipes/sft.py, set up as `bench.stage_run.fit` sets it
 up) on the workspace's `data/tokenized` and `models/base` with the committed params, under a named set of
 switches (environment variables read when torch and its libraries load) and a precision, in a process of
 its own, and records:

@@ -34,8 +34,7 @@ import psutil
 import yaml
 
 from bench.fleet_memory import tree_rss
-from bench.machine import machine, save
-from pipeline.core.lineage import cpu_isa
+from bench.machine import class_tag, machine, save
 from pipeline.core.stage import tool_env
 
 OUT = Path("bench/results/fleet_workers")
@@ -222,7 +221,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     r = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "overrides": a.overrides,
          "commit": run(Path.cwd(), env, "git", "rev-parse", "HEAD").strip(), "runs": runs}
-    save(OUT, a.name or f"example_{'-'.join(map(str, counts))}workers_{cpu_isa()}", r, table(r))
+    save(OUT, a.name or f"example_{'-'.join(map(str, counts))}workers_{class_tag()}", r, table(r))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench import train_throughput as tt  # the bench's own data preparation (validate -> format -> tokenize)
+from bench.stage_run import prepare  # the bench's own data preparation (validate -> format -> tokenize)
 from pipeline.core import batching, varlen
 from pipeline.core.modeling import autocast, device
 
@@ -72,7 +72,7 @@ def main() -> None:
     dev = device()
     with tempfile.TemporaryDirectory() as tmp:
         bench_args = argparse.Namespace(data=args.data, base=args.base, steps=1, batch_size=args.rows, seed=42)
-        tt.prepare(bench_args, Path(tmp))
+        prepare(bench_args, Path(tmp))
         ds = load_from_disk(str(Path(tmp) / "tokenized" / "train")).select(range(args.rows))
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
     plain = lora_model(args.base, "auto", dev)

@@ -26,6 +26,14 @@ def cpu_name() -> str:
     return f"{model}, {cpu_isa()}"
 
 
+def class_tag() -> str:
+    """The hardware class as a result's name says it: the CPU's family and its class (`epyc-avx512bf16`,
+    `xeon-amxbf16`; `cpu-avx2` where the model names neither)."""
+    model = cpu_name().lower()
+    family = next((f for f in ("epyc", "xeon") if f in model), "cpu")
+    return f"{family}-{cpu_isa().replace('_', '')}"
+
+
 def machine() -> str:
     """cpu_name, then the GPU or the CPU threads torch uses, then torch's version."""
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"

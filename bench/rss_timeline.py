@@ -16,13 +16,20 @@ Run: `python -m bench.rss_timeline` (about 5 minutes; needs `dvc repro base`).
 
 from __future__ import annotations
 
+import sys
+
+from bench.stage_process import ROOT, as_stage
+from pipeline.core.stage import option
+
+if __name__ == "__main__" and (WORKER := option(sys.argv[1:], "--worker", None)):
+    as_stage(WORKER)  # before the imports below: the allocator named and the stage's threads (re-executes once)
+
 import argparse
 import ctypes
 import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +37,16 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import matplotlib
+import torch
+
+from bench.stage_run import bench_params, fit, prepare
+from pipeline.core.allocator import allocator_in_use
+from pipeline.recipes import sft
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
+
 ALLOCATORS = ("system", "mimalloc")
 
 
@@ -79,17 +95,11 @@ class Sampler(threading.Thread):
 
 
 def worker(allocator: str, args) -> None:
-    from bench import train_throughput as tt
-    from pipeline.core.allocator import allocator_in_use, preload_allocator, thread_env
-    from pipeline.core.stage import without_bitsandbytes
-
-    preload_allocator(allocator, thread_env())  # re-executes this worker under it, as the stage program does
-    without_bitsandbytes(None, "adamw")
+    """One allocator's run in this process (set up as the stage program before the imports, above); sampling
+    starts after the imports."""
     heap = glibc_heap() if allocator_in_use() == "system" else None
     sampler = Sampler(heap)
     sampler.start()
-    from pipeline.recipes import sft
-
     step = sft.SFT.step
 
     def counted(recipe, micro):  # the recipe calls SFT.step once per optimizer step
@@ -98,7 +108,7 @@ def worker(allocator: str, args) -> None:
 
     sft.SFT.step = counted
     ns = argparse.Namespace(data=args.data, steps=args.steps, batch_size=16, seed=args.seed, base=args.base)
-    p = tt.bench_params(ns, None, allocator=allocator)
+    p = bench_params(ns, None, allocator=allocator)
     built = {}
     build = sft.build_model
 
@@ -108,7 +118,7 @@ def worker(allocator: str, args) -> None:
         return model
 
     sft.build_model = build_model
-    _, metrics, facts = tt.fit(p, args.work / "tokenized", args.base, args.work / allocator / "live",
+    _, metrics, facts = fit(p, args.work / "tokenized", args.base, args.work / allocator / "live",
                             args.work / allocator / "ckpt")
     time.sleep(0.05)
     out = {"allocator": allocator_in_use(), "peak_rss_mb": facts["peak_rss_mb"], "model_mb": round(built["mb"]),
@@ -140,11 +150,6 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, r in res["runs"].items():
         s = r["samples"]
@@ -177,17 +182,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args)
-    import torch
-
-    from bench import train_throughput as tt
-
     with tempfile.TemporaryDirectory(prefix="peftflow-rss-") as tmp:
         work = Path(tmp)
         ns = argparse.Namespace(data=args.data, steps=args.steps, batch_size=16, seed=args.seed, base=args.base)
-        tt.prepare(ns, work)
+        prepare(ns, work)
         res = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                "torch": torch.__version__, "steps": args.steps, "seed": args.seed,
-               "max_batch_tokens": tt.bench_params(ns).train.max_batch_tokens, "runs": {}}
+               "max_batch_tokens": bench_params(ns).train.max_batch_tokens, "runs": {}}
         for name in ALLOCATORS:
             print(f"bench: {name}", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, "-m", "bench.rss_timeline", "--worker", name, "--work", str(work),

@@ -43,8 +43,21 @@ from contextlib import nullcontext
 from datetime import date
 from pathlib import Path
 
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.stage_run import LORA, LR  # the committed params.yaml's
+from pipeline.core import batching, lean
+from pipeline.core.encoding import encode_many
+from pipeline.core.loading import load_base_model, load_tokenizer
+from pipeline.core.modeling import autocast
+from pipeline.core.prompting import Renderer
+from pipeline.recipes.sft import plan_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank" / "train.jsonl"
+BASE = ROOT / "models" / "base"
 VARIANTS = ["padded", "prefix", "packed", "ckpt", "lean", "padded-lean"]
 
 
@@ -59,62 +72,64 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
 
 
-def one(variant: str, steps: int, batch_size: int) -> dict:
-    facts = {"imports_mb": rss_mb()}
-    import torch
-
-    from pipeline.core import batching, lean
-    from pipeline.core.encoding import encode_many
-    from pipeline.core.loading import load_base_model, load_tokenizer
-    from pipeline.core.modeling import autocast
-    from pipeline.core.prompting import Renderer
-    from pipeline.recipes.sft import plan_epoch
-
-    facts["imports_mb"] = rss_mb()
-    base = ROOT / "models" / "base"
-    tok = load_tokenizer(base)
+def encoded_rows(batch_size: int) -> list[dict]:
+    """The first 32 batches' worth of training rows, rendered with the default chat prompt and tokenized."""
+    tok = load_tokenizer(BASE)
     render = Renderer.from_file(ROOT / "prompts" / "sentiment.jinja", tokenizer=tok, chat_template=True)
-    labels = ["negative", "neutral", "positive"]
-    raw = [{**json.loads(x), "labels": labels} for x in DATA.read_text().splitlines()[: batch_size * 32]]
-    rows = encode_many(tok, [render.prompt(x) for x in raw], [render.response(x) for x in raw], 256, "response")
-    plan = plan_epoch([len(r["input_ids"]) for r in rows], batch_size, True, 42)
-    batches = [[rows[i] for i in b] for b in plan if len(b) == batch_size][: steps + 1]
-    torch.manual_seed(0)
-    dev = torch.device("cpu")
+    raw = [{**json.loads(x), "labels": ["negative", "neutral", "positive"]}
+           for x in DATA.read_text().splitlines()[: batch_size * 32]]
+    return encode_many(tok, [render.prompt(x) for x in raw], [render.response(x) for x in raw], 256, "response")
+
+
+def lora_model(variant: str, facts: dict):
+    """The base with `variant`'s attention, LoRA as the committed params, checkpointing or lean as it asks; the RSS
+    after the model and after the adapter go into `facts`."""
     attn = "sdpa" if variant.endswith("-sdpa") else "varlen" if "varlen" in variant else "auto"
-    variant = variant.removesuffix("-sdpa")
-    model = load_base_model(base, dev, None, attn)
+    torch.manual_seed(0)
+    model = load_base_model(BASE, torch.device("cpu"), None, attn)
     model.config.use_cache = False
     facts["model_mb"] = rss_mb()
-    from peft import LoraConfig, get_peft_model
-
-    from bench.train_throughput import LORA, LR  # params.yaml's
-
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA)).train()
     if "ckpt" in variant:
         model.activation_checkpointing_enable()
     if "lean" in variant:
         lean.apply(model, torch.bfloat16, recompute=True)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=LR)
     facts["adapter_mb"] = rss_mb()
-    saved = {"bytes": 0}
-    seen: set[int] = set()
-    sites: dict[str, int] = {}
+    return model
 
-    def pack_hook(x):
+
+class SavedBytes:
+    """A saved-tensors hook's pack function: bytes autograd saves for backward (each storage once), by site."""
+
+    def __init__(self) -> None:
+        self.bytes, self.seen, self.sites = 0, set(), {}
+
+    def __call__(self, x):
         storage = x.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            saved["bytes"] += storage.nbytes()
+        if storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
             key = f"{site(traceback.extract_stack()[:-1])} {str(x.dtype).removeprefix('torch.')}"
-            sites[key] = sites.get(key, 0) + storage.nbytes()
+            self.sites[key] = self.sites.get(key, 0) + storage.nbytes()
         return x
 
-    ops = OpCounter()
+
+def one(variant: str, steps: int, batch_size: int) -> dict:
+    """One variant in this process: RSS after imports, model, adapter; the first step counted (saved bytes,
+    operators, its peak), then `steps` timed steps."""
+    facts = {"imports_mb": rss_mb()}
+    rows = encoded_rows(batch_size)
+    plan = plan_epoch([len(r["input_ids"]) for r in rows], batch_size, True, 42)
+    batches = [[rows[i] for i in b] for b in plan if len(b) == batch_size][: steps + 1]
+    model = lora_model(variant, facts)
+    variant = variant.removesuffix("-sdpa")
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=LR)
+    dev, saved, ops = torch.device("cpu"), SavedBytes(), OpCounter()
+    shared = variant in ("prefix", "lean")
 
     def step(mb: list[dict], count: bool = False) -> None:
-        n = batching.common_prefix(mb) if variant in ("prefix", "lean") else 0
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda x: x) if count else nullcontext()
+        n = batching.common_prefix(mb) if shared else 0
+        hooks = torch.autograd.graph.saved_tensors_hooks(saved, lambda x: x) if count else nullcontext()
         with autocast("bf16", dev), hooks, ops if count else nullcontext():
             if n:
                 logp = batching.prefixed(model, mb, n, dev)
@@ -126,14 +141,12 @@ def one(variant: str, steps: int, batch_size: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    n_prefix = variant in ("prefix", "lean")
     reset_peak()
     step(batches[0], count=True)
-    facts["first_step_peak_mb"] = rss_mb("VmHWM")
-    facts["saved_for_backward_mb"] = saved["bytes"] / 2**20
-    facts["ops_per_step"] = ops.count
-    facts["saved_by_site_mb"] = {k: round(v / 2**20, 1) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:12]}
-    facts["prefix_tokens"] = [batching.common_prefix(mb) for mb in batches[1:]] if n_prefix else []
+    facts |= {"first_step_peak_mb": rss_mb("VmHWM"), "saved_for_backward_mb": saved.bytes / 2**20,
+              "ops_per_step": ops.count, "saved_by_site_mb": {
+                  k: round(v / 2**20, 1) for k, v in sorted(saved.sites.items(), key=lambda kv: -kv[1])[:12]},
+              "prefix_tokens": [batching.common_prefix(mb) for mb in batches[1:]] if shared else []}
     reset_peak()
     t0 = time.time()
     for mb in batches[1:]:
@@ -149,8 +162,6 @@ class OpCounter:
     """Counts the aten operators dispatched inside it (the backward pass's too)."""
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         counter = self
 
         class Mode(TorchDispatchMode):
@@ -214,7 +225,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         return print(json.dumps(one(args.one, args.steps, args.batch_size)))
-    import torch
 
     res = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "variants": {}}
@@ -236,15 +246,7 @@ def main() -> None:
 
 
 def mean_tokens(batch_size: int) -> float:
-    from pipeline.core.encoding import encode_many
-    from pipeline.core.loading import load_tokenizer
-    from pipeline.core.prompting import Renderer
-
-    tok = load_tokenizer(ROOT / "models" / "base")
-    render = Renderer.from_file(ROOT / "prompts" / "sentiment.jinja", tokenizer=tok, chat_template=True)
-    raw = [{**json.loads(x), "labels": ["negative", "neutral", "positive"]}
-           for x in DATA.read_text().splitlines()[: batch_size * 32]]
-    rows = encode_many(tok, [render.prompt(x) for x in raw], [render.response(x) for x in raw], 256, "response")
+    rows = encoded_rows(batch_size)
     return sum(len(r["input_ids"]) for r in rows) / len(rows)
 
 

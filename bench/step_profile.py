@@ -1,7 +1,7 @@
 """Where the train stage's step time goes, per operator, on a named prompt case; and whether torch.compile pays.
 
-Each case (`--cases chat,short`: the prompts of bench.train_throughput, the params committed at HEAD) runs the
-train stage's own SFT run (bench.train_throughput.fit, in a process set up as the stage program sets itself up:
+Each case (`--cases chat,short`: the prompts of bench/stage_process.py, the params committed at HEAD) runs the
+train stage's own SFT run (bench.stage_run.fit, in a process set up as the stage program sets itself up:
 allocator and thread settings) for `--steps` steps; torch's profiler records steps `--skip + 1` to `--steps`
 (the first ones warm up). The operators' own CPU time is summed per operator and per what called it (forward,
 backward through autograd, optimizer), and per kind:
@@ -25,18 +25,30 @@ bench/results/step_profile/<name>.{json,md}.
 
 from __future__ import annotations
 
+import sys
+
+from bench.stage_process import ROOT, as_stage
+from pipeline.core.stage import option
+
+if __name__ == "__main__" and option(sys.argv[1:], "--one", None):
+    as_stage()  # before the imports below: the stage program's allocator and threads (re-executes once)
+
 import argparse
 import json
 import subprocess
-import sys
+import tempfile
 from collections import defaultdict
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench.machine import cpu_name
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.machine import cpu_name
+from bench.stage_run import bench_params, fit, prepare
+from pipeline.recipes import sft
+
 KINDS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"),
          "casts": ("aten::_to_copy", "aten::copy_", "aten::to", "aten::empty_strided"),
          "fill": ("aten::fill_", "aten::zero_"),
@@ -64,19 +76,12 @@ def phase(chain: list[str]) -> str:
 
 def one(case: str, steps: int, skip: int, compiled: bool, out: Path) -> None:
     """One case in this process: the stage's run, profiled (eager) or timed (compiled); result as JSON at `out`."""
-    from bench import train_throughput as tt
-
     work = out.parent / f"work-{case}"
     args = SimpleNamespace(steps=steps, batch_size=16, base=ROOT / "models" / "base", seed=42, case=case,
                            data=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
-    tt.setup_process("d", args, work)  # the stage program's allocator and threads (re-executes this process once)
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    from pipeline.recipes import sft
-
     if not (work / "tokenized").exists():
         work.mkdir(parents=True, exist_ok=True)
-        tt.prepare(args, work)
+        prepare(args, work)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=skip - 1, warmup=1, active=steps - skip))
     times: list[tuple[float, int]] = []
 
@@ -97,7 +102,7 @@ def one(case: str, steps: int, skip: int, compiled: bool, out: Path) -> None:
         sft.build_model = build_compiled
     else:
         prof.start()
-    _, metrics, _ = tt.fit(tt.bench_params(args), work / "tokenized", args.base, work / "live", work / "ckpt", timed)
+    _, metrics, _ = fit(bench_params(args), work / "tokenized", args.base, work / "live", work / "ckpt", timed)
     late = times[len(times) // 2:]
     res = {"case": case, "compiled": compiled, "steps": steps, "final_loss": metrics["final_loss"],
            "first_step_s": times[0][0], "late_tokens_per_second": sum(n for _, n in late) / sum(t for t, _ in late)}
@@ -128,7 +133,7 @@ def operators(prof) -> list[dict]:
 def table(res: dict, top: int) -> str:
     lines = [f"# Train step profile ({res['date']}, {res['machine']}, torch {res['torch']})", "",
              f"`python -m bench.step_profile {res['command']}`: the train stage's SFT run on each prompt case "
-             "(bench.train_throughput's cases, params committed at HEAD), LoRA r=16 q/k/v/o, batches of 16, bf16 "
+             "(bench/stage_process.py's cases, params committed at HEAD), LoRA r=16 q/k/v/o, batches of 16, bf16 "
              "autocast; operators' own CPU time over the profiled steps.", ""]
     for case, r in res["cases"].items():
         ops, n = r["operators"], r["profiled_steps"]
@@ -169,10 +174,6 @@ def run(case: str, steps: int, skip: int, compiled: bool, tmp: Path) -> dict:
 
 
 def main() -> None:
-    import tempfile
-
-    import torch
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="chat,short")
     ap.add_argument("--steps", type=int, default=12)

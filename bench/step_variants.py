@@ -17,20 +17,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM
+
+from pipeline.core.encoding import encode_many
+from pipeline.core.loading import load_tokenizer
+from pipeline.core.modeling import autocast, left_pad, response_width, token_logprobs
+from pipeline.core.prompting import Renderer
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank" / "train.jsonl"
 
 
 def one(variant: str) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.core.encoding import encode_many
-    from pipeline.core.loading import load_tokenizer
-    from pipeline.core.modeling import autocast, left_pad, response_width, token_logprobs
-    from pipeline.core.prompting import Renderer
-
     base = ROOT / "models" / "base"
     tok = load_tokenizer(base)
     r = Renderer.from_file(ROOT / "prompts" / "sentiment.jinja", tokenizer=tok, chat_template=True)
@@ -68,8 +69,6 @@ def one(variant: str) -> None:
     step(batches[0])
     first = time.time() - t0
     if "prof" in variant:
-        from torch.profiler import ProfilerActivity, profile
-
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step(batches[1])
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))

@@ -1,5 +1,5 @@
 """bench/ against the project's current API: every benchmark imports as a package module, and the train
-stage's run as the benchmarks drive it (bench.train_throughput.fit) trains what the train stage trains."""
+stage's run as the benchmarks drive it (bench.stage_run.fit) trains what the train stage trains."""
 
 import importlib
 import pkgutil
@@ -35,7 +35,7 @@ def test_the_benchmarks_train_run_is_the_train_stages(trained, tiny_base, tmp_pa
     """The run the benchmarks time trains what the stage trains; the per-step hook the step profile and the accuracy
     curve use sees every step, and the curve's accuracy of the trained model is the evaluate stage's."""
     from bench.accuracy_curve import accuracy
-    from bench.train_throughput import fit
+    from bench.stage_run import fit
     from pipeline.core.io import read_jsonl
     from pipeline.core.loading import load_tokenizer
     from pipeline.stages import evaluate
@@ -65,7 +65,8 @@ def test_a_benchmark_run_is_the_committed_params_with_its_case_and_shape():
     import yaml
     from conftest import ROOT
 
-    from bench.train_throughput import CASES, PARAMS_COMMIT, bench_params
+    from bench.stage_process import CASES, PARAMS_COMMIT
+    from bench.stage_run import bench_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert PARAMS_COMMIT  # a commit, or "workspace" outside git
@@ -82,7 +83,7 @@ def test_a_benchmark_run_is_the_committed_params_with_its_case_and_shape():
 def test_the_load_table_gives_each_variant_its_share_of_its_own_speed_alone():
     """Under load, each variant's tokens/s against its own alone (the issue's measure), a variant kept out of the
     loaded runs (`--busy-variants`) said to be so, not shown as failed."""
-    from bench.train_throughput import loaded_table
+    from bench.throughput_table import loaded_table
 
     res = {"train": {"d": {"tokens_per_second": 400.0}, "g": {"tokens_per_second": 300.0},
                      "x": {"tokens_per_second": 100.0}},
