@@ -19,7 +19,7 @@ modes. Measured: peak resident memory of the server processes together (VmHWM), 
 tokens/s over the round, per-request latency p50/p95; every request has a timeout and the whole run a bound
 (`--budget` seconds). Reported: medians over the rounds and merged / adapters.
 
-Outputs: bench/results/serving/<name>.{json,md} (`--name`, else from threads and answer length).
+Outputs: bench/results/serving/<name>.{json,md} (`--name`, else from threads, answer length and class).
 Run: `python -m bench.serving` after `dvc repro` (~6 min).
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.machine import machine
+from bench.machine import class_tag, machine
 from pipeline.backend import Backend
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import read_jsonl
@@ -188,8 +188,8 @@ def main() -> None:
         for mode in list(results) if i % 2 == 0 else reversed(list(results)):
             results[mode].append(one_round(mode, folders, prompts, args))
             print(mode, results[mode][-1], flush=True)
-    name = args.name or (f"threads_{args.threads}_{args.merged_threads or args.threads}_"
-                         f"{'decode' if args.ignore_eos else 'answers'}_{args.max_tokens}")
+    name = args.name or (f"one-vs-merged_threads{args.threads}-{args.merged_threads or args.threads}_"
+                         f"{'decode' if args.ignore_eos else 'answers'}{args.max_tokens}_{class_tag()}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": str(date.today()),
                                                        "args": {k: str(v) for k, v in vars(args).items()},

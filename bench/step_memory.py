@@ -27,7 +27,8 @@ the ratios are against `padded` in the same run. Also the operators the step dis
 and optimizer, counted by a TorchDispatchMode): on a GPU, where a 135M model's step is bound by launching
 kernels rather than by arithmetic, that count sets the step time more than the FLOPs do.
 
-Run: `python -m bench.step_memory` (about 3 minutes); writes bench/results/step_memory/layouts_<steps>_steps.{json,md}.
+Run: `python -m bench.step_memory` (about 3 minutes); writes
+bench/results/step_memory/layouts_<class>_<steps>steps.{json,md}.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.machine import class_tag
 from bench.stage_run import LORA, LR  # the committed params.yaml's
 from pipeline.core import batching, lean
 from pipeline.core.encoding import encode_many
@@ -238,7 +240,7 @@ def main() -> None:
             continue
         res["variants"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
     res["mean_tokens"] = mean_tokens(args.batch_size)
-    out, name = args.out / "step_memory", f"layouts_{args.steps}_steps"
+    out, name = args.out / "step_memory", f"layouts_{class_tag()}_{args.steps}steps"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / f"{name}.md").write_text(table(res))

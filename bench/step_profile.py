@@ -20,7 +20,7 @@ fused C++ kernels on a CPU), one process each: tokens/s over the second half of 
 warm), the first step's seconds (where compilation happens) and the final train loss beside the eager run's.
 
 Run: `python -m bench.step_profile --steps 12 --compile` (about 6 minutes); writes
-bench/results/step_profile/<name>.{json,md}.
+bench/results/step_profile/<cases>_<class>_<steps>steps[_compile].{json,md}.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from bench.machine import cpu_name
+from bench.machine import class_tag, cpu_name
 from bench.stage_run import bench_params, fit, prepare
 from pipeline.recipes import sft
 
@@ -199,7 +199,7 @@ def main() -> None:
             res["compiled"] = {case: run(case, args.steps, args.skip, True, Path(tmp)) for case in cases}
     out = args.out / "step_profile"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{'_'.join(cases)}_{args.steps}_steps" + ("_compile" if args.compile else "")
+    stem = f"{'+'.join(cases)}_{class_tag()}_{args.steps}steps" + ("_compile" if args.compile else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / f"{stem}.md").write_text(table(res, args.top))
     print(table(res, args.top))
