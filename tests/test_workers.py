@@ -76,10 +76,11 @@ def test_two_workers_run_the_fleet_from_their_own_clones_and_a_third_clone_pulls
                              ).save("peftflow-results", overwrite=True)
             chains = workers.fleet_workers(root=str(repo))
     finally:
-        for p in procs:
+        for p in procs:  # both told at once; their runs are over, so a worker slow to stop is killed after 10 s
             p.terminate()
+        for p in procs:
             try:
-                p.wait(30)
+                p.wait(10)
             except subprocess.TimeoutExpired:  # a worker that does not stop on SIGTERM (seen once, benchmark)
                 p.kill()
                 p.wait(30)
