@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib
 import numpy as np
 import yaml
 
@@ -44,9 +43,6 @@ from pipeline.core.loading import load_tokenizer
 from pipeline.core.modeling import autocast, device
 from pipeline.core.overlay import merge
 from pipeline.core.scoring import Scorer
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
 
 OUT = ROOT / "bench" / "results" / "accuracy_curve"
 DATA = ROOT.parent / "shared" / "datasets" / "financial_phrasebank"
@@ -131,6 +127,11 @@ def run(args) -> None:
 
 
 def plot(args) -> None:
+    import matplotlib  # here, not at the top: a run's recorded peak RSS holds no plotting library
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(11, 5.5))
     files = sorted(OUT.glob("*.json"))
     colors = plt.get_cmap("tab20").colors  # twenty distinct colours; a line style per twenty curves

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.stage_run import LORA, LR, SCHEDULE, WARMUP
+from bench.stage_process import LORA, LR, SCHEDULE, WARMUP
 from pipeline.core.encoding import IGNORE
 from pipeline.core.io import read_jsonl
 from pipeline.core.loading import load_tokenizer

@@ -126,7 +126,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-scale-"))
     try:
         repo = make_repo(tmp / "repo", build_tiny_base(tmp / "tiny"))
-        write_fleet(repo, 1)
         made = grow(repo, 1)  # a000, by the flow
         rows = [size(repo, n, a.repeats) for n in sizes]
     finally:

@@ -37,15 +37,11 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-import matplotlib
 import torch
 
 from bench.stage_run import bench_params, fit, prepare
 from pipeline.core.allocator import allocator_in_use
 from pipeline.recipes import sft
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
 
 ALLOCATORS = ("system", "mimalloc")
 
@@ -150,6 +146,11 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
+    import matplotlib  # here, not at the top: the sampled workers' memory holds no plotting library
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, r in res["runs"].items():
         s = r["samples"]

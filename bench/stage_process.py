@@ -7,6 +7,7 @@ left out only if PEFT has not been imported yet.
 
 - `PARAMS`, `PARAMS_COMMIT`: params.yaml as committed at HEAD (what the workspace holds does not change what a
   bench run measures), and that commit.
+- `LORA`, `LR`, `WARMUP`, `SCHEDULE`: theirs, for the baselines and the single-step benchmarks.
 - `CASES`: the prompt shapes a run is measured on (`--case`).
 """
 
@@ -36,6 +37,9 @@ def committed_params() -> tuple[dict, str]:
 
 
 PARAMS, PARAMS_COMMIT = committed_params()
+# what the baselines and the single-step benchmarks take from them: the same LoRA, learning rate, warm-up, schedule
+LORA, LR, WARMUP = PARAMS["train"]["lora"], PARAMS["train"]["lr"], PARAMS["train"]["warmup_ratio"]
+SCHEDULE = PARAMS["train"]["lr_scheduler"]
 # the default job's chat prompt (the chat template's system prompt: a long prefix every row shares) and the short
 # plain prompt of the fpb-fast profile, whatever the params hold
 CASES = {"chat": {"template": "prompts/sentiment.jinja", "chat_template": True, "system_prompt": None},

@@ -5,7 +5,6 @@
 - `prepare(args, work)`: validate -> format -> tokenize the benchmark data into `work`, with the stages' own code.
 - `fit(p, data, base, live, ckpt, after_step)`: the SFT recipe (pipeline/recipes/sft.py) as the train stage sets
   it up, without saving an adapter; an optional hook after every optimizer step.
-The baselines take the same LoRA, learning rate, warm-up and schedule (`LORA`, `LR`, `WARMUP`, `SCHEDULE`).
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ from pipeline.recipes import sft
 from pipeline.stages import format as fmt
 from pipeline.stages import tokenize as tkz
 from pipeline.stages import validate
-
-LORA, LR, WARMUP = PARAMS["train"]["lora"], PARAMS["train"]["lr"], PARAMS["train"]["warmup_ratio"]
-SCHEDULE = PARAMS["train"]["lr_scheduler"]
 
 
 def bench_params(args, quantization: dict | None = None, **train) -> Params:

@@ -49,7 +49,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.machine import class_tag
-from bench.stage_run import LORA, LR  # the committed params.yaml's
+from bench.stage_process import LORA, LR  # the committed params.yaml's
 from pipeline.core import batching, lean
 from pipeline.core.encoding import encode_many
 from pipeline.core.loading import load_base_model, load_tokenizer

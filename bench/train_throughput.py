@@ -29,7 +29,6 @@ if __name__ == "__main__" and (WORKER := option(sys.argv[1:], "--worker", None))
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import tempfile
@@ -49,7 +48,7 @@ from bench.stage_run import bench_params, fit, prepare
 from bench.throughput_figures import bench_dvc, bench_evaluate, bench_tokenize, flops_per_token, heldout_loss, mfu
 from bench.throughput_table import table
 from pipeline.core import modeling
-from pipeline.core.allocator import allocator_in_use, thread_facts
+from pipeline.core.allocator import allocator_in_use, peak_rss_mb, thread_facts
 
 # a competing process: one core kept busy until killed, or the deadline (its argument, seconds) passes
 BUSY = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
@@ -72,15 +71,11 @@ def train_stage(name: str, args, work: Path) -> tuple:
     return model, {"seconds": facts["seconds"], "tokens": facts["tokens"], "final_train_loss": m["final_loss"]}
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(name: str, args, work: Path) -> None:
     """One variant in this process (set up before the imports, above): train, save, score on a fresh base."""
     torch.manual_seed(args.seed)
     model, result = train_stage(name, args, work) if name in STAGE else TRAINERS[name](args, work)
-    result["peak_rss_mb"] = round(rss_mb())
+    result["peak_rss_mb"] = peak_rss_mb()
     result |= {"allocator": allocator_in_use(), **thread_facts()}  # how the worker's process ran
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
