@@ -13,7 +13,8 @@ is measured by the evaluate stage (three seeds, docs/results.md). Curves kept fr
 
 Run: `python -m bench.accuracy_curve run --name NAME --seed 42 --every 25 -S train.epochs=3` (one process;
 about the run's training time plus 8 s a scoring), then `python -m bench.accuracy_curve plot` draws every kept
-curve (bench/results/accuracy_curve/<name>_<class>_seed<seed>.json) against the 3-minute line into accuracy_curve.png.
+curve (bench/results/accuracy_curve/<name>_<class>_seed<seed>.json) against the 3-minute line into
+bench/results/accuracy_curve/all-curves.png.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def plot(args) -> None:
            ylim=(args.floor, 1.0), title="Financial PhraseBank, SmolLM2-135M: accuracy against training time")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(OUT.parent / "accuracy_curve.png", dpi=110)
-    print(OUT.parent / "accuracy_curve.png")
+    fig.savefig(OUT / "all-curves.png", dpi=110)
+    print(OUT / "all-curves.png")
 
 
 def main() -> None:

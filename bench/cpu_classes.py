@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import cpu_name
+from bench.machine import cpu_name, table
 from pipeline import methods
 from pipeline.core.lineage import cpu_isa, hardware
 from pipeline.core.params import load_params
@@ -225,12 +225,11 @@ def write_cost(seconds: dict[str, list[float]]) -> None:
     """The cost table (medians, ratios to native bf16) as results/cpu_classes/cost_<isa>.{json,md}."""
     median = {k: statistics.median(v) for k, v in seconds.items()}
     base = median["native bf16"]
-    rows = [f"| {k} | {median[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {median[k] / base:.2f}x |"
+    rows = [[k, f"{median[k]:.1f}", ", ".join(f"{x:.1f}" for x in v), f"{median[k] / base:.2f}x"]
             for k, v in seconds.items()]
     md = "\n".join([f"# Train stage seconds per switch set, {cpu_name()} ({cpu_isa()})", "",
                     "The default job's 30 steps, one process each, the sets alternating in each round.", "",
-                    "| switches, precision | median s | each round | vs native bf16 |", "|---|---:|---:|---:|",
-                    *rows]) + "\n"
+                    table(["switches, precision", "median s", "each round", "vs native bf16"], rows)]) + "\n"
     name = OUT / f"cost_{cpu_isa()}"
     name.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "median": median}, indent=1) + "\n")
     name.with_suffix(".md").write_text(md)

@@ -15,7 +15,8 @@ Both run on the same rows in the same process, alternating (whole, prefix, prefi
 length, the mean prompt length, seconds of each (median over reps), the ratio, and how many of the
 answers are the same text (they should all be: the same arithmetic up to floating-point order).
 
-Run: `python -m bench.eval_generation` (about 5 minutes); writes bench/results/eval_generation.{json,md}.
+Run: `python -m bench.eval_generation` (about 5 minutes); writes
+bench/results/eval_generation/prefix-vs-whole_<class>_<rows>rows_batch<batch size>.{json,md}.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.machine import machine
+from bench.machine import class_tag, machine, save, table
 from pipeline import tasks
 from pipeline.core.encoding import encode_prompt
-from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl
+from pipeline.core.io import read_jsonl
 from pipeline.core.loading import load_base_model, load_tokenizer
 from pipeline.core.modeling import batches, left_pad
 from pipeline.core.params import parse_params
@@ -80,6 +81,18 @@ def prompts(args, work: Path) -> dict[str, list[str]]:
     return {"zero-shot": zero, "5-shot": five}
 
 
+def markdown(record: dict) -> str:
+    """The result's table: per prompt setting, the seconds of each way, the speed-up and the answers that agree."""
+    rows = [[name, r["rows"], r["mean_prompt_tokens"], r["shared_prefix_tokens"],
+             f"{r['median_seconds']['whole']:.1f} s", f"{r['median_seconds']['prefix']:.1f} s", f"{r['speedup']:.2f}x",
+             f"{r['same_answers']} / {r['rows']}"] for name, r in record["results"].items()]
+    return (f"Greedy generation of the base model, {record['max_new_tokens']} new tokens at most, batches of "
+            f"{record['batch_size']}; {record['machine']}, {record['date']}; median of {record['reps']} alternating "
+            "runs (bench/eval_generation.py).\n\n"
+            + table(["prompts", "rows", "mean prompt tokens", "shared prefix tokens", "whole prompts",
+                     "from the shared prefix", "speed-up", "same answers"], rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=96)
@@ -88,7 +101,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48, help="evaluate.max_new_tokens")
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval_generation")
+    ap.add_argument("--name", help="the result's file name (default: what, class, rows and batch size)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,19 +131,9 @@ def main() -> None:
                          "same_answers": sum(a == b for a, b in zip(answers["whole"], answers["prefix"], strict=True))}
     record = {"date": date.today().isoformat(), "machine": machine(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "reps": args.reps, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "eval_generation.json", record)
-    lines = [f"Greedy generation of the base model, {args.max_new_tokens} new tokens at most, batches of "
-             f"{args.batch_size}; {record['machine']}, {record['date']}; median of {args.reps} alternating runs "
-             "(bench/eval_generation.py).", "",
-             "| prompts | rows | mean prompt tokens | shared prefix tokens | whole prompts | from the shared prefix "
-             "| speed-up | same answers |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['rows']} | {r['mean_prompt_tokens']} | {r['shared_prefix_tokens']} | "
-                     f"{r['median_seconds']['whole']:.1f} s | {r['median_seconds']['prefix']:.1f} s | "
-                     f"{r['speedup']:.2f}x | {r['same_answers']} / {r['rows']} |")
-    atomic_write_text(args.out / "eval_generation.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    rows = next(iter(results.values()))["rows"]  # fewer than --rows where the validation set is shorter
+    save(args.out, args.name or f"prefix-vs-whole_{class_tag()}_{rows}rows_batch{args.batch_size}", record,
+         markdown(record))
     print(json.dumps({k: v["speedup"] for k, v in results.items()}))
 
 

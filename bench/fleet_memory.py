@@ -6,7 +6,7 @@ more than one copy of the base weights), and the wall time.
     python -m bench.fleet_memory --name dvc_repro -- dvc repro fleet/dvc.yaml
 
 Run it where the fleet's stages will rerun (after a change they depend on, or in a fresh clone), on a quiet
-machine. Output: `bench/results/fleet_memory/<name>.{json,md}`: peak summed RSS, peak RSS of one process and
+machine. Output: `bench/results/fleet_memory/<name>_<class>.{json,md}`: peak summed RSS, peak RSS of one process and
 its command line, wall seconds, the base model's weights on disk beside them.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.machine import save
+from bench.machine import class_tag, save, table
 from pipeline.core.lineage import cpu_isa
 from pipeline.core.stage import tool_env
 
@@ -58,7 +58,7 @@ def measure(cmd: list[str], every: float = 0.2) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--name", required=True)
+    ap.add_argument("--name", required=True, help="what was run; the file is <name>_<class>")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
     a = ap.parse_args()
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
@@ -66,12 +66,13 @@ def main() -> None:
     weights = Path("models/base/model.safetensors")
     r["base_weights_mb"] = round(weights.stat().st_size / 2**20) if weights.exists() else None
     r["cpu"] = f"{psutil.cpu_count()} cores, {cpu_isa()}"
-    save(OUT, a.name, r,
+    save(OUT, f"{a.name}_{class_tag()}", r,
          f"# {a.name}\n\n`{r['command']}` (exit {r['exit_code']}, {r['cpu']})\n\n"
-         "| wall s | peak RSS, all processes | peak RSS, one process | processes at once | base weights on disk |\n"
-         "|---:|---:|---:|---:|---:|\n"
-         f"| {r['seconds']} | {r['peak_rss_sum_mb']} MB | {r['peak_rss_one_mb']} MB | {r['most_processes_at_once']} "
-         f"| {r['base_weights_mb']} MB |\n\nThe largest process: `{r['peak_one_command']}`\n")
+         + table(["wall s", "peak RSS, all processes", "peak RSS, one process", "processes at once",
+                  "base weights on disk"],
+                 [[r["seconds"], f"{r['peak_rss_sum_mb']} MB", f"{r['peak_rss_one_mb']} MB",
+                   r["most_processes_at_once"], f"{r['base_weights_mb']} MB"]], "rrrrr")
+         + f"\n\nThe largest process: `{r['peak_one_command']}`\n")
     sys.exit(r["exit_code"])
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.machine import class_tag, machine, save
+from bench.machine import class_tag, machine, save, table
 from pipeline.core.stage import tool_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -97,23 +97,23 @@ def size(repo: Path, n: int, repeats: int) -> dict:
     return row
 
 
-def table(r: dict) -> str:
+def markdown(r: dict) -> str:
+    """The result's table: per fleet size, the commit's seconds and each no-op's, per adapter and its growth."""
     first = r["sizes"][0]
-    lines = [f"# No-op cost of a fleet of N adapters ({r['machine']}, {r['date']})", "",
-             f"Tiny test model; medians of {r['repeats']} runs; per adapter: the median divided by N, and its growth "
-             f"from {first['adapters']} adapters. The first adapter made by `peftflow flow --fleet` in "
-             f"{r['first_adapter_s']} s; the others its copies, recorded by `dvc commit --force fleet/dvc.yaml` "
-             "(every stage of the fleet: its seconds in the second column).",
-             "", "| adapters (stages) | dvc commit s | "
-             + " | ".join(f"{k}: s (per adapter, x)" for k in NO_OPS) + " |",
-             "|---:|---:|" + "---:|" * len(NO_OPS)]
+    rows = []
     for row in r["sizes"]:
         cells = []
         for k in NO_OPS:
             per, per0 = row[k]["median_s"] / row["adapters"], first[k]["median_s"] / first["adapters"]
             cells.append(f"{row[k]['median_s']} ({per:.3f}, {per / per0:.2f}x)")
-        lines.append(f"| {row['adapters']} ({row['stages']}) | {row['commit_seconds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([f"{row['adapters']} ({row['stages']})", row["commit_seconds"], *cells])
+    return "\n".join([f"# No-op cost of a fleet of N adapters ({r['machine']}, {r['date']})", "",
+                      f"Tiny test model; medians of {r['repeats']} runs; per adapter: the median divided by N, and "
+                      f"its growth from {first['adapters']} adapters. The first adapter made by `peftflow flow "
+                      f"--fleet` in {r['first_adapter_s']} s; the others its copies, recorded by `dvc commit --force "
+                      "fleet/dvc.yaml` (every stage of the fleet: its seconds in the second column).", "",
+                      table(["adapters (stages)", "dvc commit s", *(f"{k}: s (per adapter, x)" for k in NO_OPS)],
+                            rows, "r" * (2 + len(NO_OPS)))]) + "\n"
 
 
 def main() -> None:
@@ -132,7 +132,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     r = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "repeats": a.repeats,
          "first_adapter_s": round(made, 1), "sizes": rows}
-    save(OUT, a.name or f"tiny_{'-'.join(map(str, sizes))}adapters_{class_tag()}", r, table(r))
+    save(OUT, a.name or f"tiny_{'-'.join(map(str, sizes))}adapters_{class_tag()}", r, markdown(r))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import psutil
 import yaml
 
 from bench.fleet_memory import tree_rss
-from bench.machine import class_tag, machine, save
+from bench.machine import class_tag, machine, save, table
 from pipeline.core.stage import tool_env
 
 OUT = Path("bench/results/fleet_workers")
@@ -177,17 +177,17 @@ def prefect_setup(env: dict, s3_url: str) -> None:
     run(Path.cwd(), env, PY, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(spec))
 
 
-def table(r: dict) -> str:
+def markdown(r: dict) -> str:
+    """The result's table: per worker count, the wall time, its ratio to one worker, each worker's RSS and adapters."""
     base = r["runs"][0]["seconds"]
-    lines = [f"# The example fleet on Prefect workers ({r['machine']}, {r['date']})", "",
-             f"Commit {r['commit'][:12]}; overrides on every adapter: {', '.join(r['overrides']) or 'none'}. "
-             "Each worker runs one adapter at a time, one thread per stage.", "",
-             "| workers | wall s | vs 1 worker | per worker: peak RSS (its process tree), adapters |",
-             "|---:|---:|---:|---|"]
-    for x in r["runs"]:
-        each = "; ".join(f"{w['peak_rss_mb']} MB: {', '.join(w['adapters'])}" for w in x["per_worker"])
-        lines.append(f"| {x['workers']} | {x['seconds']} | {base / x['seconds']:.2f}x | {each} |")
-    return "\n".join(lines) + "\n"
+    rows = [[x["workers"], x["seconds"], f"{base / x['seconds']:.2f}x",
+             "; ".join(f"{w['peak_rss_mb']} MB: {', '.join(w['adapters'])}" for w in x["per_worker"])]
+            for x in r["runs"]]
+    return "\n".join([f"# The example fleet on Prefect workers ({r['machine']}, {r['date']})", "",
+                      f"Commit {r['commit'][:12]}; overrides on every adapter: {', '.join(r['overrides']) or 'none'}. "
+                      "Each worker runs one adapter at a time, one thread per stage.", "",
+                      table(["workers", "wall s", "vs 1 worker", "per worker: peak RSS (its process tree), adapters"],
+                            rows, "rrrl")]) + "\n"
 
 
 def main() -> None:
@@ -221,7 +221,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     r = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "overrides": a.overrides,
          "commit": run(Path.cwd(), env, "git", "rev-parse", "HEAD").strip(), "runs": runs}
-    save(OUT, a.name or f"example_{'-'.join(map(str, counts))}workers_{class_tag()}", r, table(r))
+    save(OUT, a.name or f"example_{'-'.join(map(str, counts))}workers_{class_tag()}", r, markdown(r))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ interleaved, `--repeats` times each: plain `dvc repro`; `peftflow flow` in Prefe
 mode (no server configured); `peftflow flow` reporting to a local Prefect server started here on a
 free loopback port. Reports the best time of each, the seconds the flow adds and the ratio.
 
-Outputs: bench/results/flow_overhead.{json,md}. Run: `make bench-flow`.
+Outputs: bench/results/flow_overhead/flow-vs-dvc-repro_<class>_<stages>stages.{json,md}.
+Run: `python -m bench.flow_overhead` (or `make bench BENCH=flow_overhead`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -22,6 +22,10 @@ import time
 import urllib.request
 from datetime import date
 from pathlib import Path
+
+import yaml
+
+from bench.machine import class_tag, machine, save, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +56,8 @@ def start_server(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the Prefect server did not start")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
+def measure(repeats: int) -> dict[str, list[float]]:
+    """Seconds of each way to run the up-to-date pipeline, `repeats` times each, interleaved after a warm-up."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
@@ -73,28 +74,38 @@ def main() -> None:
         try:
             timed(flow_cmd, server_env)  # warm-up: the first run creates the flow record (and the databases)
             timed(flow_cmd, ephemeral_env)
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 times["dvc repro"].append(timed([sys.executable, "-m", "dvc", "repro"], env))
                 times["flow, ephemeral Prefect"].append(timed(flow_cmd, ephemeral_env))
                 times["flow, local server"].append(timed(flow_cmd, server_env))
         finally:
             server.terminate()
             server.wait(30)
+    return times
+
+
+def markdown(res: dict) -> str:
+    """The result's table: each way's best seconds, what it adds to `dvc repro` and the ratio."""
+    rows = [[k, f"{v:.2f}", "" if k == "dvc repro" else f"+{res['added_seconds'][k]:.2f} s",
+             "1.00x" if k == "dvc repro" else f"{res['ratio'][k]:.2f}x"] for k, v in res["best"].items()]
+    return (f"Measured {res['date']} on {res['machine']}: an all-up-to-date pipeline ({res['stages']} stages), best "
+            f"of {res['repeats']}.\n\n" + table(["how", "seconds", "added vs dvc repro", "ratio"], rows) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "flow_overhead")
+    ap.add_argument("--name", help="the result's file name (default: what, class, stages)")
+    args = ap.parse_args()
+    times = measure(args.repeats)
     best = {k: min(v) for k, v in times.items()}
-    res = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    stages = len(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    res = {"date": date.today().isoformat(), "machine": machine(), "stages": stages,
            "repeats": args.repeats, "times": times, "best": best,
            "added_seconds": {k: best[k] - best["dvc repro"] for k in best if k != "dvc repro"},
            "ratio": {k: best[k] / best["dvc repro"] for k in best if k != "dvc repro"}}
-    lines = [f"Measured {res['date']} on {res['machine']}: an all-up-to-date pipeline (7 stages), best of "
-             f"{args.repeats}.", "", "| how | seconds | added vs dvc repro | ratio |", "|---|---:|---:|---:|"]
-    for k, v in best.items():
-        added = "" if k == "dvc repro" else f"+{res['added_seconds'][k]:.2f} s"
-        ratio = "1.00x" if k == "dvc repro" else f"{res['ratio'][k]:.2f}x"
-        lines.append(f"| {k} | {v:.2f} | {added} | {ratio} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "flow_overhead.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "flow_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, args.name or f"flow-vs-dvc-repro_{class_tag()}_{stages}stages", res, markdown(res))
 
 
 if __name__ == "__main__":

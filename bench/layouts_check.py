@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import table
 from bench.stage_run import prepare  # the bench's own data preparation (validate -> format -> tokenize)
 from pipeline.core import batching, varlen
 from pipeline.core.modeling import autocast, device
@@ -91,9 +92,9 @@ def main() -> None:
                 results["runs"][f"{name} {precision}"] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
     print(f"{results['device']}: {results['rows']} rows, {results['tokens']} tokens, shared prefix "
           f"{results['prefix']} tokens; relative distance from the fp32 padded layout")
-    print("| layout | log-probs | gradients |\n|---|---:|---:|")
-    for k, r in results["runs"].items():
-        print(f"| {k} | " + (f"{r['logp']:.2e} | {r['grad']:.2e} |" if "logp" in r else f"{r['error']} | |"))
+    print(table(["layout", "log-probs", "gradients"],
+                [[k, f"{r['logp']:.2e}", f"{r['grad']:.2e}"] if "logp" in r else [k, r["error"]]
+                 for k, r in results["runs"].items()]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -1,7 +1,8 @@
 """Which machine a benchmark ran on, said one way in every result: the CPU's model name and its hardware class
 (pipeline/core/lineage.py: the best matrix instructions, which decide bf16/fp32 results and speed here), the
-accelerator or the CPU threads, and torch's version; and `save`, one way to keep a result (JSON with the machine,
-markdown table). The ground floor of bench/: it imports no benchmark.
+accelerator or the CPU threads, and torch's version; `table`, the one markdown table writer of bench/; and `save`,
+one way to keep a result (JSON with the machine, markdown table). The ground floor of bench/: it imports no
+benchmark.
 
 Inputs: /proc/cpuinfo, torch. Outputs: strings for the `machine` field of bench/results/*.json and their tables;
 the files `save` writes.
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
 from pipeline.core.lineage import cpu_isa
 
@@ -47,3 +50,16 @@ def save(out: Path, name: str, record: dict, markdown: str) -> None:
     (out / f"{name}.json").write_text(json.dumps({"machine": machine(), **record}, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> str:
+    """Every benchmark's markdown table, one way: `columns` the header, `rows` the cells as they should read
+    (formatted by the caller; a short row or None leaves cells blank), `align` one letter a column, `l` or `r`
+    (default: the first column left, the others right). tabulate's pipe format, which GitHub renders and whose
+    padding keeps the raw file readable as a table; no trailing newline."""
+    align = align or "l" + "r" * (len(columns) - 1)
+    if len(align) != len(columns):
+        raise ValueError(f"align {align!r} has {len(align)} letters for {len(columns)} columns")
+    cells = [["" if c is None else str(c) for c in row] for row in rows]
+    return tabulate(cells, headers=list(columns), tablefmt="pipe", disable_numparse=True,
+                    colalign=[{"l": "left", "r": "right"}[a] for a in align])

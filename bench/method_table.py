@@ -4,9 +4,9 @@ prompting) through the pipeline on the same data, one DVC experiment per row.
 Profiles and rows are in bench/methods.yaml (params.yaml keys). For each row this runs
 `dvc exp run -n <profile>-<row> -S ... <target>` in the project (params.yaml is put back
 between rows), reads the stages' own metrics files, and keeps every row's figures in
-`bench/results/methods.json` (a row already there with the same overrides is not rerun unless
-`--force`). Then it writes the table (`bench/results/methods_<profile>.md`), a bar chart of
-accuracy per method (`methods_<profile>.png`), and puts the table into docs/results.md between the
+`bench/results/method_table/methods.json` (a row already there with the same overrides is not rerun unless
+`--force`). Then it writes the table (`bench/results/method_table/<profile>.md`), a bar chart of
+accuracy per method (`<profile>.png`), and puts the table into docs/results.md between the
 `<!-- methods:<profile> -->` markers.
 
 Run: `python -m bench.method_table run --profile fpb [--rows a,b] [--force]`, then
@@ -25,13 +25,13 @@ from pathlib import Path
 import typer
 import yaml
 
-from bench.machine import machine
+from bench.machine import machine, table
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl
 from pipeline.tasks.classification import ONE_CLASS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "results" / "method_table"
 # The reference table (financial news sentiment, 1,200 training rows, an 8B model, 4 A100s).
 REFERENCE = {"zero-shot": None, "5-shot": 0.74, "ia3": 0.81, "prefix-20": 0.83, "lora-r8": 0.89, "lora-r16": 0.91,
              "qlora-r16": 0.90, "full": 0.93}
@@ -171,39 +171,36 @@ def shot_label(model: str) -> str:
     return "zero-shot" if model == "base" else f"{model.split('_')[1].replace('shot', '')}-shot"
 
 
-def baseline_rows(first: dict) -> tuple[list[str], list[tuple[str, float, float | None]], str]:
+def baseline_rows(first: dict) -> tuple[list[list], list[tuple[str, float, float | None]], str]:
     """The majority class, the base model by the headline rule, and the best prompting baseline (every rule
-    of the base model, zero- and k-shot, on validation; named), as table lines, bars and a rule table."""
-    lines, bars = [], []
+    of the base model, zero- and k-shot, on validation; named), as table rows, bars and a rule table."""
+    rows, bars = [], []
     base_keys = ["base"] + [k for k in first if re.fullmatch(r"base_\d+shot", k)]
     if "majority" in first:
         m = first["majority"]
-        lines.append(f"| majority class (`{m['label']}` for every row) | {flagged(m)} | {m['macro_f1']:.3f} "
-                     "| 0 | – | – | – | – |")
+        rows.append([f"majority class (`{m['label']}` for every row)", flagged(m), f"{m['macro_f1']:.3f}", 0,
+                     "–", "–", "–", "–"])
         bars.append(("majority class", m["accuracy"], None))
     for k in base_keys:
         m, label = first[k], shot_label(k)
         ref = REFERENCE.get(label)
-        lines.append(f"| {label} prompting, full-label log-likelihood (base model) | {flagged(m)} | "
-                     f"{m['macro_f1']:.3f} | 0 | – | – | – | {ref if ref is not None else '–'} |")
+        rows.append([f"{label} prompting, full-label log-likelihood (base model)", flagged(m), f"{m['macro_f1']:.3f}",
+                     0, "–", "–", "–", "–" if ref is None else ref])
         bars.append((f"{label}, log-likelihood", m["accuracy"], ref))
     rules = ""
     if "prompting_baseline" in first:
         b = first["prompting_baseline"]
         model, rule = b["name"].split("/")
-        lines.append(f"| **prompting baseline: {shot_label(model)}, {rule}** (best rule on validation) | "
-                     f"**{flagged(b)}** | {b['macro_f1']:.3f} | 0 | – | – | – | – |")
+        rows.append([f"**prompting baseline: {shot_label(model)}, {rule}** (best rule on validation)",
+                     f"**{flagged(b)}**", f"{b['macro_f1']:.3f}", 0, "–", "–", "–", "–"])
         bars.append((f"prompting baseline ({shot_label(model)}, {rule})", b["accuracy"], None))
-        names = list(next(iter(first["rules"].values())))
         rules = ("\nThe base model and the adapter by every rule (accuracy / macro-F1; one class = more than "
-                 "90% of rows in one class):\n\n| rule | "
-                 + " | ".join(shot_label(k) for k in first["rules"] if k != "adapter") + " | adapter |\n|---|"
-                 + "---:|" * len(first["rules"]) + "\n")
-        for rule in names:
-            cells = [f"{flagged(first['rules'][k][rule])} / {first['rules'][k][rule]['macro_f1']:.3f}"
-                     for k in first["rules"]]
-            rules += f"| {rule} | " + " | ".join(cells) + " |\n"
-    return lines, bars, rules
+                 "90% of rows in one class):\n\n"
+                 + table(["rule", *(shot_label(k) for k in first["rules"] if k != "adapter"), "adapter"],
+                         [[rule, *(f"{flagged(first['rules'][k][rule])} / {first['rules'][k][rule]['macro_f1']:.3f}"
+                                   for k in first["rules"])] for rule in next(iter(first["rules"].values()))])
+                 + "\n")
+    return rows, bars, rules
 
 
 def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, float, float | None]]]:
@@ -212,27 +209,24 @@ def classification_table(name: str, entry: dict) -> tuple[str, list[tuple[str, f
     first = next((x["evaluate"] for x in rows.values() if "prompting_baseline" in x["evaluate"]),
                  next(iter(rows.values()))["evaluate"])
     base_keys = ["base"] + [k for k in first if re.fullmatch(r"base_\d+shot", k)]
-    lines = ["| method | accuracy | macro-F1 | trainable params | steps | train time | peak RSS | reference (8B) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     mismatch = [r for r, x in rows.items() if any(x["evaluate"].get(k, {}).get("accuracy") != first[k]["accuracy"]
                                                   for k in base_keys)]
-    base_lines, bars, rules = baseline_rows(first)
-    lines += base_lines
+    cells, bars, rules = baseline_rows(first)
     for row, x in rows.items():
         t, m = x["train"], x["evaluate"]["adapter"]
         ref = REFERENCE.get(row)
         share = 100 * t["trainable_params"] / t["total_params"]
-        lines.append(f"| `{row}` | {flagged(m)} | {m['macro_f1']:.3f} | {fmt_int(t['trainable_params'])} "
-                     f"({share:.2f}%) | {t['steps']} | {t['seconds'] / 60:.1f} min | "
-                     f"{fmt_int(t['peak_rss_mb']) + ' MB' if t.get('peak_rss_mb') else '–'} | "
-                     f"{ref if ref is not None else '–'} |")
+        cells.append([f"`{row}`", flagged(m), f"{m['macro_f1']:.3f}",
+                      f"{fmt_int(t['trainable_params'])} ({share:.2f}%)", t["steps"], f"{t['seconds'] / 60:.1f} min",
+                      fmt_int(t["peak_rss_mb"]) + " MB" if t.get("peak_rss_mb") else "–", "–" if ref is None else ref])
         bars.append((row, m["accuracy"], ref))
     head = (f"{measured(entry)} Validation accuracy and "
             "macro-F1 (label scoring), training time of the train stage's loop, peak RSS of the train process. "
             "Each row: `dvc exp apply " + name + "-<row>`; overrides in bench/methods.yaml.")
     if mismatch:
         head += f" Note: base-model scores differ in rows {mismatch} (a different base: quantized, or another prompt)."
-    return head + "\n\n" + "\n".join(lines) + "\n" + rules, bars
+    return head + "\n\n" + table(["method", "accuracy", "macro-F1", "trainable params", "steps", "train time",
+                                    "peak RSS", "reference (8B)"], cells) + "\n" + rules, bars
 
 
 def measured(entry: dict) -> str:
@@ -250,38 +244,39 @@ def measured(entry: dict) -> str:
 
 
 def instruction_table(name: str, entry: dict) -> str:
-    lines = ["| row | base eval loss | adapter eval loss | base perplexity | adapter perplexity | steps | train time |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     samples = []
     for row, x in entry["rows"].items():
         e, t = x["evaluate"], x["train"]
-        lines.append(f"| `{row}` | {e['base']['eval_loss']:.3f} | {e['adapter']['eval_loss']:.3f} | "
-                     f"{e['base']['perplexity']:.2f} | {e['adapter']['perplexity']:.2f} | {t['steps']} | "
-                     f"{t['seconds'] / 60:.1f} min |")
+        rows.append([f"`{row}`", f"{e['base']['eval_loss']:.3f}", f"{e['adapter']['eval_loss']:.3f}",
+                     f"{e['base']['perplexity']:.2f}", f"{e['adapter']['perplexity']:.2f}", t["steps"],
+                     f"{t['seconds'] / 60:.1f} min"])
         for s in x.get("samples", [])[:3]:  # the prompt and reference are that row of the validation file
             samples.append(f"**{row}, validation row {s['row']}** (`{x['overrides']['data.validation']}`)\n\n"
                            f"- base: {one_line(s['base'])}\n- adapter: {one_line(s['adapter'])}\n")
-    return (measured(entry) + "\n\n" + "\n".join(lines) + "\n\nGreedy generations, side by side:\n\n"
+    return (measured(entry) + "\n\n" + table(["row", "base eval loss", "adapter eval loss", "base perplexity",
+                                              "adapter perplexity", "steps", "train time"], rows)
+            + "\n\nGreedy generations, side by side:\n\n"
             + "\n".join(samples))
 
 
 def preference_table(name: str, entry: dict) -> str:
-    lines = ["| row | model | prefers chosen (log-prob) | reward accuracy vs base | reward margin | eval loss |",
-             "|---|---|---:|---:|---:|---:|"]
-    notes = []
+    rows, notes = [], []
     for row, x in entry["rows"].items():
         e, t = x["evaluate"], x["train"]
         for model, label in (("base", "base"), ("sft", "SFT adapter"), ("adapter", "SFT + DPO adapter")):
             m = e.get(model, {})
             cells = [m.get(k, "–") for k in ("preference_accuracy", "reward_accuracy", "reward_margin", "eval_loss")]
-            lines.append(f"| `{row}` | {label} | " + " | ".join(map(str, cells)) + " |")
+            rows.append([f"`{row}`", label, *cells])
         dpo = t.get("dpo", {})
         dpo_s = t.get("dpo_seconds", dpo.get("seconds", 0))
         notes.append(f"`{row}`: SFT {t['steps']} steps in {t['seconds']:.0f} s, then DPO "
                      f"({x['overrides'].get('train.dpo', {})}) in {dpo_s:.0f} s; last DPO step: "
                      f"loss {dpo.get('loss')}, batch reward accuracy {dpo.get('reward_accuracy')}; "
                      f"{e['rows']} held-out pairs.")
-    return measured(entry) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return (measured(entry) + "\n\n" + table(["row", "model", "prefers chosen (log-prob)", "reward accuracy vs base",
+                                             "reward margin", "eval loss"], rows, "llrrrr")
+            + "\n\n" + "\n".join(notes) + "\n")
 
 
 def one_line(text: str, limit: int = 240) -> str:
@@ -329,9 +324,9 @@ def into_results(profile: str, text: str) -> None:
         atomic_write_text(readme, f"{before}{start}\n{text}{end}{after}")
 
 
-@app.command()
-def table() -> None:
-    """Write the tables and charts from bench/results/methods.json (and into docs/results.md)."""
+@app.command("table")
+def tables() -> None:
+    """Write the tables and charts from bench/results/method_table/methods.json (and into docs/results.md)."""
     spec = yaml.safe_load((ROOT / "bench/methods.yaml").read_text())
     for profile, entry in load_results().items():
         if not entry.get("rows"):
@@ -339,7 +334,7 @@ def table() -> None:
         first = next(iter(entry["rows"].values()))["evaluate"]
         if "accuracy" in first["adapter"]:
             text, bars = classification_table(profile, entry)
-            bar_chart(bars, entry["description"], RESULTS / f"methods_{profile}.png")
+            bar_chart(bars, entry["description"], RESULTS / f"{profile}.png")
         elif "reward_accuracy" in first["adapter"]:
             text = preference_table(profile, entry)
         else:
@@ -347,7 +342,7 @@ def table() -> None:
         missing = [r for r in spec.get(profile, {}).get("rows", {}) if r not in entry["rows"]]
         if missing:
             text += f"\nRows of bench/methods.yaml not measured yet: {', '.join(f'`{r}`' for r in missing)}.\n"
-        atomic_write_text(RESULTS / f"methods_{profile}.md", text)
+        atomic_write_text(RESULTS / f"{profile}.md", text)
         into_results(profile, text)
         typer.echo(text)
 

@@ -7,9 +7,10 @@ samples the process's RSS every 5 ms; under the system allocator (glibc) it also
 account (`mallinfo2`: bytes its heaps hold for live allocations, bytes they hold free, bytes mapped
 directly), so the gap between what the step uses and what stays resident is measured, not guessed.
 
-Output: bench/results/rss_timeline.{json,md,png}: per allocator the peak RSS, the RSS after the model is
-built, tokens/s of the run (sampling costs a little: speed claims are bench/train_throughput.py's), and
-glibc's heap at the peak; the plot shows RSS against the step for both, with glibc's live bytes.
+Output: bench/results/rss_timeline/glibc-vs-mimalloc_<class>_<steps>steps.{json,md,png}: per allocator the
+peak RSS, the RSS after the model is built, tokens/s of the run (sampling costs a little: speed claims are
+bench/train_throughput.py's), and glibc's heap at the peak; the plot shows RSS against the step for both, with
+glibc's live bytes.
 
 Run: `python -m bench.rss_timeline` (about 5 minutes; needs `dvc repro base`).
 """
@@ -28,7 +29,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import threading
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import class_tag, machine, save, table
 from bench.stage_run import bench_params, fit, prepare
 from pipeline.core.allocator import allocator_in_use
 from pipeline.recipes import sft
@@ -126,15 +127,14 @@ def worker(allocator: str, args) -> None:
     (args.work / f"{allocator}.json").write_text(json.dumps(out))
 
 
-def table(res: dict) -> str:
+def markdown(res: dict) -> str:
+    """The result's table (per allocator: RSS after the model, peak RSS, speed, final loss) and glibc's own count."""
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}: the train stage on Financial "
              f"PhraseBank, SmolLM2-135M, LoRA r=16 q/k/v/o, batch 16, max_batch_tokens {res['max_batch_tokens']}, "
              f"{res['steps']} steps, seed {res['seed']}; RSS sampled every 5 ms.", "",
-             "| allocator | RSS after the model MB | peak RSS MB | tokens/s (sampled) | final loss |",
-             "|---|---:|---:|---:|---:|"]
-    for name, r in res["runs"].items():
-        lines.append(f"| {name} | {r['model_mb']} | {r['peak_rss_mb']} | {r['tokens_per_second']:.0f} | "
-                     f"{r['final_loss']} |")
+             table(["allocator", "RSS after the model MB", "peak RSS MB", "tokens/s (sampled)", "final loss"],
+                   [[name, r["model_mb"], r["peak_rss_mb"], f"{r['tokens_per_second']:.0f}", r["final_loss"]]
+                    for name, r in res["runs"].items()])]
     h = res["runs"].get("system", {}).get("heap_at_live_peak_mb")
     if h:
         lines += ["", f"glibc's own count under the system allocator, when the most was live: "
@@ -177,7 +177,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "financial_phrasebank")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rss_timeline")
+    ap.add_argument("--name", help="the result's file name (default: what, class, steps)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,7 +188,7 @@ def main() -> None:
         work = Path(tmp)
         ns = argparse.Namespace(data=args.data, steps=args.steps, batch_size=16, seed=args.seed, base=args.base)
         prepare(ns, work)
-        res = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        res = {"date": date.today().isoformat(), "machine": machine(),
                "torch": torch.__version__, "steps": args.steps, "seed": args.seed,
                "max_batch_tokens": bench_params(ns).train.max_batch_tokens, "runs": {}}
         for name in ALLOCATORS:
@@ -196,12 +197,10 @@ def main() -> None:
                             "--steps", str(args.steps), "--seed", str(args.seed), "--base", str(args.base),
                             "--data", str(args.data)], cwd=ROOT, check=True)
             res["runs"][name] = json.loads((work / f"{name}.json").read_text())
-    args.out.mkdir(parents=True, exist_ok=True)
     slim = {**res, "runs": {k: {**v, "samples": v["samples"][::20]} for k, v in res["runs"].items()}}
-    (args.out / "rss_timeline.json").write_text(json.dumps(slim) + "\n")
-    (args.out / "rss_timeline.md").write_text(table(res))
-    plot(res, args.out / "rss_timeline.png")
-    print(table(res))
+    name = args.name or f"glibc-vs-mimalloc_{class_tag()}_{args.steps}steps"
+    save(args.out, name, slim, markdown(res))
+    plot(res, args.out / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ from pathlib import Path
 
 import openai
 
-from bench.machine import machine
+from bench.machine import class_tag, machine, save, table
 from bench.serving import make_adapters
 from pipeline.core.io import read_jsonl
-from pipeline.core.lineage import cpu_isa
 from pipeline.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,27 +238,21 @@ def main() -> None:
 
 
 def write(args, runs: dict[str, list[dict]], restarts: list[float]) -> None:
+    """The record and its table (the medians of each mode) as mix_<clients>clients_<requests>req_kill-at-<n>_<class>."""
     med = {m: {k: statistics.median(x[k] for x in v) for k in v[0]} for m, v in runs.items()}
-    name = f"mix_{args.clients}clients_{args.requests}req_kill-at-{args.kill_at}_{cpu_isa()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": str(date.today()),
-                                                       "args": {k: str(v) for k, v in vars(args).items()},
-                                                       "restarts_s": restarts, "runs": runs}, indent=1))
     keys = ["requests_per_s", "p50_s", "p95_s", "answered", "client_errors", "unavailable_503",
             "last_503_after_kill_s", "wrong"]
-    lines = [f"# peftflow serve under a mix of good and bad requests, llama-server killed ({date.today()})", "",
-             f"{machine()}; 3 adapters (default job, seeds 42-44, {args.steps} steps, "
-             f"{args.precision or 'params'} precision), {args.requests} chat requests per run (every fourth a client "
-             f"error), {args.clients} clients at a time, greedy up to 8 tokens; SIGKILL once {args.kill_at} are "
-             f"answered; with retries, a 503 is sent again after its Retry-After (up to 3 times, as the openai client "
-             f"does by default); median of {args.rounds} runs each, in turn. llama-server came back in "
-             f"{', '.join(f'{x:g}' for x in restarts)} s.", "",
-             "| | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{med[m][k]:g}" for m in runs) + " |")
-    text = "\n".join(lines) + "\n"
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    text = "\n".join([
+        f"# peftflow serve under a mix of good and bad requests, llama-server killed ({date.today()})", "",
+        f"{machine()}; 3 adapters (default job, seeds 42-44, {args.steps} steps, {args.precision or 'params'} "
+        f"precision), {args.requests} chat requests per run (every fourth a client error), {args.clients} clients at "
+        f"a time, greedy up to 8 tokens; SIGKILL once {args.kill_at} are answered; with retries, a 503 is sent again "
+        f"after its Retry-After (up to 3 times, as the openai client does by default); median of {args.rounds} runs "
+        f"each, in turn. llama-server came back in {', '.join(f'{x:g}' for x in restarts)} s.", "",
+        table(["", *runs], [[k, *(f"{med[m][k]:g}" for m in runs)] for k in keys])]) + "\n"
+    save(args.out, f"mix_{args.clients}clients_{args.requests}req_kill-at-{args.kill_at}_{class_tag()}",
+         {"date": str(date.today()), "args": {k: str(v) for k, v in vars(args).items()}, "restarts_s": restarts,
+          "runs": runs}, text)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from datetime import date
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.machine import class_tag, machine
+from bench.machine import class_tag, machine, save, table
 from pipeline.backend import Backend
 from pipeline.core.encoding import encode_prompt
 from pipeline.core.io import read_jsonl
@@ -142,24 +141,24 @@ def one_round(mode: str, folders: list[Path], prompts: list[list[int]], args) ->
             s.stop()
 
 
-def table(results: dict, args) -> str:
+def markdown(results: dict, args) -> str:
+    """The result's table: per figure, the median of each mode and merged / adapters; then every round's."""
     keys = [("peak_rss_mb", "peak RSS (MiB, servers together)"), ("requests_per_s", "requests/s"),
             ("tokens_per_s", "generated tokens/s"), ("p50_s", "latency p50 (s)"), ("p95_s", "latency p95 (s)")]
     med = {m: {k: statistics.median(r[k] for r in results[m]) for k, _ in keys} for m in results}
+    rows = [[name, f"{med['adapters'][k]:g}", f"{med['adapters, pinned slots'][k]:g}", f"{med['one adapter'][k]:g}",
+             f"{med['merged'][k]:g}", f"{med['merged'][k] / med['adapters'][k]:.2f}"] for k, name in keys]
     lines = [f"# Serving 3 adapters: one llama-server with LoRA adapters vs 3 merged models ({date.today()})", "",
              f"{machine()}; {args.requests} requests per round, {args.concurrency} at a time, up to "
              f"{args.max_tokens} tokens{' (EOS ignored: every answer that long)' if args.ignore_eos else ''}, greedy, "
              f"`--threads {args.threads}` for the adapters' server, {args.merged_threads or args.threads} for each "
              f"merged model's; median of {args.rounds} rounds (each mode once per round, order alternating).", "",
-             "| | 1 server, base + 3 adapters | the same, each adapter on its own slots | the same, every request "
-             "to one adapter | 3 servers, merged models | merged / adapters |", "|---|---|---|---|---|---|"]
-    for k, name in keys:
-        a, m = med["adapters"][k], med["merged"][k]
-        lines.append(f"| {name} | {a:g} | {med['adapters, pinned slots'][k]:g} | {med['one adapter'][k]:g} | {m:g} "
-                     f"| {m / a:.2f} |")
-    lines += ["", "Every round: " + "; ".join(
-        f"{m} " + ", ".join(f"{r['peak_rss_mb']:g} MiB {r['requests_per_s']:g} req/s" for r in results[m])
-        for m in results)]
+             table(["", "1 server, base + 3 adapters", "the same, each adapter on its own slots",
+                    "the same, every request to one adapter", "3 servers, merged models", "merged / adapters"],
+                   rows, "llllll"),
+             "", "Every round: " + "; ".join(
+                 f"{m} " + ", ".join(f"{r['peak_rss_mb']:g} MiB {r['requests_per_s']:g} req/s" for r in results[m])
+                 for m in results)]
     return "\n".join(lines) + "\n"
 
 
@@ -190,13 +189,8 @@ def main() -> None:
             print(mode, results[mode][-1], flush=True)
     name = args.name or (f"one-vs-merged_threads{args.threads}-{args.merged_threads or args.threads}_"
                          f"{'decode' if args.ignore_eos else 'answers'}{args.max_tokens}_{class_tag()}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": str(date.today()),
-                                                       "args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": results}, indent=1))
-    text = table(results, args)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    save(args.out, name, {"date": str(date.today()), "args": {k: str(v) for k, v in vars(args).items()},
+                          "results": results}, markdown(results, args))
 
 
 if __name__ == "__main__":

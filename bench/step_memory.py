@@ -48,7 +48,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.machine import class_tag
+from bench.machine import class_tag, save, table
 from bench.stage_process import LORA, LR  # the committed params.yaml's
 from pipeline.core import batching, lean
 from pipeline.core.encoding import encode_many
@@ -189,24 +189,20 @@ def site(stack: list) -> str:
     return "other"
 
 
-def table(res: dict) -> str:
+def markdown(res: dict) -> str:
     first = next(iter(res["variants"].values()))
     pad = res["variants"].get("padded", first)  # the ratios' reference: padded, or the first variant run
     lines = [f"Measured {res['date']} on {res['machine']}, torch {res['torch']}: SmolLM2-135M, LoRA r=16 q/k/v/o, "
              f"bf16 autocast, batch {res['batch_size']} Financial PhraseBank rows with the default chat prompt "
              f"(mean {res['mean_tokens']:.0f} tokens/row), {res['steps']} timed steps after one warm-up step.", "",
-             "| variant | RSS after imports MB | + model MB | + adapter MB | step peak RSS MB | saved for backward MB "
-             f"| s/step | tokens/s | speed vs {'padded' if 'padded' in res['variants'] else 'first'} "
-             "| operators/step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, f in res["variants"].items():
-        if "error" in f:
-            lines.append(f"| {name} | failed: {f['error']} ||||||||")
-            continue
-        lines.append(f"| {name} | {f['imports_mb']:.0f} | {f['model_mb']:.0f} | {f['adapter_mb']:.0f} | "
-                     f"{f['step_peak_mb']:.0f} | {f['saved_for_backward_mb']:.0f} | {f['seconds_per_step']:.2f} | "
-                     f"{f['tokens_per_second']:.0f} | {f['tokens_per_second'] / pad['tokens_per_second']:.2f}x | "
-                     f"{f.get('ops_per_step', '')} |")
+             table(["variant", "RSS after imports MB", "+ model MB", "+ adapter MB", "step peak RSS MB",
+                    "saved for backward MB", "s/step", "tokens/s",
+                    f"speed vs {'padded' if 'padded' in res['variants'] else 'first'}", "operators/step"],
+                   [[name, f"failed: {f['error']}"] if "error" in f else
+                    [name, f"{f['imports_mb']:.0f}", f"{f['model_mb']:.0f}", f"{f['adapter_mb']:.0f}",
+                     f"{f['step_peak_mb']:.0f}", f"{f['saved_for_backward_mb']:.0f}", f"{f['seconds_per_step']:.2f}",
+                     f"{f['tokens_per_second']:.0f}", f"{f['tokens_per_second'] / pad['tokens_per_second']:.2f}x",
+                     f.get("ops_per_step", "")] for name, f in res["variants"].items()])]
     for name, f in res["variants"].items():
         if f.get("saved_by_site_mb"):
             lines += ["", f"Saved for backward in `{name}`, largest sites (MB): " + "; ".join(
@@ -240,11 +236,7 @@ def main() -> None:
             continue
         res["variants"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
     res["mean_tokens"] = mean_tokens(args.batch_size)
-    out, name = args.out / "step_memory", f"layouts_{class_tag()}_{args.steps}steps"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{name}.md").write_text(table(res))
-    print(table(res))
+    save(args.out / "step_memory", f"layouts_{class_tag()}_{args.steps}steps", res, markdown(res))
 
 
 def mean_tokens(batch_size: int) -> float:

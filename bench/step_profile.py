@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from bench.machine import class_tag, cpu_name
+from bench.machine import class_tag, cpu_name, save, table
 from bench.stage_run import bench_params, fit, prepare
 from pipeline.recipes import sft
 
@@ -130,7 +130,7 @@ def operators(prof) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])
 
 
-def table(res: dict, top: int) -> str:
+def markdown(res: dict, top: int) -> str:
     lines = [f"# Train step profile ({res['date']}, {res['machine']}, torch {res['torch']})", "",
              f"`python -m bench.step_profile {res['command']}`: the train stage's SFT run on each prompt case "
              "(bench/stage_process.py's cases, params committed at HEAD), LoRA r=16 q/k/v/o, batches of 16, bf16 "
@@ -143,24 +143,19 @@ def table(res: dict, top: int) -> str:
             by_kind[o["kind"]] += o["ms"]
         lines += [f"## {case}: {total / n:.0f} ms of operator time a step ({n} steps profiled; "
                   f"{r['late_tokens_per_second']:.0f} tok/s unprofiled in the run's second half)", "",
-                  "| kind | ms a step | share |", "|---|---:|---:|"]
-        kinds = sorted(by_kind.items(), key=lambda x: -x[1])
-        lines += [f"| {k} | {ms / n:.0f} | {ms / total:.1%} |" for k, ms in kinds]
-        lines += ["", "| operator | phase | kind | ms a step | calls a step | share |",
-                  "|---|---|---|---:|---:|---:|"]
-        lines += [f"| `{o['op']}` | {o['phase']} | {o['kind']} | {o['ms'] / n:.1f} | {o['calls'] / n:.0f} | "
-                  f"{o['ms'] / total:.1%} |" for o in ops[:top]]
-        lines.append("")
+                  table(["kind", "ms a step", "share"], [[k, f"{ms / n:.0f}", f"{ms / total:.1%}"]
+                                                          for k, ms in sorted(by_kind.items(), key=lambda x: -x[1])]),
+                  "", table(["operator", "phase", "kind", "ms a step", "calls a step", "share"],
+                            [[f"`{o['op']}`", o["phase"], o["kind"], f"{o['ms'] / n:.1f}", f"{o['calls'] / n:.0f}",
+                              f"{o['ms'] / total:.1%}"] for o in ops[:top]], "lllrrr"), ""]
     if res.get("compiled"):
+        rows = [[case, f"{res['cases'][case]['late_tokens_per_second']:.0f}", f"{c['late_tokens_per_second']:.0f}",
+                 f"{c['late_tokens_per_second'] / res['cases'][case]['late_tokens_per_second']:.2f}x",
+                 f"{c['first_step_s']:.1f}", f"{res['cases'][case]['final_loss']:.4f}", f"{c['final_loss']:.4f}"]
+                for case, c in res["compiled"].items()]
         lines += ["## torch.compile of every decoder layer (inductor, dynamic shapes), one process each", "",
-                  "| case | eager tok/s | compiled tok/s | ratio | compiled first step s | eager final loss | "
-                  "compiled final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for case, c in res["compiled"].items():
-            e = res["cases"][case]
-            eager, fast = e["late_tokens_per_second"], c["late_tokens_per_second"]
-            lines.append(f"| {case} | {eager:.0f} | {fast:.0f} | {fast / eager:.2f}x | {c['first_step_s']:.1f} | "
-                         f"{e['final_loss']:.4f} | {c['final_loss']:.4f} |")
-        lines.append("")
+                  table(["case", "eager tok/s", "compiled tok/s", "ratio", "compiled first step s", "eager final loss",
+                         "compiled final loss"], rows), ""]
     return "\n".join(lines)
 
 
@@ -197,12 +192,8 @@ def main() -> None:
             res["cases"][case] = run(case, args.steps, args.skip, False, Path(tmp))
         if args.compile:
             res["compiled"] = {case: run(case, args.steps, args.skip, True, Path(tmp)) for case in cases}
-    out = args.out / "step_profile"
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{'+'.join(cases)}_{class_tag()}_{args.steps}steps" + ("_compile" if args.compile else "")
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table(res, args.top))
-    print(table(res, args.top))
+    save(args.out / "step_profile", stem, res, markdown(res, args.top) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,26 @@ Input: the run's result dict (bench/results/train_throughput/*.json). Output: ma
 
 from __future__ import annotations
 
+from bench.machine import table
 from bench.variants import NAMES, STAGE
 
 
-def table(res: dict) -> str:
-    d = res["train"]["d"]
+def train_rows(res: dict, gpu: bool) -> list[list]:
+    """One row per variant: its speed, seconds per epoch, peak RSS, losses (mean ± sd over seeds) and d's speed-up."""
+    d, many = res["train"]["d"], len(res.get("seeds", [42])) > 1
+    names = {k: v.replace("--budget", str(res.get("budget", 1024))) for k, v in NAMES.items()}
+
+    def loss(r: dict, k: str) -> str:
+        return f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" if many else f"{r[k]:.3f}"
+
+    return [[f"{k}: {names[k]}", f"failed: {r['error']}"] if "error" in r else
+            [f"{k}: {names[k]}", f"{r['tokens_per_second']:.0f}", f"{r['seconds_per_epoch']:.0f}", r["peak_rss_mb"],
+             loss(r, "final_train_loss"), loss(r, "heldout_loss"),
+             f"{d['tokens_per_second'] / r['tokens_per_second']:.2f}x", *([r.get("peak_gpu_mb")] if gpu else [])]
+            for k, r in res["train"].items()]
+
+
+def markdown(res: dict) -> str:
     gpu = any("peak_gpu_mb" in r for r in res["train"].values())
     seeds = res.get("seeds", [42])
     many = len(seeds) > 1
@@ -23,22 +38,8 @@ def table(res: dict) -> str:
              + (f"; every figure is the mean over seeds {', '.join(map(str, seeds))} (± sample standard deviation), "
                 "but peak RSS, the largest of the seeds'."
                 if many else "."), "",
-             "| variant | non-pad tok/s | s/epoch | peak RSS MB | final train loss | held-out loss | d speed-up |"
-             + (" peak GPU MB |" if gpu else ""), "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
-
-    names = {k: v.replace("--budget", str(res.get("budget", 1024))) for k, v in NAMES.items()}
-
-    def loss(r: dict, k: str) -> str:
-        return f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" if many else f"{r[k]:.3f}"
-
-    for k, r in res["train"].items():
-        if "error" in r:
-            lines.append(f"| {k}: {names[k]} | failed: {r['error']} | | | | | |" + (" |" if gpu else ""))
-            continue
-        ratio = d["tokens_per_second"] / r["tokens_per_second"]
-        lines.append(f"| {k}: {names[k]} | {r['tokens_per_second']:.0f} | {r['seconds_per_epoch']:.0f} | "
-                     f"{r['peak_rss_mb']} | {loss(r, 'final_train_loss')} | {loss(r, 'heldout_loss')} | {ratio:.2f}x |"
-                     + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))
+             table(["variant", "non-pad tok/s", "s/epoch", "peak RSS MB", "final train loss", "held-out loss",
+                    "d speed-up", *(["peak GPU MB"] if gpu else [])], train_rows(res, gpu))]
     lines += loaded_table(res)
     lines += ran_lines(res)
     if many:
@@ -92,10 +93,7 @@ def loaded_table(res: dict) -> list[str]:
     if not res.get("loaded"):
         return []
     levels = sorted(res["loaded"], key=int)
-    lines = ["", "Beside busy processes (each keeps one core busy for the whole run; tok/s, and as a share of the "
-             "variant's tok/s alone):", "",
-             "| variant | alone | " + " | ".join(f"{k} busy" for k in levels) + " |",
-             "|---|---:|" + "---:|" * len(levels)]
+    rows = []
     for name, alone in res["train"].items():
         if "tokens_per_second" not in alone:
             continue
@@ -104,5 +102,7 @@ def loaded_table(res: dict) -> list[str]:
             r = res["loaded"][k].get(name)
             cells.append("not run" if r is None else "failed" if "tokens_per_second" not in r else
                          f"{r['tokens_per_second']:.0f} ({r['tokens_per_second'] / alone['tokens_per_second']:.2f})")
-        lines.append(f"| {name}: {NAMES[name]} | {alone['tokens_per_second']:.0f} | " + " | ".join(cells) + " |")
+        rows.append([f"{name}: {NAMES[name]}", f"{alone['tokens_per_second']:.0f}", *cells])
+    lines = ["", "Beside busy processes (each keeps one core busy for the whole run; tok/s, and as a share of the "
+             "variant's tok/s alone):", "", table(["variant", "alone", *(f"{k} busy" for k in levels)], rows)]
     return lines

@@ -42,11 +42,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from bench.baselines import TRAINERS
-from bench.machine import class_tag, cpu_name
+from bench.machine import class_tag, cpu_name, save
 from bench.stage_process import CASES, PARAMS_COMMIT, ROOT
 from bench.stage_run import bench_params, fit, prepare
 from bench.throughput_figures import bench_dvc, bench_evaluate, bench_tokenize, flops_per_token, heldout_loss, mfu
-from bench.throughput_table import table
+from bench.throughput_table import markdown
 from pipeline.core import modeling
 from pipeline.core.allocator import allocator_in_use, peak_rss_mb, thread_facts
 
@@ -268,12 +268,8 @@ def result_name(args, full: bool) -> str:
 
 def finish(args, res: dict, stem: str) -> None:
     """bench/results/train_throughput/<stem>.{json,md}, the machine and date inside."""
-    out = args.out / "train_throughput"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table(res))
-    print(f"bench: -> {out / stem}.md", file=sys.stderr)
-    print(table(res))
+    save(args.out / "train_throughput", stem, res, markdown(res))
+    print(f"bench: -> {args.out / 'train_throughput' / stem}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

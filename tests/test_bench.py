@@ -80,6 +80,29 @@ def test_a_benchmark_run_is_the_committed_params_with_its_case_and_shape():
     assert CASES["chat"]["template"] == raw["format"]["template"]  # the default job's prompt is a case
 
 
+def cells(text: str) -> list[list[str]]:
+    """The cells of every row of the markdown tables in `text`, header rows included, separator rows not."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and set(line) - set("|:- ")]
+
+
+def test_every_benchmark_table_is_drawn_one_way():
+    """bench.machine.table: a header, a separator that GitHub reads as the alignment asked (first column left, the
+    others right unless told), short rows padded blank, and an alignment of the wrong length refused."""
+    import pytest
+
+    from bench.machine import table
+
+    text = table(["variant", "tok/s", "note"], [["d", "400", None], ["g", 300]])
+    lines = text.splitlines()
+    left, *right = lines[1].strip("|").split("|")
+    assert left.startswith(":") and not left.endswith(":") and all(c.endswith(":") and c[0] == "-" for c in right)
+    assert cells(text) == [["variant", "tok/s", "note"], ["d", "400", ""], ["g", "300", ""]]
+    assert all(len(line) == len(lines[0]) for line in lines)  # padded: the raw file reads as a table too
+    with pytest.raises(ValueError, match="align"):
+        table(["a", "b"], [], "l")
+
+
 def test_the_load_table_gives_each_variant_its_share_of_its_own_speed_alone():
     """Under load, each variant's tokens/s against its own alone (the issue's measure), a variant kept out of the
     loaded runs (`--busy-variants`) said to be so, not shown as failed."""
@@ -88,15 +111,15 @@ def test_the_load_table_gives_each_variant_its_share_of_its_own_speed_alone():
     res = {"train": {"d": {"tokens_per_second": 400.0}, "g": {"tokens_per_second": 300.0},
                      "x": {"tokens_per_second": 100.0}},
            "loaded": {"1": {"d": {"tokens_per_second": 300.0}, "g": {"tokens_per_second": 100.0}}}}
-    rows = {line.split(":")[0].strip("| "): line for line in loaded_table(res) if line.startswith("| ")}
-    assert "| 400 | 300 (0.75) |" in rows["d"] and "| 300 | 100 (0.33) |" in rows["g"]
-    assert rows["x"].endswith("| 100 | not run |")
+    rows = {r[0].split(":")[0]: r[1:] for r in cells("\n".join(loaded_table(res)))}
+    assert rows["d"] == ["400", "300 (0.75)"] and rows["g"] == ["300", "100 (0.33)"]
+    assert rows["x"] == ["100", "not run"]
 
 
 def test_the_step_profile_sorts_operators_by_kind_and_phase():
     """bench.step_profile files each operator call under what ran it (forward, autograd's backward, the optimizer)
     and a kind; its table's kind shares add up to the whole."""
-    from bench.step_profile import kind, phase, table
+    from bench.step_profile import kind, markdown, phase
 
     backward = ["autograd::engine::evaluate_function: MmBackward0", "ProfilerStep#5"]
     assert (kind("aten::mm", backward), phase(backward)) == ("matmul", "backward")
@@ -109,9 +132,9 @@ def test_the_step_profile_sorts_operators_by_kind_and_phase():
     res = {"date": "d", "machine": "m", "torch": "t", "command": "--steps 3",
            "cases": {"short": {"operators": ops, "profiled_steps": 2, "late_tokens_per_second": 500.0,
                                "final_loss": 0.5}}}
-    text = table(res, top=5)
-    assert "| matmul | 15 | 75.0% |" in text and "| elementwise | 5 | 25.0% |" in text
-    assert "| `aten::mul` | backward | elementwise | 5.0 | 4 | 25.0% |" in text
+    rows = cells(markdown(res, top=5))
+    assert ["matmul", "15", "75.0%"] in rows and ["elementwise", "5", "25.0%"] in rows
+    assert ["`aten::mul`", "backward", "elementwise", "5.0", "4", "25.0%"] in rows
 
 
 def test_an_accuracy_curve_takes_train_overrides_as_dvc_exp_run_does():
