@@ -315,18 +315,20 @@ def bar_chart(bars: list[tuple[str, float, float | None]], title: str, path: Pat
 
 
 def into_results(profile: str, text: str) -> None:
-    readme = ROOT / "docs" / "results.md"
+    """The profile's table into every page of docs/ that holds its markers (results.md; configuration.md for
+    the preference objectives)."""
     start, end = f"<!-- methods:{profile} -->", f"<!-- /methods:{profile} -->"
-    body = readme.read_text()
-    if start in body and end in body:
-        before, rest = body.split(start, 1)
-        after = rest.split(end, 1)[1]
-        atomic_write_text(readme, f"{before}{start}\n{text}{end}{after}")
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        body = page.read_text()
+        if start in body and end in body:
+            before, rest = body.split(start, 1)
+            after = rest.split(end, 1)[1]
+            atomic_write_text(page, f"{before}{start}\n{text}{end}{after}")
 
 
 @app.command("table")
 def tables() -> None:
-    """Write the tables and charts from bench/results/method_table/methods.json (and into docs/results.md)."""
+    """Write the tables and charts from bench/results/method_table/methods.json (and into docs/)."""
     spec = yaml.safe_load((ROOT / "bench/methods.yaml").read_text())
     for profile, entry in load_results().items():
         if not entry.get("rows"):
