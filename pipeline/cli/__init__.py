@@ -12,6 +12,7 @@ dvc.yaml as `python -m pipeline.<stage>`).
   peftflow import-data   a data file of a hub dataset, pinned to a commit, copied in and tracked by DVC
   peftflow sweep     a grid of params values x seeds as DVC experiments on DVC's queue, run and waited for
   peftflow compare   a table and a plot of experiments (mean ± spread over seeds against train time)
+  peftflow eval      lm-eval tasks (local files) on the base and the adapter; --agreement: against evaluate
 
 One module per command group (pipeline/cli/*.py); this file builds the command from them, one registration
 line per command, and imports nothing back into them.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import answering, checking, results, running
+from pipeline.cli import answering, checking, judging, results, running
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -38,6 +39,7 @@ app.command()(running.schedule)
 app.command()(answering.serve)
 app.command()(checking.lineage)
 app.command()(checking.verify)
+app.command("eval")(judging.lm_eval)
 app.command()(checking.contract)
 app.command()(results.report)
 app.command("import-data")(running.import_data)
