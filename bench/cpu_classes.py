@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import cpu_name, table
+from bench.machine import cpu_name, save, table
 from pipeline import methods
 from pipeline.core.lineage import cpu_isa, hardware
 from pipeline.core.params import load_params
@@ -230,10 +230,7 @@ def write_cost(seconds: dict[str, list[float]]) -> None:
     md = "\n".join([f"# Train stage seconds per switch set, {cpu_name()} ({cpu_isa()})", "",
                     "The default job's 30 steps, one process each, the sets alternating in each round.", "",
                     table(["switches, precision", "median s", "each round", "vs native bf16"], rows)]) + "\n"
-    name = OUT / f"cost_{cpu_isa()}"
-    name.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "median": median}, indent=1) + "\n")
-    name.with_suffix(".md").write_text(md)
-    print(md)
+    save(OUT, f"cost_{cpu_isa()}", {"seconds": seconds, "median": median}, md)
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ Profiles and rows are in bench/methods.yaml (params.yaml keys). For each row thi
 between rows), reads the stages' own metrics files, and keeps every row's figures in
 `bench/results/method_table/methods.json` (a row already there with the same overrides is not rerun unless
 `--force`). Then it writes the table (`bench/results/method_table/<profile>.md`), a bar chart of
-accuracy per method (`<profile>.png`), and puts the table into docs/results.md between the
-`<!-- methods:<profile> -->` markers.
+accuracy per method (`<profile>.png`), and puts the table into every docs page holding the
+`<!-- methods:<profile> -->` markers (docs/results.md; docs/configuration.md for the preference profile).
 
 Run: `python -m bench.method_table run --profile fpb [--rows a,b] [--force]`, then
 `python -m bench.method_table table`. Each row is given back by `dvc exp apply <profile>-<row>`.
@@ -315,8 +315,7 @@ def bar_chart(bars: list[tuple[str, float, float | None]], title: str, path: Pat
 
 
 def into_results(profile: str, text: str) -> None:
-    """The profile's table into every page of docs/ that holds its markers (results.md; configuration.md for
-    the preference objectives)."""
+    """The profile's table into every page of docs/ that holds its markers."""
     start, end = f"<!-- methods:{profile} -->", f"<!-- /methods:{profile} -->"
     for page in sorted((ROOT / "docs").glob("*.md")):
         body = page.read_text()

@@ -34,9 +34,8 @@ AGREEMENT = "peftflow_agreement"  # the generated task's name
 DIFFER_ATOL = 1e-3  # nats: a choice's log-likelihood by lm-eval and by the evaluate stage (fp32, different batching)
 
 
-def agreement_task(formatted: Path, tokenizer, out: Path) -> Path:
-    """The task folder (`<AGREEMENT>.yaml`, `rows.jsonl`) for the formatted validation rows in `formatted`."""
-    rows = read_jsonl(formatted / "validation.jsonl")
+def agreement_task(rows: list[dict], tokenizer, out: Path) -> Path:
+    """The task folder (`<AGREEMENT>.yaml`, `rows.jsonl`) for formatted validation rows."""
     eos = tokenizer.eos_token
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "rows.jsonl", "".join(
@@ -110,8 +109,7 @@ def compare(samples: list[dict], total: np.ndarray, tokens: np.ndarray) -> dict:
                          "loglik_norm": round(float((ours["loglik_norm"] == gold).mean()), 4)},
             "shift": {"max_spread_within_a_row": round(float(spread.max()), 6),
                       "mean": round(float(shift.mean()), 4)},
-            "norm_picks_that_differ": int(sum((lm[i] / chars[i]).argmax() != ours["loglik_norm"][i]
-                                              for i in range(len(samples)))),
+            "norm_picks_that_differ": int(((lm / chars).argmax(1) != ours["loglik_norm"]).sum()),
             "acc_norm_from_our_scores": round(float((((total + shift.mean(1, keepdims=True)) / chars).argmax(1)
                                                      == gold).mean()), 4)}
 
@@ -126,9 +124,9 @@ def agreement(base: Path, adapter: Path, formatted: Path, work: Path, batch_size
               limit: int | None = None) -> dict:
     """lm-eval's `acc` / `acc_norm` on the agreement task against the evaluate stage's rules, row by row."""
     tok = load_tokenizer(base)
-    task_dir = agreement_task(formatted, tok, work / "task")
-    lm = run(base, adapter, task_dir, [AGREEMENT], batch_size, limit)
-    rows = read_jsonl(formatted / "validation.jsonl")[: limit or None]
+    rows = read_jsonl(formatted / "validation.jsonl")
+    lm = run(base, adapter, agreement_task(rows, tok, work / "task"), [AGREEMENT], batch_size, limit)
+    rows = rows[: limit or None]  # the rows lm-eval scored
     model = load_adapter(base, adapter)
     scores = choice_logprobs(model, tok, rows, batch_size)
     result = compare(lm["samples"][AGREEMENT], scores.total, scores.tokens)
