@@ -90,8 +90,11 @@ fleet: setup $(VENV)/.gguf
 	dvc repro fleet/dvc.yaml
 	peftflow metrics --fleet fleet
 
+# two pytest-xdist workers: most of a test's time is one Python process starting or running stage programs, and
+# the CI machines have two cores (docs/testing.md); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
 test: setup $(VENV)/.gguf
-	$(PY) -m pytest -ra --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -n $(TEST_WORKERS) -ra --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
 lock: | $(UV)

