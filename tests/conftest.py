@@ -18,6 +18,7 @@ import pytest
 import yaml
 from xdist.scheduler import LoadScopeScheduling
 
+from pipeline.core.allocator import beside_env
 from pipeline.core.lineage import cpu_isa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,31 @@ SHARED = ROOT.parent / "shared" / "datasets"
 # avx512_bf16); on an AVX2-only CPU (AMD EPYC, Zen 2: drawn 2026-12-07) bf16 matmuls are emulated at about 1/55 of
 # fp32's speed (1.3 against 69 GFLOP/s, one thread) and one of these tests ran past 10 minutes: fp32 there
 REAL_PRECISION = "bf16" if cpu_isa() in ("amx_bf16", "avx512_bf16") else "fp32"
+
+
+def share_the_cores(environ=os.environ) -> int | None:
+    """Under `pytest -n N`: each worker, and every program its tests start, computes on cores // N threads
+    (OMP_NUM_THREADS, read when torch loads; set before any test module imports it), and its OpenMP threads
+    sleep as soon as they wait (allocator.beside_env: the project's rule for programs started beside each other).
+    torch's default is one thread per core in every process: two workers on 2 cores ran 4 threads that spun
+    while waiting, and the real-model tests took 3x their time alone (1141 s against 375 s, AMD EPYC avx2,
+    2026-12-07). And the train program otherwise chooses its waiting from the machine's load at its start and
+    writes the choice into run.json (a known fault: docs/testing.md), so a test comparing two reproductions' git
+    trees saw one differ. A thread count or waiting policy the user set wins; one process (no -n) changes
+    nothing. The thread count is in every output's record, so a test compares only outputs made under the same
+    setting (every test makes both sides it compares)."""
+    workers = int(environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return None
+    environ.update(beside_env(workers, environ))
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+share_the_cores()
 
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # in the DAG's order
 
