@@ -32,15 +32,13 @@ REAL_PRECISION = "bf16" if cpu_isa() in ("amx_bf16", "avx512_bf16") else "fp32"
 
 def share_the_cores(environ=os.environ) -> int | None:
     """Under `pytest -n N`: each worker, and every program its tests start, computes on cores // N threads
-    (OMP_NUM_THREADS, read when torch loads; set before any test module imports it), and its OpenMP threads
-    sleep as soon as they wait (allocator.beside_env: the project's rule for programs started beside each other).
-    torch's default is one thread per core in every process: two workers on 2 cores ran 4 threads that spun
-    while waiting, and the real-model tests took 3x their time alone (1141 s against 375 s, AMD EPYC avx2,
-    2026-12-07). And the train program otherwise chooses its waiting from the machine's load at its start and
-    writes the choice into run.json (a known fault: docs/testing.md), so a test comparing two reproductions' git
-    trees saw one differ. A thread count or waiting policy the user set wins; one process (no -n) changes
-    nothing. The thread count is in every output's record, so a test compares only outputs made under the same
-    setting (every test makes both sides it compares)."""
+    (OMP_NUM_THREADS, read when torch loads: set before any test module imports it), and its OpenMP threads
+    sleep as soon as they wait (allocator.beside_env, the project's rule for programs started beside each other;
+    it also fixes the waiting the train program would choose from the load and write into run.json:
+    docs/reproducibility.md §4). torch's
+    own default, a thread per core in every process, made the workers' threads spin against each other (figures:
+    docs/testing.md). A thread count or waiting policy the user set wins; one process (no -n) changes nothing.
+    The thread count is in every output's record: a test compares only outputs it made under one setting."""
     workers = int(environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return None
@@ -336,7 +334,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 # `make test` runs two pytest-xdist workers. A test file goes to one worker whole (its module fixtures are made
 # once), and so do all the files whose tests take one of these session fixtures: the `history` repository (a
-# minute or two to make) and the real model (its tests keep both cores busy: two at once took twice as long each).
+# minute or two to make) and the real model (converted once; its two tests, the longest, never run at once).
 # (xdist's own `--dist loadgroup` cannot say this: with pytest 9.2 it drops every group, pytest-xdist issue #1386.)
 SHARED_BY_FILES = ("history", "real_base")
 
