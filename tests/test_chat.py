@@ -252,15 +252,15 @@ def test_smollm2_chat_matches_instruction_on_alpaca_and_every_mask_passes(real_b
         report = tokenize.run(p, w / "f", b, w / "t")  # raises on any row whose mask is wrong
         assert report["train"]["mask_audit"]["checked"] == report["train"]["kept"] > 100, name
 
-    # the same 64 Alpaca rows and 8 steps as instruction and as chat, evaluated on the same 16 (up to 256
+    # the same 32 Alpaca rows and 8 steps of 4 as instruction and as chat, evaluated on the same 16 (up to 256
     # tokens each: a forward pass of the real model on CPU is what this test's time goes to)
     losses = {}
     for task, template in (("instruction", "alpaca.jinja"), ("chat", "chat.jinja")):
-        p = make_params(task=task, **{"train.batch_size": 8, "train.max_steps": 8, "train.lr": 1e-3,
+        p = make_params(task=task, **{"train.batch_size": 4, "train.max_steps": 8, "train.lr": 1e-3,
                                       "train.precision": REAL_PRECISION, "evaluate.samples": 1, "tokenize.max_length": 256,
                                       "train.lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}})
         w = tmp_path / f"same_{task}"
-        src = {s: write(w.parent / f"{task}_{s}.jsonl", rows[: 64 if s == "train" else 16])
+        src = {s: write(w.parent / f"{task}_{s}.jsonl", rows[: 32 if s == "train" else 16])
                for s, rows in (("train", [json.loads(x) for x in (tmp_path / "instruction" / "v" / "train.jsonl")
                                          .read_text().splitlines()]),
                                ("validation", [json.loads(x) for x in (tmp_path / "instruction" / "v" /
