@@ -35,10 +35,10 @@ def share_the_cores(environ=os.environ) -> int | None:
     (OMP_NUM_THREADS, read when torch loads: set before any test module imports it), and its OpenMP threads
     sleep as soon as they wait (allocator.beside_env, the project's rule for programs started beside each other;
     it also fixes the waiting the train program would choose from the load and write into run.json:
-    docs/reproducibility.md §4). torch's
-    own default, a thread per core in every process, made the workers' threads spin against each other (figures:
-    docs/testing.md). A thread count or waiting policy the user set wins; one process (no -n) changes nothing.
-    The thread count is in every output's record: a test compares only outputs it made under one setting."""
+    docs/reproducibility.md §4). torch's own default, a thread per core in every process, made the workers'
+    threads spin against each other (figures: docs/testing.md). A thread count or waiting policy the user set
+    wins; one process (no -n) changes nothing. The thread count is in every output's record: a test compares
+    only outputs it made under one setting."""
     workers = int(environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return None

@@ -15,6 +15,8 @@ from pipeline.core.modeling import device
 from pipeline.stages import evaluate, export, gguf, tokenize, train, validate
 from pipeline.stages import format as fmt
 
+VALIDATION_ROWS = 20  # the Financial PhraseBank rows evaluate scores and llama.cpp answers
+
 
 @pytest.mark.slow
 def test_smollm2_from_gguf_through_all_stages(real_base, tmp_path):
@@ -37,7 +39,7 @@ def test_smollm2_from_gguf_through_all_stages(real_base, tmp_path):
     src = SHARED / "financial_phrasebank"
     rows = {s: (src / f"{s}.jsonl").read_text().splitlines() for s in ("train", "validation")}
     (tmp_path / "train.jsonl").write_text("\n".join(rows["train"][:64]) + "\n")
-    (tmp_path / "validation.jsonl").write_text("\n".join(rows["validation"][:20]) + "\n")
+    (tmp_path / "validation.jsonl").write_text("\n".join(rows["validation"][:VALIDATION_ROWS]) + "\n")
     validate.run(p, tmp_path / "train.jsonl", tmp_path / "validation.jsonl", tmp_path / "v", tmp_path / "v.json")
     fmt.run(p, tmp_path / "v", ROOT / "prompts" / "sentiment.jinja", b, tmp_path / "f")
     tokenize.run(p, tmp_path / "f", b, tmp_path / "t")
@@ -46,7 +48,8 @@ def test_smollm2_from_gguf_through_all_stages(real_base, tmp_path):
               (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert m["steps"] == 8 and losses[-1] < losses[0]
     r = evaluate.run(p, b, tmp_path / "a", tmp_path / "f", tmp_path / "t", tmp_path / "ev", tmp_path / "v")
-    assert r["rows"] == 20 and r["base_5shot"]["accuracy"] == round(np.trace(r["base_5shot"]["confusion"]) / 20, 4)
+    n = VALIDATION_ROWS
+    assert r["rows"] == n and r["base_5shot"]["accuracy"] == round(np.trace(r["base_5shot"]["confusion"]) / n, 4)
     # the independent judge on real rows: lm-eval's `hf` model with `peft=` this adapter picks as the loglik rule
     agree = lmeval.agreement(b, tmp_path / "a", tmp_path / "f", tmp_path / "lm", batch_size=8, limit=12)
     assert agree["rows"] == 12 and agree["differing_rows"] == [], agree["differing_rows"][:3]
@@ -55,11 +58,11 @@ def test_smollm2_from_gguf_through_all_stages(real_base, tmp_path):
     x = export.run(p, b, tmp_path / "a", tmp_path / "t", tmp_path / "x")
     assert x["merged"] and x["max_abs_diff_vs_adapter"] < p.export.atol < x["max_abs_diff_vs_base"]
     # GGUF for llama.cpp: the tokenizer's llama.cpp name comes from the source GGUF; llama.cpp tokenizes the
-    # 20 prompts as training did and answers like the PyTorch merged model (a label is the answer's first tokens;
-    # q4_K_M is quantized and answers on the tiny model, tests/test_gguf.py)
+    # validation prompts as training did and answers like the PyTorch merged model (a label is the answer's first
+    # tokens; q4_K_M is quantized and answers on the tiny model, tests/test_gguf.py)
     g = gguf.run(make_params(**{"gguf.quantize": ["q8_0"], "gguf.max_new_tokens": 4}), tmp_path / "x", tmp_path / "a",
                  b, tmp_path / "f", tmp_path / "v", tmp_path / "g")
-    assert g["written"] and g["tokenizer_pre"] == "smollm" and g["token_rows"] == g["modelfile_rows"] == 20
+    assert g["written"] and g["tokenizer_pre"] == "smollm" and g["token_rows"] == g["modelfile_rows"] == n
     for name in ("model-f16.gguf", "adapter-f16.gguf"):
         assert g["llama_cpp"][name]["label_agreement"] >= 0.9 and g["llama_cpp"][name]["max_abs_logit_diff"] < 0.5
     print("validation accuracy: pytorch", g["pytorch"]["accuracy"],
